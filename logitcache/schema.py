@@ -1,0 +1,266 @@
+"""THE cache format: version, arrays, dtypes, codecs, chunks, metadata keys, unit markers.
+
+Writer, reader, `verify` and `info` all take these facts from here; FORMAT.md describes the same format for
+readers in other languages. Layout of a cache (a zarr v3 hierarchy; any fsspec URL):
+
+    CACHE/zarr.json                      root group; attrs["logitcache"] = RootMeta (format, version, dataset)
+    CACHE/dataset_manifest.json          the dataset manifest the cache was made from (JSON)
+    CACHE/<group>/zarr.json              teacher group; attrs["logitcache"] = GroupMeta (teacher, recipe, k, ...)
+    CACHE/<group>/<array>/...            the arrays below, shaped (epochs, shards, max_shard_len, ...)
+    CACHE/<group>/units/e{E:05d}-s{S:06d}.json   one completion marker per (epoch, shard) unit, written last
+
+Unit = one (epoch, shard). Every array is chunked ``(1, 1, max_shard_len, ...)`` so a unit is exactly one
+stored object per array: ranks and repairs never write the same object. Rows past a shard's length are
+padding (zeros). Arrays are written with ``write_empty_chunks=True`` so a missing chunk under a finished unit
+is damage, never silently fill values; ``Crc32cCodec`` after the compressor turns a flipped byte into a read
+error; the marker's sha256 per chunk object catches replaced or deleted chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "logitcache-cache"
+#: bump the major on any change an old reader would misread; the minor for additions old readers can ignore
+FORMAT_VERSION = (1, 0)
+ATTRS_KEY = "logitcache"
+DATASET_MANIFEST_KEY = "dataset_manifest.json"
+UNITS_DIR = "units"
+PREV_PROBS_GROUP_PREFIX = "pskd"  # PS-KD's per-sample predictions use the same layout (see train)
+
+# ------------------------------------------------------------------ arrays
+# name -> (dtype, trailing shape key, codec). Trailing shape keys: "k" (top-k), "R" (temperatures), "P" (view
+# params), "" (scalar per view). Codec choice measured on a 1000-class teacher at k=10 (README, design notes):
+# bitshuffle suits small ints and f32 that vary in their low bits; byte shuffle suits fp16 log-probs.
+TOPK_INDICES = "topk_indices"
+TOPK_LOGPROBS = "topk_logprobs"
+TARGET_LOGPROB = "target_logprob"
+LSE = "lse"
+VIEW_PARAMS = "view_params"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    name: str
+    dtype: str
+    trailing: str  # "", "k", "R" or "P"
+    shuffle: str  # Blosc shuffle: "bitshuffle" | "shuffle"
+    doc: str
+
+
+ARRAYS: tuple[ArraySpec, ...] = (
+    ArraySpec(
+        TOPK_INDICES,
+        "index",
+        "k",
+        "bitshuffle",
+        "class indices of the k largest teacher logits, largest first (int16 when C <= 32767, else int32)",
+    ),
+    ArraySpec(
+        TOPK_LOGPROBS,
+        "value",
+        "k",
+        "shuffle",
+        "teacher log-probabilities at T=1 of those classes, z_i - logsumexp(z) (float16 or float32)",
+    ),
+    ArraySpec(
+        TARGET_LOGPROB,
+        "float32",
+        "",
+        "bitshuffle",
+        "exact teacher log-probability at T=1 of the ground-truth class, in or out of the top-k",
+    ),
+    ArraySpec(LSE, "float32", "R", "bitshuffle", "logsumexp(z / T) for each recorded temperature T"),
+    ArraySpec(
+        VIEW_PARAMS, "int16", "P", "bitshuffle", "the view's parameters (recipe.param_fields), to replay it exactly"
+    ),
+)
+ARRAY_NAMES = tuple(a.name for a in ARRAYS)
+BLOSC_CNAME = "zstd"
+BLOSC_CLEVEL = 5
+VALUE_DTYPES = ("float16", "float32")
+
+
+def index_dtype(num_classes: int) -> str:
+    return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
+
+
+def raw_bytes_per_view(k: int, n_temperatures: int, n_params: int, num_classes: int, value_dtype: str) -> int:
+    """Uncompressed bytes one view takes in the arrays (an upper bound for `dump --dry-run`)."""
+    idx = np.dtype(index_dtype(num_classes)).itemsize
+    val = np.dtype(value_dtype).itemsize
+    return k * (idx + val) + 4 + 4 * n_temperatures + 2 * n_params
+
+
+def unit_marker_key(group: str, epoch: int, shard: int) -> str:
+    return f"{group}/{UNITS_DIR}/e{epoch:05d}-s{shard:06d}.json"
+
+
+def chunk_key(group: str, array: str, epoch: int, shard: int, ndim: int) -> str:
+    """Store key of a unit's chunk (zarr v3 default chunk key encoding: 'c/' + '/'-joined chunk coords)."""
+    return f"{group}/{array}/c/{epoch}/{shard}" + "/0" * (ndim - 2)
+
+
+# ------------------------------------------------------------------ metadata
+@dataclass(frozen=True)
+class RootMeta:
+    """Root attributes: what the cache is and which data it was made from."""
+
+    dataset_fingerprint: str
+    num_classes: int
+    num_shards: int
+    shard_lengths: tuple[int, ...]
+    format: str = FORMAT_NAME
+    format_version: tuple[int, int] = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shard_lengths"] = list(self.shard_lengths)
+        d["format_version"] = list(self.format_version)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RootMeta:
+        return cls(
+            dataset_fingerprint=d["dataset_fingerprint"],
+            num_classes=int(d["num_classes"]),
+            num_shards=int(d["num_shards"]),
+            shard_lengths=tuple(int(x) for x in d["shard_lengths"]),
+            format=d["format"],
+            format_version=tuple(d["format_version"]),
+        )
+
+    @property
+    def max_shard_len(self) -> int:
+        return max(self.shard_lengths)
+
+
+@dataclass(frozen=True)
+class GroupMeta:
+    """A teacher group's attributes: everything that determines the cached bytes (plus provenance).
+
+    ``settings()`` is what a rerun must match; ``epochs`` may grow (a rerun with a larger --epochs adds epochs).
+    """
+
+    teacher: str
+    weights: str | None
+    weights_digest: str
+    num_classes: int
+    normalization: dict[str, list[float]]
+    recipe: dict[str, Any]
+    param_fields: tuple[str, ...]
+    k: int
+    temperatures: tuple[float, ...]
+    seed: int
+    epochs: int
+    value_dtype: str = "float16"
+    index_dtype: str = "int16"
+    provenance: tuple[dict[str, Any], ...] = field(default=(), compare=False)
+
+    #: fields that may differ between a cache and a rerun: epochs grows, provenance accumulates
+    MUTABLE = ("epochs", "provenance")
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_json().items() if k not in self.MUTABLE}
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["param_fields"] = list(self.param_fields)
+        d["temperatures"] = list(self.temperatures)
+        d["provenance"] = list(self.provenance)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> GroupMeta:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["param_fields"] = tuple(kw["param_fields"])
+        kw["temperatures"] = tuple(float(t) for t in kw["temperatures"])
+        kw["provenance"] = tuple(kw.get("provenance", ()))
+        return cls(**kw)
+
+    def trailing_size(self, trailing: str) -> tuple[int, ...]:
+        return {"": (), "k": (self.k,), "R": (len(self.temperatures),), "P": (len(self.param_fields),)}[trailing]
+
+    def array_dtype(self, spec: ArraySpec) -> str:
+        return {"index": self.index_dtype, "value": self.value_dtype}.get(spec.dtype, spec.dtype)
+
+
+def settings_diff(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two ``GroupMeta.settings()`` dicts (canonical JSON comparison)."""
+    out = []
+    for key in sorted(set(stored) | set(requested)):
+        a, b = stored.get(key), requested.get(key)
+        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            out.append(f"{key}: cache has {json.dumps(a, sort_keys=True)}, requested {json.dumps(b, sort_keys=True)}")
+    return out
+
+
+# ------------------------------------------------------------------ unit markers
+@dataclass(frozen=True)
+class UnitMarker:
+    """Written last for a unit; its presence means the unit is finished.
+
+    ``chunks`` maps array name -> sha256 of that unit's stored chunk object (compressed bytes), so `verify`
+    catches deleted or replaced chunks; ``stats`` feed `info` (teacher accuracy, top-k mass) without a scan;
+    ``skipped`` lists offsets of samples that were skipped as corrupt (their rows are padding).
+    """
+
+    epoch: int
+    shard: int
+    length: int
+    chunks: dict[str, str]
+    stats: dict[str, float]
+    skipped: tuple[int, ...] = ()
+
+    def to_bytes(self) -> bytes:
+        d = dataclasses.asdict(self)
+        d["skipped"] = list(self.skipped)
+        return json.dumps(d, sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str = "") -> UnitMarker:
+        from logitcache.errors import CacheError
+
+        try:
+            d = json.loads(data)
+            return cls(
+                epoch=int(d["epoch"]),
+                shard=int(d["shard"]),
+                length=int(d["length"]),
+                chunks={str(k): str(v) for k, v in d["chunks"].items()},
+                stats={str(k): float(v) for k, v in d["stats"].items()},
+                skipped=tuple(int(x) for x in d.get("skipped", ())),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise CacheError(f"unit marker {where} is malformed: {e}") from e
+
+
+def zarr_array_kwargs(spec: ArraySpec, meta: GroupMeta, root: RootMeta) -> dict[str, Any]:
+    """Arguments for ``zarr.create_array`` of one cache array (shape, chunks, dtype, codecs, fill)."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    trailing = meta.trailing_size(spec.trailing)
+    L = root.max_shard_len
+    return {
+        "shape": (meta.epochs, root.num_shards, L, *trailing),
+        "chunks": (1, 1, L, *trailing),
+        "dtype": meta.array_dtype(spec),
+        "fill_value": 0,
+        "compressors": [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=spec.shuffle), Crc32cCodec()],
+        "dimension_names": (
+            "epoch",
+            "shard",
+            "row",
+            *(("k",) if spec.trailing == "k" else ()),
+            *(("temperature",) if spec.trailing == "R" else ()),
+            *(("param",) if spec.trailing == "P" else ()),
+        ),
+        "attributes": {"doc": spec.doc},
+        "config": {"write_empty_chunks": True},
+    }
