@@ -44,7 +44,7 @@ class ObjectStore:
     def get(self, key: str) -> bytes | None:
         try:
             return self.fs.cat_file(self.path(key))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def put(self, key: str, data: bytes) -> None:

@@ -61,5 +61,244 @@ def main() -> None:
     and train students from the cache (NKD, KD, DKD) or teacher-free (USKD, tf-NKD, ...)."""
 
 
+
+def parse_temperatures(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError as e:
+        raise click.BadParameter(f"--temperatures must be comma-separated numbers, got {text!r}") from e
+
+
+def _print_json(obj) -> None:
+    import json
+
+    click.echo(json.dumps(obj, indent=1, sort_keys=True, default=str))
+
+
+# ---------------------------------------------------------------- shards (the data: tar shards + manifest)
+def _shard_size_options(fn):
+    fn = click.option("--samples-per-shard", default=1000, show_default=True, type=click.IntRange(min=1),
+                      help="samples per shard")(fn)
+    fn = click.option("--max-bytes", default=None, type=click.IntRange(min=1),
+                      help="also close a shard before it would exceed this many bytes")(fn)
+    fn = click.option("--overwrite", is_flag=True, help="replace a dataset already in --out")(fn)
+    return fn
+
+
+def _echo_manifest(what: str, m) -> None:
+    click.echo(f"{what}: {len(m.shards)} shard(s), {m.num_samples} samples, {m.num_classes} classes, "
+               f"fingerprint {m.fingerprint}")
+
+
+@main.group()
+def shards() -> None:
+    """Write ImageNet-style webdataset shards (tar of <key>.jpg|png + <key>.cls) with a manifest.json,
+    or build the manifest for shards someone else made. Output is deterministic."""
+
+
+@shards.command("fashion-mnist")
+@click.option("--src", default="/usr/share/datasets/fashion-mnist/", show_default=True,
+              help="directory holding the IDX files (train/t10k-images/labels-idx*-ubyte[.gz])")
+@out_option("directory to create: OUT/train and OUT/test, each with its manifest.json")
+@_shard_size_options
+@reports_errors
+def shards_fashion_mnist(src, out, samples_per_shard, max_bytes, overwrite):
+    """Fashion-MNIST from its IDX files: lossless grayscale PNGs, the 10 class names, file order kept."""
+    from logitcache.shards import write_fashion_mnist
+
+    manifests = write_fashion_mnist(src, out, samples_per_shard=samples_per_shard, max_bytes=max_bytes,
+                                    overwrite=overwrite)
+    for split, m in manifests.items():
+        _echo_manifest(f"{out.rstrip('/')}/{split}", m)
+
+
+@shards.command("folder")
+@click.argument("src")
+@out_option("directory (or URL) to create, with the shards and manifest.json")
+@_shard_size_options
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="shuffle the files with this seed so each shard mixes classes")
+@click.option("--no-shuffle", is_flag=True, help="keep sorted class order (shards then hold one class or two)")
+@reports_errors
+def shards_folder(src, out, samples_per_shard, max_bytes, overwrite, seed, no_shuffle):
+    """An ImageFolder tree SRC/<class>/*.JPEG (e.g. ImageNet's train/): class index = sorted class order;
+    image bytes are copied as they are, never re-encoded."""
+    from logitcache.shards import write_image_folder
+
+    m = write_image_folder(src, out, samples_per_shard=samples_per_shard, max_bytes=max_bytes,
+                           shuffle_seed=None if no_shuffle else seed, overwrite=overwrite)
+    _echo_manifest(out, m)
+
+
+@shards.command("scan")
+@click.argument("directory")
+@click.option("--classes", "classes_file", default=None,
+              help="class names: a text file with one per line, or a JSON list (index = position)")
+@click.option("--num-classes", default=None, type=click.IntRange(min=1),
+              help="number of classes when there are no names (default: the largest label + 1)")
+@click.option("--force", is_flag=True, help="replace an existing DIRECTORY/manifest.json")
+@json_option()
+@reports_errors
+def shards_scan(directory, classes_file, num_classes, force, as_json):
+    """Write DIRECTORY/manifest.json for the *.tar shards in DIRECTORY (natural name order), reading each
+    shard once for its size, sha256, key count and key digest."""
+    import json
+
+    import fsspec
+
+    from logitcache.errors import ManifestError
+    from logitcache.manifest import build_manifest, list_shards
+
+    target = directory.rstrip("/") + "/manifest.json"
+    fs, path = fsspec.core.url_to_fs(target)
+    if fs.exists(path) and not force:
+        raise ManifestError(f"{target} exists; pass --force to replace it")
+    names = None
+    if classes_file is not None:
+        with fsspec.open(classes_file, "rt", encoding="utf-8") as f:
+            text = f.read()
+        names = json.loads(text) if classes_file.endswith(".json") else [ln.strip() for ln in text.splitlines()
+                                                                          if ln.strip()]
+    urls = list_shards(directory)
+    if not urls:
+        raise ManifestError(f"{directory}: no *.tar shards here")
+    m = build_manifest(urls, names, num_classes=num_classes, base_url=directory)
+    m.save(directory)
+    if as_json:
+        _print_json({"manifest": target, "shards": len(m.shards), "samples": m.num_samples,
+                     "num_classes": m.num_classes, "fingerprint": m.fingerprint})
+    else:
+        _echo_manifest(target, m)
+
+
+# ---------------------------------------------------------------- dump / info / verify (stage 1, the cache)
+@main.command()
+@click.option("--teacher", required=True, help="teacher architecture: torchvision name, timm:NAME, or ours")
+@click.option("--weights", default=None, help="torchvision weights name (IMAGENET1K_V1) or a local checkpoint")
+@data_option()
+@out_option("the cache to create or extend (path or fsspec URL)")
+@click.option("--group", default=None, help="teacher group inside the cache (default: the teacher's name)")
+@click.option("--epochs", default=1, show_default=True, type=int, help="augmented views per sample (one per epoch)")
+@click.option("--topk", default=10, show_default=True, type=int, help="k: teacher logits kept per view")
+@click.option("--temperatures", default="1", show_default=True, help="temperatures to record, e.g. 1,4 (1 always)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--recipe", default="imagenet", show_default=True, help="view recipe: imagenet | small")
+@click.option("--image-size", default=None, type=int, help="model input size in px (default: the recipe's)")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--workers", default=0, show_default=True, type=int, help="DataLoader workers")
+@device_option()
+@shards_option()
+@click.option("--value-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="dtype of the stored top-k log-probabilities")
+@click.option("--skip-bad", is_flag=True, help="skip corrupt samples (counted and reported) instead of stopping")
+@click.option("--dry-run", is_flag=True, help="print the plan (units, views, bytes) and write nothing")
+@json_option()
+@reports_errors
+def dump(teacher, weights, data, out, group, epochs, topk, temperatures, seed, recipe, image_size, batch_size,
+         workers, device, shard_selection, value_dtype, skip_bad, dry_run, as_json):
+    """Run a teacher once over augmented views of --data and store its top-k logits in --out.
+
+    Resumable: rerun the same command after an interruption and it finishes the unfinished units.
+    Under `torchrun --nproc-per-node N` ranks take disjoint shards.
+    """
+    from logitcache.dump import DumpConfig, plan
+    from logitcache.dump import dump as run_dump
+    from logitcache.shards import parse_shard_selection
+
+    cfg = DumpConfig(
+        data=data, out=out, teacher=teacher, weights=weights, group=group, epochs=epochs, topk=topk,
+        temperatures=parse_temperatures(temperatures), seed=seed, recipe=recipe, image_size=image_size,
+        batch_size=batch_size, workers=workers, device=device, value_dtype=value_dtype, skip_bad=skip_bad,
+        shards=tuple(parse_shard_selection(shard_selection)) if shard_selection else None,
+        progress=not as_json,
+    )
+    if dry_run:
+        p = plan(cfg)
+        if as_json:
+            _print_json(p)
+        else:
+            for k, v in p.items():
+                click.echo(f"{k:32s} {v}")
+        return
+    summary = run_dump(cfg, argv=sys.argv)
+    if as_json:
+        _print_json(summary.to_json())
+        return
+    s = summary
+    click.echo(
+        f"dump {s.group}: {s.units_written} unit(s) written, {s.units_skipped_done} already done; "
+        f"{s.views_written} views in the cache, {s.bytes_on_disk} bytes on disk, {s.bytes_per_view:.1f} B/view; "
+        f"teacher top-1 on the views {100 * s.teacher_top1:.2f}%, mean top-{cfg.topk} mass {s.mean_topk_mass:.4f}; "
+        f"{s.samples_skipped} sample(s) skipped; {s.seconds:.1f} s"
+    )
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--group", default=None, help="show one teacher group (default: all)")
+@json_option()
+@reports_errors
+def info(cache, group, as_json):
+    """Show who/what made CACHE: teacher, weights digest, data fingerprint, recipe, k, size, bytes/view."""
+    from logitcache.verify import cache_info
+
+    d = cache_info(cache)
+    if group is not None:
+        if group not in d["groups"]:
+            raise click.ClickException(f"{cache} has no group '{group}' (it has {sorted(d['groups'])})")
+        d["groups"] = {group: d["groups"][group]}
+    if as_json:
+        _print_json(d)
+        return
+    root = d["root"]
+    click.echo(f"cache              {cache}")
+    click.echo(f"format             {root['format']} {'.'.join(map(str, root['format_version']))}")
+    click.echo(f"dataset            fingerprint {root['dataset_fingerprint']}")
+    click.echo(f"                   {root['num_shards']} shards, {sum(root['shard_lengths'])} samples, "
+               f"{root['num_classes']} classes")
+    for name, g in d["groups"].items():
+        click.echo(f"group {name}")
+        click.echo(f"  teacher          {g['teacher']}  weights {g['weights']}")
+        click.echo(f"  weights sha256   {g['weights_digest']}")
+        click.echo(f"  recipe           {g['recipe']}")
+        click.echo(f"  k / temperatures {g['k']} / {g['temperatures']}   seed {g['seed']}   "
+                   f"values {g['value_dtype']}")
+        click.echo(f"  units            {g['units_finished']}/{g['units_total']} finished "
+                   f"({g['epochs']} epoch(s))")
+        bpv = f"{g['bytes_per_view']:.1f}" if g["bytes_per_view"] else "-"
+        click.echo(f"  size             {g['bytes']} bytes, {g['views']} views, {bpv} B/view")
+        if g["teacher_top1"] is not None:
+            click.echo(f"  teacher on views top-1 {100 * g['teacher_top1']:.2f}%, mean top-k mass "
+                       f"{g['mean_topk_mass']:.4f}, {g['samples_skipped']} sample(s) skipped")
+        for p in g["provenance"]:
+            click.echo(f"  made by          logitcache {p.get('tool_version')} ({p.get('git_commit')}), "
+                       f"torch {p.get('torch')}, {p.get('start_time')} .. {p.get('end_time')}")
+            click.echo(f"                   $ {p.get('command_line')}")
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--group", default=None, help="teacher group (optional when the cache holds one)")
+@data_option(required=False, help="also check that these shards are the ones the cache was made from")
+@json_option()
+@reports_errors
+def verify(cache, group, data, as_json):
+    """Check CACHE: every unit finished, every chunk intact (checksums), values sane; with --data, the
+    shards match. Exits non-zero on any problem, naming each bad unit."""
+    from logitcache.verify import verify_cache
+
+    report = verify_cache(cache, group, data=data)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        click.echo(f"verify {cache} group {report.group}: {report.units_checked} finished unit(s) checked")
+        for p in report.problems:
+            click.echo(f"  BAD {p['where']}: {p['what']}")
+        click.echo("OK" if report.ok else f"FAILED: {len(report.problems)} problem(s) in "
+                   f"{len(report.bad_units())} unit(s)")
+    if not report.ok:
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -157,12 +157,10 @@ def state_dict_digest(model: torch.nn.Module) -> str:
 
 
 def load_teacher(name: str, weights: str | None, num_classes: int, image_size: int, device: str, seed: int):
-    from logitcache.models import build_model, load_weights
+    from logitcache.models import build_model
 
     torch.manual_seed(seed)  # a teacher without weights (tests, benchmarks) is still a pure function of the seed
-    model = build_model(name, num_classes, image_size=image_size)
-    if weights is not None:
-        load_weights(model, weights)
+    model = build_model(name, num_classes, weights=weights, image_size=image_size)
     model.eval().to(device)
     if device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)
@@ -248,7 +246,7 @@ def _temps(cfg: DumpConfig) -> tuple[float, ...]:
 def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     from tqdm import tqdm
 
-    from logitcache.cache import CacheWriter, UnitRows
+    from logitcache.cache import CacheReader, CacheWriter, UnitRows
     from logitcache.manifest import load_manifest
     from logitcache.models import model_normalization
     from logitcache.provenance import provenance, utc_now
@@ -329,16 +327,16 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
                 bar.set_postfix(units=f"{written}/{n_units}")
     bar.close()
     barrier(world)
-    from logitcache.cache import CacheReader
 
     skipped_total = sum(skipped_by_shard.values())
-    summary = summarize(
-        CacheReader(cfg.out, cfg.group_name), written, len(finished), skipped_total, time.perf_counter() - t0
-    )
     if rank == 0:
         writer.add_provenance(
             {**prov, "end_time": utc_now(), "units_written": written, "samples_skipped": skipped_total}
         )
+    barrier(world)
+    summary = summarize(
+        CacheReader(cfg.out, cfg.group_name), written, len(finished), skipped_total, time.perf_counter() - t0
+    )
     return summary
 
 

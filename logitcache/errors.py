@@ -36,3 +36,42 @@ class CacheMismatchError(CacheError):
 
 class UnsafeCheckpointError(LogitcacheError):
     """A checkpoint needs pickle to load (weights_only=True refused it)."""
+
+
+class ModelError(LogitcacheError, ValueError):
+    """A model name is unknown, an optional backend (timm) is missing, or a USKD weak-head site cannot be found."""
+
+
+class WeightsError(LogitcacheError):
+    """Weights cannot be resolved, downloaded, read, or do not fit the model (the message lists the keys at fault)."""
+
+
+class BadSampleError(DataError):
+    """One sample's bytes are bad (undecodable image, missing/non-integer/out-of-range label).
+
+    The only kind of data error that ``skip_bad`` mode skips: it names ``url:key`` and keeps its global index.
+    """
+
+    def __init__(self, url: str, key: str, reason: str, kind: str = "bad sample"):
+        super().__init__(f"{url}:{key}: {reason}")
+        self.url, self.key, self.reason, self.kind = url, key, reason, kind
+
+    def __reduce__(self):  # picklable across DataLoader workers despite the custom __init__
+        return type(self), (self.url, self.key, self.reason, self.kind)
+
+
+class ShardFormatError(DataError):
+    """A shard's tar structure is broken (truncated tar, duplicate key, unreadable member): never skipped,
+    because the indices of the samples in it can no longer be trusted."""
+
+
+class ShardChangedError(ManifestError):
+    """A shard differs from its manifest entry (size, sample count, keys, sha256); the message says what."""
+
+
+class ShardSelectionError(LogitcacheError, ValueError):
+    """A ``--shards`` selection is malformed or names shards the dataset does not have."""
+
+
+class RecipeError(LogitcacheError, ValueError):
+    """A view recipe is unknown, has settings this version cannot apply, or params do not fit an image."""

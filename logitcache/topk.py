@@ -84,7 +84,9 @@ class TopKLogits:
         num_classes = z.shape[1]
         if not 1 <= k <= num_classes:
             raise ValueError(f"--topk {k} must be in [1, {num_classes}]")
-        values, indices = torch.topk(z, k, dim=1, largest=True, sorted=True)
+        # a stable descending sort defines the order of ties (lower class index first) on every device
+        values, indices = torch.sort(z, dim=1, descending=True, stable=True)
+        values, indices = values[:, :k].contiguous(), indices[:, :k].contiguous()
         lse = torch.stack([torch.logsumexp(z / t, dim=1) for t in temps], dim=1)
         target = target.long().to(z.device)
         target_logprob = z.gather(1, target[:, None])[:, 0] - lse[:, temps.index(1.0)]

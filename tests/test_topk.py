@@ -103,3 +103,9 @@ def test_invalid_k_and_temperatures():
         TopKLogits.from_logits(z, torch.zeros(6, dtype=torch.long), k=13)
     with pytest.raises(ValueError, match="positive"):
         TopKLogits.from_logits(z, torch.zeros(6, dtype=torch.long), k=2, temperatures=(0.0,))
+
+
+def test_ties_put_the_lower_class_index_first():
+    z = torch.tensor([[1.0, 5.0, 5.0, 0.0, 5.0]])
+    tk = TopKLogits.from_logits(z, torch.tensor([0]), k=3)
+    assert tk.indices.tolist() == [[1, 2, 4]]

@@ -1,0 +1,380 @@
+"""The dataset manifest: which shards, in which order, with which facts, and the fingerprint over all of them.
+
+``manifest.json`` lives next to the shards. For every shard it records the name (relative to the manifest's
+directory), byte size, sha256 of the file, sample count and a digest of its keys; plus the class names. The
+dataset **fingerprint** is sha256 over a canonical JSON of exactly those facts, so re-encoding one image (same
+keys, other bytes) changes it. Every sample has a stable **global index** = its shard's ``first_index`` + its
+position in the shard; positions count every key, including samples later skipped as corrupt.
+
+Reading checks cheap facts per shard (`ShardCheck`: size at open, key count and key digest at the end);
+`verify_shards` also hashes every file. Both report `ShardChangedError`, naming the shard and what differs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from logitcache.errors import ManifestError, ShardChangedError, ShardFormatError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "logitcache-manifest"
+MANIFEST_VERSION = 1
+
+
+class KeysDigest:
+    """sha256 over a shard's keys in order, each UTF-8 encoded and followed by ``\\n``; counts them too."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+        self.count = 0
+
+    def update(self, key: str) -> None:
+        self._h.update(key.encode("utf-8") + b"\n")
+        self.count += 1
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def keys_digest(keys: Iterable[str]) -> str:
+    d = KeysDigest()
+    for k in keys:
+        d.update(k)
+    return d.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard's entry in the manifest."""
+
+    name: str  # relative to the manifest's directory (or an absolute path/URL)
+    size: int  # bytes
+    sha256: str  # of the whole file
+    num_samples: int  # every key, also ones later skipped as corrupt
+    keys_digest: str  # `KeysDigest` over the keys in order
+    first_index: int  # global index of the shard's first sample
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "size": self.size, "sha256": self.sha256, "num_samples": self.num_samples,
+            "keys_digest": self.keys_digest, "first_index": self.first_index,
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The dataset: its shards in order and its class names. ``base_url`` (where the manifest was loaded from)
+    is not part of the dataset's identity."""
+
+    shards: tuple[ShardInfo, ...]
+    class_names: tuple[str, ...]
+    base_url: str | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        expected = 0
+        for i, s in enumerate(self.shards):
+            if s.first_index != expected:
+                raise ManifestError(f"shard {i} ({s.name}) has first_index {s.first_index}, expected {expected}")
+            if s.num_samples < 0 or s.size < 0:
+                raise ManifestError(f"shard {i} ({s.name}) has a negative size or sample count")
+            expected += s.num_samples
+        if not self.class_names:
+            raise ManifestError("a manifest needs at least one class name")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 over a canonical JSON (sorted keys, no spaces, ASCII) of the format, class names and shards."""
+        return hashlib.sha256(_canonical(self._identity()).encode("ascii")).hexdigest()
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "num_classes": self.num_classes,
+            "class_names": list(self.class_names), "shards": [s.to_json() for s in self.shards],
+        }
+
+    def shard_url(self, i: int) -> str:
+        """The full path/URL of shard ``i``: its name joined to the manifest's directory unless absolute."""
+        name = self.shards[i].name
+        if self.base_url is None or "://" in name or os.path.isabs(name):
+            return name
+        return self.base_url.rstrip("/") + "/" + name
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(shard, offset)`` of a global index."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"global index {index} outside [0, {self.num_samples})")
+        starts = [s.first_index for s in self.shards]
+        shard = bisect.bisect_right(starts, index) - 1
+        while self.shards[shard].num_samples == 0 or index >= starts[shard] + self.shards[shard].num_samples:
+            shard += 1  # (empty shards share a first_index with their successor)
+        return shard, index - starts[shard]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self._identity(), "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], base_url: str | None = None, *, where: str = "manifest") -> Manifest:
+        if d.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(f"{where}: not a logitcache manifest (format {d.get('format')!r})")
+        if d.get("version") != MANIFEST_VERSION:
+            raise ManifestError(f"{where}: manifest version {d.get('version')} is not supported "
+                                f"(this logitcache reads version {MANIFEST_VERSION})")
+        try:
+            shards = tuple(
+                ShardInfo(str(s["name"]), int(s["size"]), str(s["sha256"]), int(s["num_samples"]),
+                          str(s["keys_digest"]), int(s["first_index"]))
+                for s in d["shards"]
+            )
+            manifest = cls(shards, tuple(str(c) for c in d["class_names"]), base_url)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
+        if int(d.get("num_classes", manifest.num_classes)) != manifest.num_classes:
+            raise ManifestError(f"{where}: num_classes {d['num_classes']} != {manifest.num_classes} class names")
+        if "fingerprint" in d and d["fingerprint"] != manifest.fingerprint:
+            raise ManifestError(f"{where}: recorded fingerprint {d['fingerprint']} != {manifest.fingerprint} "
+                                "computed from its contents (the manifest was edited)")
+        return manifest
+
+    def save(self, out: str | os.PathLike) -> str:
+        """Write ``manifest.json`` into directory ``out`` (or to ``out`` if it ends in .json); return its URL."""
+        url = _manifest_url(out)
+        text = json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
+        _write_atomic(url, text.encode("utf-8"))
+        return url
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _manifest_url(path_or_url: str | os.PathLike) -> str:
+    s = os.fspath(path_or_url)
+    if "://" not in s:
+        s = os.path.abspath(s)
+    return s if s.endswith(".json") else s.rstrip("/") + "/" + MANIFEST_NAME
+
+
+def _write_atomic(url: str, data: bytes) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = path + ".tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def load_manifest(path_or_url: str | os.PathLike | Manifest) -> Manifest:
+    """The manifest at a ``manifest.json`` path, or in a directory / fsspec URL prefix holding one."""
+    if isinstance(path_or_url, Manifest):
+        return path_or_url
+    url = _manifest_url(path_or_url)
+    try:
+        with fsspec.open(url, "rb") as f:
+            d = json.loads(f.read())
+    except FileNotFoundError as e:
+        raise ManifestError(f"{url}: no manifest here (write one with `logitcache shards scan DIR`)") from e
+    except OSError as e:
+        raise ManifestError(f"{url}: cannot read the manifest ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{url}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ManifestError(f"{url}: not a logitcache manifest")
+    return Manifest.from_json(d, base_url=url.rsplit("/", 1)[0], where=url)
+
+
+# ------------------------------------------------------------------ checking shards against the manifest
+class ShardCheck:
+    """The cheap per-shard check used while reading: size at open, then key count and key digest at the end."""
+
+    def __init__(self, info: ShardInfo, url: str):
+        self.info, self.url = info, url
+        self.keys = KeysDigest()
+
+    def check_size(self, size: int | None) -> None:
+        if size is not None and size != self.info.size:
+            raise ShardChangedError(f"{self.url}: size {size} bytes, but the manifest says {self.info.size} "
+                                    "(truncated, re-encoded or replaced?)")
+
+    def add_key(self, key: str) -> None:
+        self.keys.update(key)
+        if self.keys.count > self.info.num_samples:
+            raise ShardChangedError(f"{self.url}:{key}: more samples than the {self.info.num_samples} "
+                                    "the manifest lists")
+
+    def finish(self) -> None:
+        if self.keys.count != self.info.num_samples:
+            raise ShardChangedError(f"{self.url}: {self.keys.count} samples, but the manifest says "
+                                    f"{self.info.num_samples} (truncated or replaced?)")
+        if self.keys.hexdigest() != self.info.keys_digest:
+            raise ShardChangedError(f"{self.url}: its keys differ from the manifest's (keys digest "
+                                    f"{self.keys.hexdigest()[:16]}… != {self.info.keys_digest[:16]}…)")
+
+
+def file_size(url: str) -> int | None:
+    """Size in bytes via fsspec ``info`` (None where the filesystem does not say); missing -> ShardChangedError."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        size = fs.info(path).get("size")
+    except FileNotFoundError as e:
+        raise ShardChangedError(f"{url}: shard is missing") from e
+    return None if size is None else int(size)
+
+
+def verify_shards(manifest: Manifest, shards: Sequence[int] | None = None) -> list[ShardChangedError]:
+    """Full check of the shard files: size, then sha256 of every byte. Returns the problems (empty: all good)."""
+    problems: list[ShardChangedError] = []
+    for i in range(len(manifest.shards)) if shards is None else shards:
+        info, url = manifest.shards[i], manifest.shard_url(i)
+        try:
+            ShardCheck(info, url).check_size(file_size(url))
+            h = hashlib.sha256()
+            with fsspec.open(url, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            if h.hexdigest() != info.sha256:
+                raise ShardChangedError(f"{url}: sha256 {h.hexdigest()[:16]}… != the manifest's "
+                                        f"{info.sha256[:16]}… (same size, other bytes)")
+        except ShardChangedError as e:
+            problems.append(e)
+    return problems
+
+
+# ------------------------------------------------------------------ building a manifest by scanning shards
+class _HashingReader:
+    """A read-only file wrapper that hashes and counts what passes through and remembers the last 1 KiB."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size, self.tail = f, hashlib.sha256(), 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.sha.update(b)
+        self.size += len(b)
+        self.tail = (self.tail + b)[-1024:]
+        return b
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+@dataclass(frozen=True)
+class ShardScan:
+    """The facts one pass over a shard file yields."""
+
+    size: int
+    sha256: str
+    num_samples: int
+    keys_digest: str
+    max_label: int  # -1 when no sample has an integer .cls
+
+
+def scan_shard(url: str) -> ShardScan:
+    """Read a shard once: sha256 + size of the file, its keys (count, digest), the largest integer label.
+
+    Broken tar structure (truncated tar, duplicate keys) raises `ShardFormatError` naming ``url:key``.
+    """
+    from logitcache.shards import group_by_key, parse_label, tar_members
+
+    digest, max_label = KeysDigest(), -1
+    with fsspec.open(url, "rb") as raw:
+        f = _HashingReader(raw)
+        last_key = None
+        for sample in group_by_key(tar_members(f, url), url):
+            last_key = sample["__key__"]
+            digest.update(last_key)
+            try:
+                max_label = max(max_label, parse_label(sample.get("cls")))
+            except ValueError:
+                pass  # bad labels are reported when the sample is read, not here
+        f.drain()
+    if f.size and f.tail.count(0) != len(f.tail):
+        # a tar ends with zero blocks; without them it was cut off exactly at a member boundary
+        raise ShardFormatError(f"{url}:{last_key}: truncated tar (no end-of-archive blocks after this key)")
+    return ShardScan(f.size, f.sha.hexdigest(), digest.count, digest.hexdigest(), max_label)
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def list_shards(directory: str | os.PathLike) -> list[str]:
+    """The ``*.tar`` files directly in ``directory`` (path or URL), in natural order (shard-2 before shard-10)."""
+    d = os.fspath(directory)
+    if "://" not in d:
+        d = os.path.abspath(d)
+    fs, path = fsspec.core.url_to_fs(d)
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.endswith(".tar")]
+    return [d.rstrip("/") + "/" + n for n in sorted(names, key=_natural_key)]
+
+
+def build_manifest(
+    shard_urls: Sequence[str],
+    class_names: Sequence[str] | None = None,
+    *,
+    num_classes: int | None = None,
+    base_url: str | None = None,
+) -> Manifest:
+    """Scan shards someone else made (in the order given) into a manifest.
+
+    Class names default to ``"0".."C-1"`` with C = ``num_classes`` or, failing that, the largest label + 1.
+    Shard names are stored relative to ``base_url`` (default: the first shard's directory) when under it.
+    """
+    if not shard_urls:
+        raise ManifestError("no shards to build a manifest from")
+    urls = [os.path.abspath(u) if "://" not in os.fspath(u) else os.fspath(u) for u in shard_urls]
+    base = (base_url or urls[0].rsplit("/", 1)[0]).rstrip("/")
+    if "://" not in base:
+        base = os.path.abspath(base)
+    infos, first, max_label = [], 0, -1
+    for url in urls:
+        scan = scan_shard(url)
+        name = url[len(base) + 1 :] if url.startswith(base + "/") else url
+        infos.append(ShardInfo(name, scan.size, scan.sha256, scan.num_samples, scan.keys_digest, first))
+        first += scan.num_samples
+        max_label = max(max_label, scan.max_label)
+    if class_names is not None:
+        names = tuple(str(c) for c in class_names)
+        if num_classes is not None and num_classes != len(names):
+            raise ManifestError(f"{len(names)} class names given but num_classes={num_classes}")
+    else:
+        n = num_classes if num_classes is not None else max_label + 1
+        if n < 1:
+            raise ManifestError("no integer labels found: give the class names or the number of classes")
+        names = tuple(str(i) for i in range(n))
+    return Manifest(tuple(infos), names, base)
+
+
+__all__ = [
+    "MANIFEST_NAME",
+    "KeysDigest",
+    "Manifest",
+    "ShardCheck",
+    "ShardInfo",
+    "ShardScan",
+    "build_manifest",
+    "file_size",
+    "keys_digest",
+    "list_shards",
+    "load_manifest",
+    "scan_shard",
+    "verify_shards",
+]

@@ -1,0 +1,176 @@
+"""`info` and `verify`: what a cache is, and whether it is whole, intact, sane and made from the given data.
+
+Checks, per finished unit (one with a marker): each chunk object exists and its sha256 equals the marker's
+(catches deleted, truncated or replaced chunks — a deleted chunk would otherwise read as fill values); the
+arrays decode (the crc32c codec turns a flipped byte into a read error); the values are sane (finite, indices
+in range and distinct, top-k log-probs sorted and <= 0, top-k mass <= 1). Completeness: every (epoch, shard)
+unit has a marker. With ``data``: the shards are the ones the cache was made from. With ``recompute``: N
+random cached views are recomputed with the given teacher and compared, which catches other weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from logitcache import schema
+from logitcache.cache import CacheReader, ObjectStore, list_groups, sha256_hex
+from logitcache.errors import CacheError
+
+# fp16 log-probs are rounded: allow their half-ulp near 0 when checking "<= 0" and "mass <= 1"
+LOGPROB_SLACK = 1e-3
+
+
+def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metadata and size figures of every teacher group (JSON-able)."""
+    objects = ObjectStore(url, storage_options)
+    groups = list_groups(objects)
+    if not groups:
+        raise CacheError(f"{url} holds no teacher group (is it a logitcache cache?)")
+    out: dict[str, Any] = {"cache": url, "groups": {}}
+    for g in groups:
+        r = CacheReader(url, g, storage_options=storage_options)
+        if "root" not in out:
+            out["root"] = r.root_meta.to_json()
+        meta, markers = r.meta, r.markers()
+        views = sum(m.stats.get("views", 0.0) for m in markers.values())
+        size = objects.size(g)
+        out["groups"][g] = {
+            "teacher": meta.teacher, "weights": meta.weights, "weights_digest": meta.weights_digest,
+            "recipe": meta.recipe, "k": meta.k, "temperatures": list(meta.temperatures), "seed": meta.seed,
+            "epochs": meta.epochs, "value_dtype": meta.value_dtype, "num_classes": meta.num_classes,
+            "units_finished": len(markers), "units_total": meta.epochs * r.root_meta.num_shards,
+            "views": int(views), "bytes": size, "bytes_per_view": size / views if views else None,
+            "teacher_top1": sum(m.stats.get("teacher_correct", 0.0) for m in markers.values()) / views
+            if views else None,
+            "mean_topk_mass": sum(m.stats.get("topk_mass_sum", 0.0) for m in markers.values()) / views
+            if views else None,
+            "samples_skipped": sum(len(m.skipped) for m in markers.values() if m.epoch == 0),
+            "provenance": list(meta.provenance),
+        }
+    return out
+
+
+@dataclass
+class VerifyReport:
+    cache: str
+    group: str
+    units_checked: int = 0
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    recompute: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, where: str, what: str, **extra) -> None:
+        self.problems.append({"where": where, "what": what, **extra})
+
+    def bad_units(self) -> list[tuple[int, int]]:
+        return sorted({(p["epoch"], p["shard"]) for p in self.problems if "epoch" in p and "shard" in p})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cache": self.cache, "group": self.group, "ok": self.ok, "units_checked": self.units_checked,
+                "problems": self.problems, "bad_units": [list(u) for u in self.bad_units()],
+                "recompute": self.recompute}
+
+
+def verify_cache(url: str, group: str | None = None, *, data: str | None = None, check_values: bool = True,
+                 storage_options: dict[str, Any] | None = None) -> VerifyReport:
+    import zarr
+
+    from logitcache.cache import _zarr_store
+
+    reader = CacheReader(url, group, storage_options=storage_options)
+    report = VerifyReport(url, reader.group)
+    root, meta, objects = reader.root_meta, reader.meta, reader.objects
+    markers = reader.markers(refresh=True)
+    for e in range(meta.epochs):
+        for s in range(root.num_shards):
+            if (e, s) not in markers:
+                report.add(f"unit (epoch {e}, shard {s})", "unfinished: no completion marker", epoch=e, shard=s)
+    zgroup = zarr.open_group(_zarr_store(url, storage_options, read_only=True), mode="r")[reader.group]
+    arrays = {name: zgroup[name] for name in schema.ARRAY_NAMES}
+    for (e, s), marker in sorted(markers.items()):
+        report.units_checked += 1
+        where = f"unit (epoch {e}, shard {s})"
+        if marker.length != root.shard_lengths[s]:
+            report.add(where, f"length {marker.length} != shard length {root.shard_lengths[s]}", epoch=e, shard=s)
+        intact = True
+        for name, arr in arrays.items():
+            key = schema.chunk_key(reader.group, name, e, s, arr.ndim)
+            stored = objects.get(key)
+            if stored is None:
+                report.add(where, f"chunk {key} is missing", epoch=e, shard=s, chunk=key)
+                intact = False
+            elif sha256_hex(stored) != marker.chunks.get(name):
+                report.add(where, f"chunk {key} differs from its checksum in the marker", epoch=e, shard=s,
+                           chunk=key)
+                intact = False
+        if intact and check_values:
+            try:
+                rows = reader.read_unit(e, s)
+            except Exception as err:  # a crc32c failure or undecodable chunk
+                report.add(where, f"chunks do not decode: {type(err).__name__}: {err}", epoch=e, shard=s)
+                continue
+            for what in _value_problems(rows, marker, meta):
+                report.add(where, what, epoch=e, shard=s)
+    if data is not None:
+        for what, shard in _data_problems(url, root, data, storage_options):
+            report.add(f"data {data}" + (f" shard {shard}" if shard else ""), what)
+    return report
+
+
+def _value_problems(rows, marker, meta: schema.GroupMeta) -> list[str]:
+    valid = np.ones(len(rows), dtype=bool)
+    valid[list(marker.skipped)] = False
+    idx, lp = rows.topk_indices[valid], rows.topk_logprobs[valid].astype(np.float32)
+    tlp, lse = rows.target_logprob[valid], rows.lse[valid]
+    out = []
+    for name, a in (("topk_logprobs", lp), ("target_logprob", tlp), ("lse", lse)):
+        if not np.isfinite(a).all():
+            out.append(f"{name} has {int((~np.isfinite(a)).sum())} non-finite value(s)")
+    if idx.size and (idx.min() < 0 or idx.max() >= meta.num_classes):
+        out.append(f"topk_indices outside [0, {meta.num_classes})")
+    if idx.size and meta.k > 1 and (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
+        out.append("topk_indices repeat a class within a row")
+    if lp.size and (np.diff(lp, axis=1) > LOGPROB_SLACK).any():
+        out.append("topk_logprobs are not sorted largest first")
+    if lp.size and (lp.max() > LOGPROB_SLACK or tlp.max(initial=-np.inf) > LOGPROB_SLACK):
+        out.append("a log-probability is > 0")
+    mass = np.exp(lp.astype(np.float64)).sum(axis=1)
+    if mass.size and mass.max() > 1 + meta.k * LOGPROB_SLACK:
+        out.append(f"top-k mass {mass.max():.6f} > 1")
+    return out
+
+
+def _data_problems(url, root: schema.RootMeta, data: str, storage_options) -> list[tuple[str, str | None]]:
+    """Differences between the data given and the data the cache was made from, naming shards."""
+    from logitcache.manifest import load_manifest
+
+    manifest = load_manifest(data)
+    if manifest.fingerprint == root.dataset_fingerprint:
+        problems = []
+    else:
+        problems = [(f"dataset fingerprint {manifest.fingerprint[:16]}… != the cache's "
+                     f"{root.dataset_fingerprint[:16]}…", None)]
+    stored = json.loads(ObjectStore(url, storage_options).get(schema.DATASET_MANIFEST_KEY) or b"{}")
+    stored_shards = {s["name"]: s for s in stored.get("shards", [])}
+    for sh in manifest.to_json().get("shards", []):
+        old = stored_shards.get(sh["name"])
+        if old is None:
+            problems.append(("not in the data the cache was made from", sh["name"]))
+            continue
+        for key in ("num_samples", "keys_digest", "sha256", "size"):
+            if key in old and old.get(key) != sh.get(key):
+                problems.append((f"{key} differs from the cache's record", sh["name"]))
+    # the shard files themselves must still match the manifest (sha256 of each file)
+    from logitcache.manifest import verify_shards
+
+    for err in verify_shards(manifest):
+        problems.append((str(err), None))
+    return problems
+

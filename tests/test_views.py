@@ -1,0 +1,245 @@
+"""Replayable views: pure sampling from (seed, epoch, index), exact application, torchvision equivalence."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from logitcache.errors import RecipeError
+from logitcache.views import (
+    Recipe,
+    ViewParams,
+    apply_view,
+    eval_view,
+    get_recipe,
+    normalize,
+    sample_view,
+    view_rng,
+)
+
+
+def _image(h, w, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+
+
+def _pil(x: torch.Tensor) -> Image.Image:
+    return Image.fromarray(x.permute(1, 2, 0).contiguous().numpy())
+
+
+def _tensor(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+
+
+# ------------------------------------------------------------------ sampling
+def test_view_rng_is_a_pure_function_of_seed_epoch_index():
+    a = view_rng(3, 1, 12345).integers(0, 2**31, 8)
+    b = view_rng(3, 1, 12345).integers(0, 2**31, 8)
+    np.testing.assert_array_equal(a, b)
+    others = [view_rng(*t).integers(0, 2**31, 8) for t in ((4, 1, 12345), (3, 2, 12345), (3, 1, 12346), (1, 3, 12345))]
+    assert all(not np.array_equal(a, o) for o in others)
+    assert np.array_equal(view_rng(np.int64(3), np.int32(1), np.uint64(12345)).integers(0, 2**31, 8), a)
+    with pytest.raises(ValueError, match="index"):
+        view_rng(0, 0, -1)
+
+
+def test_imagenet_boxes_follow_random_resized_crop_bounds():
+    r = get_recipe("imagenet", 64)
+    H, W = 375, 500
+    flips = 0
+    for i in range(300):
+        p = sample_view(view_rng(0, 0, i), H, W, r)
+        assert 0 <= p.top and 0 <= p.left and p.top + p.height <= H and p.left + p.width <= W
+        # rounding of w and h moves area and ratio a little off the drawn values
+        area = p.height * p.width / (H * W)
+        assert 0.08 * 0.9 <= area <= 1.0
+        assert 3 / 4 * 0.9 <= p.width / p.height <= 4 / 3 * 1.1
+        flips += p.flip
+    assert 100 < flips < 200  # p = 0.5 over 300 draws (a 6-sigma band)
+
+
+def test_imagenet_fallback_is_torchvisions_center_crop():
+    r = get_recipe("imagenet", 32)
+    # height 10, width 400: no attempt can fit (h >= sqrt(0.08*4000*3/4) > 10), so the fallback runs
+    p = sample_view(view_rng(0, 0, 0), 10, 400, r)
+    w = int(round(10 * 4 / 3))
+    assert (p.top, p.left, p.height, p.width) == (0, (400 - w) // 2, 10, w)
+    p = sample_view(view_rng(0, 0, 0), 400, 10, r)
+    h = int(round(10 / (3 / 4)))
+    assert (p.top, p.left, p.height, p.width) == ((400 - h) // 2, 0, h, 10)
+
+
+def test_small_params_are_pad_crop_offsets():
+    r = get_recipe("small")
+    seen = set()
+    for i in range(200):
+        p = sample_view(view_rng(1, 0, i), 28, 28, r)
+        assert (p.height, p.width) == (28, 28) and -4 <= p.top <= 4 and -4 <= p.left <= 4
+        seen.add((p.top, p.left))
+    assert len(seen) > 40  # offsets spread over the 9x9 grid
+
+
+# ------------------------------------------------------------------ applying
+def test_imagenet_view_equals_torchvision_on_pil_images():
+    r = get_recipe("imagenet", 48)
+    for i in range(12):
+        x = _image(40 + 3 * i, 90 - 2 * i, seed=i)
+        p = sample_view(view_rng(7, 2, i), x.shape[1], x.shape[2], r)
+        ref = TF.resized_crop(_pil(x), p.top, p.left, p.height, p.width, [48, 48],
+                              interpolation=TF.InterpolationMode.BILINEAR)
+        if p.flip:
+            ref = TF.hflip(ref)
+        y = apply_view(x, p, r)
+        assert y.dtype == torch.uint8 and y.shape == (3, 48, 48) and y.is_contiguous()
+        assert torch.equal(y, _tensor(ref)), (i, p)
+
+
+def test_flip_mirrors_the_view():
+    r = get_recipe("imagenet", 32)
+    x = _image(50, 60)
+    p = ViewParams(3, 4, 40, 50, False)
+    assert torch.equal(apply_view(x, ViewParams(3, 4, 40, 50, True), r), apply_view(x, p, r).flip(-1))
+
+
+def test_small_view_is_pad_then_crop():
+    r = get_recipe("small")
+    x = _image(28, 28, seed=3)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))  # zero padding
+    for top, left in ((-4, -4), (4, 4), (-2, 3), (0, 0)):
+        y = apply_view(x, ViewParams(top, left, 28, 28, False), r)
+        assert torch.equal(y, padded[:, top + 4 : top + 32, left + 4 : left + 32])
+    assert torch.equal(apply_view(x, ViewParams(0, 0, 28, 28, False), r), x)
+    assert torch.equal(apply_view(x, ViewParams(1, -1, 28, 28, True), r),
+                       apply_view(x, ViewParams(1, -1, 28, 28, False), r).flip(-1))
+
+
+def test_small_view_resizes_only_when_the_source_differs():
+    r = get_recipe("small", 28)
+    x = _image(32, 32, seed=4)
+    y = apply_view(x, ViewParams(2, -3, 32, 32, False), r)
+    window = torch.nn.functional.pad(x, (4, 4, 4, 4))[:, 6:38, 1:33]
+    assert torch.equal(y, _tensor(_pil(window).resize((28, 28), Image.Resampling.BILINEAR)))
+
+
+def test_params_that_do_not_fit_the_image_are_refused():
+    x = _image(40, 50)
+    with pytest.raises(RecipeError, match="does not fit a 40x50"):
+        apply_view(x, ViewParams(10, 0, 40, 20, False), get_recipe("imagenet", 32))
+    with pytest.raises(RecipeError, match="does not fit"):
+        apply_view(x, ViewParams(0, 0, 28, 28, False), get_recipe("small"))
+    with pytest.raises(RecipeError, match="does not fit"):
+        apply_view(_image(28, 28), ViewParams(5, 0, 28, 28, False), get_recipe("small"))
+    with pytest.raises(RecipeError, match="uint8"):
+        apply_view(x.float(), ViewParams(0, 0, 10, 10, False), get_recipe("imagenet", 32))
+
+
+def test_eval_view_is_resize_then_center_crop():
+    r = get_recipe("imagenet", 56)  # resize the shorter side to floor(56 / 0.875) = 64
+    for h, w in ((40, 90), (90, 41), (64, 64)):
+        x = _image(h, w, seed=h)
+        ref = TF.center_crop(TF.resize(_pil(x), 64, interpolation=TF.InterpolationMode.BILINEAR), 56)
+        assert torch.equal(eval_view(x, r), _tensor(ref))
+    small = _image(28, 28)
+    assert torch.equal(eval_view(small, get_recipe("small")), small)
+    assert eval_view(small, get_recipe("small", 32)).shape == (3, 32, 32)
+
+
+def test_normalize():
+    x = torch.tensor([[[[0, 255]], [[51, 102]], [[255, 0]]]], dtype=torch.uint8)  # (1, 3, 1, 2)
+    y = normalize(x, [0.5, 0.2, 0.5], [0.5, 0.2, 0.25])
+    expected = torch.tensor([[[[-1.0, 1.0]], [[0.0, 1.0]], [[2.0, -2.0]]]])
+    assert y.dtype == torch.float32 and torch.allclose(y, expected, atol=1e-6)
+    assert normalize(x[0], [0.5] * 3, [0.5] * 3).shape == (3, 1, 2)
+
+
+# ------------------------------------------------------------------ serialisation
+def test_view_params_array_round_trip():
+    r = get_recipe("imagenet")
+    p = ViewParams(-3, 17, 300, 250, True)
+    a = p.to_array()
+    assert a.dtype == np.int16 and a.tolist() == [-3, 17, 300, 250, 1]
+    assert ViewParams.from_array(r, a) == p
+    assert len(r.param_fields) == a.shape[0]
+    with pytest.raises(RecipeError, match="int16"):
+        ViewParams(0, 0, 40000, 10, False).to_array()
+    with pytest.raises(RecipeError, match="expected"):
+        ViewParams.from_array(r, [1, 2, 3])
+
+
+def test_recipe_json_round_trip_and_refusals():
+    for name in ("imagenet", "small"):
+        r = get_recipe(name, 40)
+        d = json.loads(json.dumps(r.to_json()))
+        assert Recipe.from_json(d) == r
+    assert "pad" not in get_recipe("imagenet").to_json() and "scale" not in get_recipe("small").to_json()
+    assert get_recipe("imagenet").image_size == 224 and get_recipe("small").image_size == 28
+    d = get_recipe("imagenet").to_json()
+    with pytest.raises(RecipeError, match="version 2"):
+        Recipe.from_json({**d, "version": 2})
+    with pytest.raises(RecipeError, match="does not know"):
+        Recipe.from_json({**d, "color_jitter": 0.4})
+    with pytest.raises(RecipeError, match="unknown recipe"):
+        get_recipe("autoaugment")
+    with pytest.raises(RecipeError, match="interpolation"):
+        Recipe.from_json({**d, "interpolation": "bicubic"})
+
+
+# ------------------------------------------------------------------ replay in another process
+_REPLAY = r"""
+import hashlib, json, sys
+import torch
+from logitcache.manifest import load_manifest
+from logitcache.shards import iter_shard
+from logitcache.views import get_recipe, sample_view, view_rng, apply_view
+
+def replay(path):
+    m = load_manifest(path)
+    out = {}
+    for name, size in (("imagenet", 32), ("small", 24)):
+        r = get_recipe(name, size)
+        for s in range(len(m.shards)):
+            for sample in iter_shard(m, s):
+                for epoch in (0, 5):
+                    p = sample_view(view_rng(11, epoch, sample.index), *sample.image.shape[1:], r)
+                    x = apply_view(sample.image, p, r)
+                    digest = hashlib.sha256(x.numpy().tobytes()).hexdigest()
+                    out[f"{name}/{epoch}/{sample.index}"] = [p.to_array().tolist(), digest]
+    return out
+"""
+
+
+def test_same_seed_epoch_index_give_the_same_view_in_another_process(imagenet_shards):
+    ns: dict = {}
+    exec(_REPLAY, ns)
+    mine = ns["replay"](str(imagenet_shards))
+    # the other process: one torch thread, another hash seed
+    script = _REPLAY + "\ntorch.set_num_threads(1)\nprint(json.dumps(replay(sys.argv[1]), sort_keys=True))\n"
+    env = {**os.environ, "PYTHONHASHSEED": "123", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", script, str(imagenet_shards)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    there = json.loads(res.stdout)
+    assert len(mine) == 2 * 2 * 24 and mine == there
+    assert mine["imagenet/0/3"] != mine["imagenet/5/3"]  # and the views really vary with the epoch
+
+
+def test_views_do_not_depend_on_reading_order():
+    r = get_recipe("imagenet", 32)
+    x = _image(60, 70)
+    forward = [apply_view(x, sample_view(view_rng(0, 1, i), 60, 70, r), r) for i in range(6)]
+    backward = [apply_view(x, sample_view(view_rng(0, 1, i), 60, 70, r), r) for i in reversed(range(6))]
+    assert all(torch.equal(a, b) for a, b in zip(forward, reversed(backward), strict=True))
+    digest = {hashlib.sha256(v.numpy().tobytes()).hexdigest() for v in forward}
+    assert len(digest) == 6
+    assert math.isclose(get_recipe("imagenet").eval_crop_fraction, 0.875)
