@@ -191,11 +191,12 @@ def shards_scan(directory, classes_file, num_classes, force, as_json):
 @click.option("--value-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="dtype of the stored top-k log-probabilities")
 @click.option("--skip-bad", is_flag=True, help="skip corrupt samples (counted and reported) instead of stopping")
+@click.option("--repair", is_flag=True, help="verify the cache first and redo exactly the damaged units")
 @click.option("--dry-run", is_flag=True, help="print the plan (units, views, bytes) and write nothing")
 @json_option()
 @reports_errors
 def dump(teacher, weights, data, out, group, epochs, topk, temperatures, seed, recipe, image_size, batch_size,
-         workers, device, shard_selection, value_dtype, skip_bad, dry_run, as_json):
+         workers, device, shard_selection, value_dtype, skip_bad, repair, dry_run, as_json):
     """Run a teacher once over augmented views of --data and store its top-k logits in --out.
 
     Resumable: rerun the same command after an interruption and it finishes the unfinished units.
@@ -209,7 +210,7 @@ def dump(teacher, weights, data, out, group, epochs, topk, temperatures, seed, r
         data=data, out=out, teacher=teacher, weights=weights, group=group, epochs=epochs, topk=topk,
         temperatures=parse_temperatures(temperatures), seed=seed, recipe=recipe, image_size=image_size,
         batch_size=batch_size, workers=workers, device=device, value_dtype=value_dtype, skip_bad=skip_bad,
-        shards=tuple(parse_shard_selection(shard_selection)) if shard_selection else None,
+        repair=repair, shards=tuple(parse_shard_selection(shard_selection)) if shard_selection else None,
         progress=not as_json,
     )
     if dry_run:
@@ -280,18 +281,41 @@ def info(cache, group, as_json):
 @click.argument("cache")
 @click.option("--group", default=None, help="teacher group (optional when the cache holds one)")
 @data_option(required=False, help="also check that these shards are the ones the cache was made from")
+@click.option("--recompute", default=0, type=int, help="recompute N random cached views with --teacher/--weights")
+@click.option("--teacher", default=None, help="with --recompute: the teacher architecture")
+@click.option("--weights", default=None, help="with --recompute: the weights to check the cache against")
+@click.option("--tolerance", default=0.05, show_default=True, type=float,
+              help="with --recompute: largest allowed |log-prob difference| per view")
+@device_option()
 @json_option()
 @reports_errors
-def verify(cache, group, data, as_json):
+def verify(cache, group, data, recompute, teacher, weights, tolerance, device, as_json):
     """Check CACHE: every unit finished, every chunk intact (checksums), values sane; with --data, the
-    shards match. Exits non-zero on any problem, naming each bad unit."""
-    from logitcache.verify import verify_cache
+    shards match; with --recompute N, N random views recomputed by the teacher match. Exits non-zero on any
+    problem, naming each bad unit."""
+    from logitcache.verify import recompute_views, verify_cache
 
+    if recompute and (teacher is None or data is None):
+        raise click.UsageError("--recompute needs --teacher (and --weights) and --data")
     report = verify_cache(cache, group, data=data)
+    if recompute:
+        rc = recompute_views(cache, group, data, teacher, weights, recompute, device=device, tolerance=tolerance)
+        report.recompute = rc
+        if not rc["weights_digest_equal"]:
+            report.add("teacher weights", f"digest {rc['weights_digest_given'][:16]}… of the weights given != "
+                       f"{rc['weights_digest_cache'][:16]}… recorded in the cache")
+        for m in rc["mismatches"]:
+            report.add(f"view (epoch {m['epoch']}, shard {m['shard']}, row {m['offset']}) {m['sample']}",
+                       f"recomputed log-probs differ by {m['max_abs_logprob_diff']:.4f} > {tolerance}",
+                       epoch=m["epoch"], shard=m["shard"])
     if as_json:
         _print_json(report.to_json())
     else:
         click.echo(f"verify {cache} group {report.group}: {report.units_checked} finished unit(s) checked")
+        if report.recompute:
+            rc = report.recompute
+            click.echo(f"  recomputed {rc['views']} view(s): largest |log-prob difference| "
+                       f"{rc['max_abs_logprob_diff']:.2e}, {len(rc['mismatches'])} over {rc['tolerance']}")
         for p in report.problems:
             click.echo(f"  BAD {p['where']}: {p['what']}")
         click.echo("OK" if report.ok else f"FAILED: {len(report.problems)} problem(s) in "

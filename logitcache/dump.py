@@ -15,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
+import signal
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -25,6 +28,10 @@ import numpy as np
 import torch
 
 from logitcache import schema
+from logitcache.errors import LogitcacheError
+
+#: tests only: SIGKILL the dump right before its N+1-th batch (a real kill, mid-run, at a reproducible point)
+KILL_AFTER_BATCHES_ENV = "LOGITCACHE_TEST_KILL_AFTER_BATCHES"
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class DumpConfig:
     value_dtype: str = "float16"
     shards: tuple[int, ...] | None = None
     skip_bad: bool = False
+    repair: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -286,6 +294,11 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     prov = provenance(argv)
 
     shards = list(cfg.shards) if cfg.shards is not None else list(range(len(manifest.shards)))
+    if cfg.repair and rank == 0:
+        repaired = forget_damaged_units(cfg.out, cfg.group_name)
+        if repaired and cfg.progress:
+            print(f"repair: redoing {len(repaired)} damaged unit(s): {repaired}", file=sys.stderr)
+    barrier(world)
     finished = writer.finished_units()
     pending: dict[int, list[int]] = defaultdict(list)
     for s in shards[rank::world] if world > 1 else shards:
@@ -312,8 +325,11 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
         disable=not cfg.progress or rank != 0,
         dynamic_ncols=True,
     )
+    kill_after = int(os.environ.get(KILL_AFTER_BATCHES_ENV, "0"))  # fault injection for the resume tests
     with torch.inference_mode():
-        for batch in loader:
+        for n_batch, batch in enumerate(loader, start=1):
+            if kill_after and n_batch > kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
             key = (batch.epoch, batch.shard)
             if len(batch.offsets):
                 logits = teacher_logits(teacher, batch.images, mean, std, cfg.device)
@@ -338,6 +354,24 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
         CacheReader(cfg.out, cfg.group_name), written, len(finished), skipped_total, time.perf_counter() - t0
     )
     return summary
+
+
+def forget_damaged_units(url: str, group: str) -> list[tuple[int, int]]:
+    """For ``--repair``: verify the group and delete the markers of damaged units, so the dump redoes exactly
+    those (a unit without a marker is unfinished). Units that are merely unfinished are redone anyway."""
+    from logitcache.cache import CacheReader
+    from logitcache.verify import verify_cache
+
+    try:
+        reader = CacheReader(url, group)
+        reader.meta  # noqa: B018 - opens the group; a fresh cache has nothing to repair
+    except LogitcacheError:
+        return []
+    report = verify_cache(url, group)
+    damaged = [u for u in report.bad_units() if u in reader.markers(refresh=True)]
+    for e, s in damaged:
+        reader.objects.delete(schema.unit_marker_key(group, e, s))
+    return damaged
 
 
 def _write_unit(writer, batch: ViewBatch, parts: list, UnitRows, value_dtype: str) -> None:

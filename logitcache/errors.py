@@ -52,8 +52,9 @@ class BadSampleError(DataError):
     The only kind of data error that ``skip_bad`` mode skips: it names ``url:key`` and keeps its global index.
     """
 
-    def __init__(self, url: str, key: str, reason: str, kind: str = "bad sample"):
-        super().__init__(f"{url}:{key}: {reason}")
+    def __init__(self, url: str, key: str | None = None, reason: str | None = None, kind: str = "bad sample"):
+        # one argument = an already formatted message (how DataLoader re-raises a worker's error)
+        super().__init__(url if key is None else f"{url}:{key}: {reason}")
         self.url, self.key, self.reason, self.kind = url, key, reason, kind
 
     def __reduce__(self):  # picklable across DataLoader workers despite the custom __init__

@@ -198,7 +198,7 @@ def decode_image(data: bytes, decoder: str = DECODER) -> torch.Tensor:
 
     with Image.open(io.BytesIO(data)) as im:
         rgb = im.convert("RGB")
-    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # channels-last memory, as torchvision decodes
 
 
 try:  # torchvision without image ops (or a future one without them) falls back to PIL

@@ -174,3 +174,72 @@ def _data_problems(url, root: schema.RootMeta, data: str, storage_options) -> li
         problems.append((str(err), None))
     return problems
 
+
+
+def recompute_views(url: str, group: str | None, data: str, teacher: str, weights: str | None, n: int, *,
+                    seed: int = 0, device: str = "cpu", tolerance: float = 0.05,
+                    storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Recompute ``n`` random cached views with the given teacher and compare with the cache.
+
+    Each view is replayed from its cached parameters (the pixels the teacher saw), the teacher's log-probs at
+    the cached top-k classes and at the target are compared with the cached values; a view whose largest
+    absolute difference exceeds ``tolerance`` (nats; float16 storage and bf16 GPU dumps stay far below the
+    default 0.05) is a mismatch. The weights digest is compared too. Catches a cache made with other weights.
+    """
+    import torch
+
+    from logitcache.dump import load_teacher, state_dict_digest, teacher_logits
+    from logitcache.manifest import load_manifest
+    from logitcache.shards import iter_shard
+    from logitcache.views import Recipe, ViewParams, apply_view
+
+    reader = CacheReader(url, group, storage_options=storage_options)
+    meta, root = reader.meta, reader.root_meta
+    manifest = load_manifest(data)
+    if manifest.fingerprint != root.dataset_fingerprint:
+        raise CacheError(f"--data {data} is not the data {url} was made from (fingerprints differ); "
+                         "run verify --data to see which shards")
+    markers = reader.markers(refresh=True)
+    candidates = [(e, s, o) for (e, s), m in sorted(markers.items()) for o in range(m.length)
+                  if o not in set(m.skipped)]
+    if not candidates:
+        raise CacheError(f"{url} group {reader.group} has no finished views to recompute")
+    rng = np.random.default_rng(seed)
+    picks = [candidates[i] for i in sorted(rng.choice(len(candidates), min(n, len(candidates)), replace=False))]
+    recipe = Recipe.from_json(meta.recipe)
+    model = load_teacher(teacher, weights, meta.num_classes, recipe.image_size, device, meta.seed)
+    digest = state_dict_digest(model)
+    mean = torch.tensor(meta.normalization["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(meta.normalization["std"], device=device).view(1, -1, 1, 1)
+    wanted: dict[int, dict[int, list[int]]] = {}
+    for e, s, o in picks:
+        wanted.setdefault(s, {}).setdefault(o, []).append(e)
+    views, labels, where, keys = [], [], [], []
+    for s, offsets in sorted(wanted.items()):
+        units = {e: reader.read_unit(e, s) for es in offsets.values() for e in es}
+        for sample in iter_shard(manifest, s):
+            for e in offsets.get(sample.offset, ()):
+                params = ViewParams.from_array(recipe, units[e].view_params[sample.offset])
+                views.append(apply_view(sample.image, params, recipe))
+                labels.append(sample.label)
+                where.append((e, s, sample.offset))
+                keys.append(sample.where)
+    worst, mismatches = 0.0, []
+    with torch.inference_mode():
+        for i in range(0, len(views), 64):
+            logits = teacher_logits(model, torch.stack(views[i:i + 64]), mean, std, device).cpu()
+            lp = torch.log_softmax(logits.double(), dim=1)
+            for j in range(logits.shape[0]):
+                e, s, o = where[i + j]
+                rows = reader.read_unit(e, s)
+                idx = torch.from_numpy(rows.topk_indices[o].astype(np.int64))
+                cached = torch.from_numpy(rows.topk_logprobs[o].astype(np.float64))
+                diff = max(float((lp[j, idx] - cached).abs().max()),
+                           abs(float(lp[j, labels[i + j]]) - float(rows.target_logprob[o])))
+                worst = max(worst, diff)
+                if diff > tolerance:
+                    mismatches.append({"epoch": e, "shard": s, "offset": o, "sample": keys[i + j],
+                                       "max_abs_logprob_diff": diff})
+    return {"views": len(views), "tolerance": tolerance, "max_abs_logprob_diff": worst,
+            "mismatches": mismatches, "weights_digest_cache": meta.weights_digest,
+            "weights_digest_given": digest, "weights_digest_equal": digest == meta.weights_digest}

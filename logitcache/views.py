@@ -208,11 +208,12 @@ def _random_resized_crop_box(rng, height, width, scale, ratio) -> tuple[int, int
 
 # ------------------------------------------------------------------ applying (the pixels the model sees)
 def apply_view(image: torch.Tensor, params: ViewParams, recipe: Recipe) -> torch.Tensor:
-    """The view ``params`` of ``image`` (uint8 (3, H, W)) as a contiguous uint8 (3, S, S) tensor, S = image_size.
+    """The view ``params`` of ``image`` (uint8 (3, H, W)) as a new uint8 (3, S, S) tensor, S = image_size.
 
     imagenet: crop the box, resize to S x S (bilinear, antialiased), flip. small: take the source-sized window
     at (top, left) of the zero-padded image, resize to S x S only if the source is not S x S, flip.
     Params that do not fit the image (a replay against the wrong image) raise `RecipeError`.
+    Like torchvision's ``PILToTensor``, the result's memory is usually channels-last (HWC): one copy fewer.
     """
     _check_image(image)
     _, H, W = image.shape
@@ -225,14 +226,19 @@ def apply_view(image: torch.Tensor, params: ViewParams, recipe: Recipe) -> torch
         if (h, w) != (H, W) or max(abs(t), abs(l)) > recipe.pad:
             raise RecipeError(f"view {params} does not fit a {H}x{W} image with pad {recipe.pad}")
         x = _window(image, t, l)
-    x = resize(x, recipe.image_size, recipe.image_size)
-    return torch.flip(x, dims=(-1,)) if params.flip else x.contiguous()
+    S = recipe.image_size
+    if tuple(x.shape[1:]) == (S, S):
+        return torch.flip(x, dims=(-1,)) if params.flip else x.clone()
+    im = _to_pil(x).resize((S, S), Image.Resampling.BILINEAR)
+    if params.flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _from_pil(im)
 
 
 def _window(image: torch.Tensor, top: int, left: int) -> torch.Tensor:
     """The image shifted so that source pixel (top, left) lands at (0, 0); uncovered pixels are zero."""
     _, H, W = image.shape
-    out = torch.zeros_like(image, memory_format=torch.contiguous_format)
+    out = torch.zeros((H, W, 3), dtype=torch.uint8).permute(2, 0, 1)  # channels-last, like decoded images
     y0, y1, x0, x1 = max(top, 0), min(top + H, H), max(left, 0), min(left + W, W)
     out[:, y0 - top : y1 - top, x0 - left : x1 - left] = image[:, y0:y1, x0:x1]
     return out
@@ -247,26 +253,30 @@ def eval_view(image: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     _check_image(image)
     S = recipe.image_size
     if recipe.name != "imagenet":
-        return resize(image, S, S).contiguous()
+        return resize(image, S, S) if tuple(image.shape[1:]) != (S, S) else image.clone()
     _, H, W = image.shape
     short_target = int(math.floor(S / recipe.eval_crop_fraction))
     if H <= W:
         new_h, new_w = short_target, int(short_target * W / H)
     else:
         new_h, new_w = int(short_target * H / W), short_target
-    x = resize(image, new_h, new_w)
+    im = _to_pil(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
     top, left = int(round((new_h - S) / 2.0)), int(round((new_w - S) / 2.0))
-    return x[:, top : top + S, left : left + S].contiguous()
+    return _from_pil(im.crop((left, top, left + S, top + S)))
 
 
 def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 (3, h, w) -> contiguous (3, height, width) with Pillow's antialiased bilinear filter; a no-op (the
-    input itself) at equal size."""
-    if tuple(image.shape[1:]) == (height, width):
-        return image
-    hwc = image.permute(1, 2, 0).contiguous().numpy()
-    out = Image.fromarray(hwc).resize((width, height), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(out).transpose(2, 0, 1).copy())  # contiguous (3, height, width)
+    """uint8 (3, h, w) -> new uint8 (3, height, width) with Pillow's antialiased bilinear filter."""
+    return _from_pil(_to_pil(image).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _to_pil(x: torch.Tensor) -> Image.Image:
+    # decoded images are channels-last already, so this is one copy of the (cropped) region at most
+    return Image.fromarray(x.permute(1, 2, 0).contiguous().numpy())
+
+
+def _from_pil(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (3, H, W) over HWC memory, as PILToTensor gives
 
 
 def _check_image(image) -> None:

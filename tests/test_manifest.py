@@ -22,6 +22,8 @@ from logitcache.manifest import (
 )
 from logitcache.shards import iter_shard, parse_shard_selection, write_shards
 
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
 
 def test_manifest_records_the_facts_of_each_shard(imagenet_shards):
     m = load_manifest(imagenet_shards)
