@@ -4,6 +4,15 @@ Both work on a local path or any fsspec URL (``file://``, ``s3://`` through s3fs
 the plain JSON objects (unit markers, the dataset manifest) through fsspec, written atomically on local disks
 (temp file + rename) and by a single PUT on object stores.
 
+Safety: opening a cache never executes code. Metadata is JSON; groups are opened as zarr v3 only (a zarr v2
+store could name numcodecs' pickle codec) and without consolidated metadata; every array's ``zarr.json`` is
+checked against the schema (dtype, shape, codecs from `schema.ALLOWED_CODECS`) before zarr parses it; group
+names and object keys are single safe path components under the store's root, whatever the metadata says.
+
+Faults: an `OSError` while writing (disk full, permission denied, a failing object store) becomes
+`CacheWriteError` naming the unit and the object; a unit's marker is written last, so every unit finished
+before stays valid and a rerun completes the rest.
+
 Fork safety: zarr's sync API runs an asyncio loop on a background thread, and a DataLoader worker forked after
 the parent touched zarr can hang on it. `CacheReader` therefore opens its store lazily, on first use, in
 each process (it re-opens when it notices it runs in a new PID), and pickles without open handles.
@@ -21,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from logitcache import schema
-from logitcache.errors import CacheError, CacheMismatchError
+from logitcache.errors import CacheError, CacheMismatchError, CacheWriteError
 from logitcache.schema import ARRAYS, GroupMeta, RootMeta, UnitMarker
 
 
@@ -39,7 +48,11 @@ class ObjectStore:
         self.is_local = "file" in _protocols(self.fs)
 
     def path(self, key: str) -> str:
-        return f"{self.root}/{key}"
+        # keys come from our code and from metadata (group names): none may leave the store's root
+        parts = key.split("/") if key else []
+        if key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+            raise CacheError(f"unsafe object key {key!r} under {self.url}: refusing to touch it")
+        return f"{self.root}/{key}" if key else self.root
 
     def get(self, key: str) -> bytes | None:
         try:
@@ -67,9 +80,12 @@ class ObjectStore:
             pass
 
     def list(self, prefix: str) -> list[str]:
-        """Keys (relative to the root) of the objects directly under ``prefix``."""
+        """Keys (relative to the root) of the objects directly under ``prefix``, listed afresh (object-store
+        filesystems cache listings, and another process may have finished a unit since)."""
+        path = self.path(prefix)
+        self.fs.invalidate_cache(path)
         try:
-            entries = self.fs.ls(self.path(prefix), detail=False)
+            entries = self.fs.ls(path, detail=False)
         except FileNotFoundError:
             return []
         n = len(self.root) + 1
@@ -80,8 +96,9 @@ class ObjectStore:
 
     def size(self, key: str = "") -> int:
         """Total bytes of the objects under ``key`` (the whole store when empty)."""
+        self.fs.invalidate_cache(self.path(key))
         try:
-            return int(self.fs.du(self.path(key) if key else self.root, total=True))
+            return int(self.fs.du(self.path(key), total=True))
         except FileNotFoundError:
             return 0
 
@@ -89,6 +106,44 @@ class ObjectStore:
 def _protocols(fs) -> tuple[str, ...]:
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _open_zarr_root(url: str, storage_options: dict[str, Any] | None, *, mode: str, **kwargs):
+    """The cache's root zarr group: zarr v3 only (v2 metadata can name pickle codecs), and never through
+    consolidated metadata (it would let the root's zarr.json override the arrays' checked metadata)."""
+    import zarr
+
+    read_only = mode == "r"
+    store = _zarr_store(url, storage_options, read_only=read_only)
+    if mode in ("r", "r+"):
+        return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
+    return zarr.open_group(store, mode=mode, zarr_format=3, **kwargs)
+
+
+def _checked_arrays(zgroup, objects: ObjectStore, group: str, meta: GroupMeta, url: str) -> dict[str, Any]:
+    """The group's arrays, each opened only after its zarr.json passed `schema.array_metadata_problems`."""
+    out = {}
+    for spec in ARRAYS:
+        key = f"{group}/{spec.name}/zarr.json"
+        data = objects.get(key)
+        if data is None:
+            raise CacheError(f"{url}: array {group}/{spec.name} is missing ({key} not found)")
+        try:
+            d = json.loads(data)
+        except ValueError as e:
+            raise CacheError(f"{url}: {key} is not valid JSON ({e})") from e
+        problems = schema.array_metadata_problems(spec, d, meta)
+        if problems:
+            raise CacheError(f"{url}: refusing array {group}/{spec.name}: " + "; ".join(problems))
+        out[spec.name] = zgroup[spec.name]
+    return out
+
+
+def _check_group_name(group: str, url: str) -> str:
+    try:
+        return schema.validate_group_name(group)
+    except ValueError as e:
+        raise CacheError(f"{url}: {e}") from None
 
 
 def _zarr_store(url: str, storage_options: dict[str, Any] | None, *, read_only: bool):
@@ -129,14 +184,13 @@ class CacheWriter:
     hashed, and its marker is written last."""
 
     def __init__(self, url: str, group: str, *, storage_options: dict[str, Any] | None = None):
-        import zarr
-
-        self.url, self.group = url, group
+        self.url, self.group = url, _check_group_name(group, url)
         self.objects = ObjectStore(url, storage_options)
-        self._zroot = zarr.open_group(_zarr_store(url, storage_options, read_only=False), mode="r+")
+        self._zroot = _open_zarr_root(url, storage_options, mode="r+")
         g = self._zroot[group]
         self.root_meta = RootMeta.from_json(self._zroot.attrs[schema.ATTRS_KEY])
         self.meta = GroupMeta.from_json(g.attrs[schema.ATTRS_KEY])
+        _checked_arrays(g, self.objects, group, self.meta, url)
         # write_empty_chunks is a runtime option, not stored metadata: every writer must set it (CONTRACTS §3)
         self._arrays = {a.name: _open_array_for_write(g, a.name) for a in ARRAYS}
 
@@ -160,16 +214,21 @@ class CacheWriter:
         Refuses (`CacheMismatchError`) a cache made from other data or a group made with other settings, and
         names every setting that differs.
         """
-        import zarr
-
-        store = _zarr_store(url, storage_options, read_only=False)
+        _check_group_name(group, url)
         try:
-            zroot = zarr.open_group(store, mode="r+")
+            return cls._create_or_open(url, group, meta, root, manifest_json, storage_options)
+        except OSError as e:
+            raise CacheWriteError(f"{url}: cannot create or extend teacher group '{group}': {_os_error(e)}") from e
+
+    @classmethod
+    def _create_or_open(cls, url, group, meta, root, manifest_json, storage_options) -> CacheWriter:
+        try:
+            zroot = _open_zarr_root(url, storage_options, mode="r+")
         except FileNotFoundError:
             zroot = None
         objects = ObjectStore(url, storage_options)
         if zroot is None:
-            zroot = zarr.open_group(store, mode="w-", attributes={schema.ATTRS_KEY: root.to_json()})
+            zroot = _open_zarr_root(url, storage_options, mode="w-", attributes={schema.ATTRS_KEY: root.to_json()})
             objects.put(schema.DATASET_MANIFEST_KEY, json.dumps(manifest_json, sort_keys=True, indent=1).encode())
         else:
             stored_root = read_root_meta(zroot, url)
@@ -202,12 +261,15 @@ class CacheWriter:
 
     def add_provenance(self, entry: dict[str, Any]) -> None:
         """Append one run's provenance (single writer: rank 0)."""
-        import zarr
-
-        g = zarr.open_group(_zarr_store(self.url, self.objects.storage_options, read_only=False), mode="r+")[self.group]
+        g = _open_zarr_root(self.url, self.objects.storage_options, mode="r+")[self.group]
         d = g.attrs[schema.ATTRS_KEY]
         d["provenance"] = [*d.get("provenance", []), entry]
-        g.attrs[schema.ATTRS_KEY] = d
+        try:
+            g.attrs[schema.ATTRS_KEY] = d
+        except OSError as e:
+            raise CacheWriteError(
+                f"{self.url}: cannot record provenance in group '{self.group}': {_os_error(e)}"
+            ) from e
 
     def finished_units(self) -> dict[tuple[int, int], UnitMarker]:
         return read_markers(self.objects, self.group)
@@ -226,24 +288,45 @@ class CacheWriter:
         L = self.root_meta.max_shard_len
         if length > L or (len(offsets) and int(np.max(offsets)) >= length):
             raise CacheError(f"unit (epoch {epoch}, shard {shard}): offsets/length exceed the shard length {length}")
-        # the marker is removed first so a crash mid-rewrite (repair) leaves the unit unfinished, not stale
-        self.objects.delete(schema.unit_marker_key(self.group, epoch, shard))
-        hashes = {}
-        for name, values in rows.as_dict().items():
-            arr = self._arrays[name]
-            full = np.zeros((L, *arr.shape[3:]), dtype=arr.dtype)
-            full[offsets] = values
-            arr[epoch, shard] = full
-            key = schema.chunk_key(self.group, name, epoch, shard, arr.ndim)
-            stored = self.objects.get(key)
-            if stored is None:
-                raise CacheError(f"chunk {key} was not written (write_empty_chunks must be on)")
-            hashes[name] = sha256_hex(stored)
-        marker = UnitMarker(
-            epoch, shard, int(length), hashes, {k: float(v) for k, v in stats.items()}, tuple(int(s) for s in skipped)
-        )
-        self.objects.put(schema.unit_marker_key(self.group, epoch, shard), marker.to_bytes())
+        unit = f"unit (epoch {epoch}, shard {shard})"
+        marker_key = schema.unit_marker_key(self.group, epoch, shard)
+        key = marker_key
+        try:
+            # the marker is removed first so a crash mid-rewrite (repair) leaves the unit unfinished, not stale
+            self.objects.delete(marker_key)
+            hashes = {}
+            for name, values in rows.as_dict().items():
+                arr = self._arrays[name]
+                key = schema.chunk_key(self.group, name, epoch, shard, arr.ndim)
+                full = np.zeros((L, *arr.shape[3:]), dtype=arr.dtype)
+                full[offsets] = values
+                arr[epoch, shard] = full
+                stored = self.objects.get(key)
+                if stored is None:
+                    raise CacheError(f"chunk {key} was not written (write_empty_chunks must be on)")
+                hashes[name] = sha256_hex(stored)
+            marker = UnitMarker(
+                epoch, shard, int(length), hashes, {k: float(v) for k, v in stats.items()},
+                tuple(int(s) for s in skipped),
+            )
+            key = marker_key
+            self.objects.put(marker_key, marker.to_bytes())
+        except OSError as e:
+            raise CacheWriteError(
+                f"{self.url}: writing {unit} of group '{self.group}' failed at object {key}: {_os_error(e)}. "
+                f"The unit stays unfinished (no marker); units finished before are intact: free space / fix "
+                f"permissions and rerun the dump to complete the rest"
+            ) from e
         return marker
+
+
+def _os_error(e: OSError) -> str:
+    import errno
+
+    what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.EROFS: "read-only file system"}.get(e.errno or -1)
+    return f"{what} ({type(e).__name__}: {e})" if what else f"{type(e).__name__}: {e}"
 
 
 def _open_array_for_write(group, name: str):
@@ -269,6 +352,10 @@ def list_groups(objects: ObjectStore) -> list[str]:
     which warns about the plain JSON objects next to the arrays)."""
     out = []
     for key in objects.list(""):
+        if "/" in key or key in (".", ".."):
+            raise CacheError(f"{objects.url} lists an object with an unsafe name {key!r}: refusing the store")
+        if key.endswith(".json") or key.startswith("."):
+            continue  # the root's own JSON objects (zarr.json, dataset_manifest.json), temp files
         meta = objects.get(f"{key}/zarr.json")
         if meta is not None and json.loads(meta).get("node_type") == "group":
             out.append(key)
@@ -284,6 +371,9 @@ def read_markers(objects: ObjectStore, group: str) -> dict[tuple[int, int], Unit
         if data is None:
             continue
         m = UnitMarker.from_bytes(data, where=key)
+        if schema.unit_marker_key(group, m.epoch, m.shard) != key:
+            # a marker copied or edited onto another unit would certify chunks it never hashed
+            raise CacheError(f"unit marker {key} says it is unit (epoch {m.epoch}, shard {m.shard}); refusing it")
         out[(m.epoch, m.shard)] = m
     return out
 
@@ -310,16 +400,14 @@ class CacheReader:
     def _open(self) -> dict[str, Any]:
         if self._state is not None and self._pid == os.getpid():
             return self._state
-        import zarr
-
         try:
-            zroot = zarr.open_group(_zarr_store(self.url, self.storage_options, read_only=True), mode="r")
+            zroot = _open_zarr_root(self.url, self.storage_options, mode="r")
         except FileNotFoundError as e:
-            raise CacheError(f"no cache at {self.url}") from e
+            raise CacheError(f"no cache at {self.url} (or not a zarr v3 store)") from e
         root = read_root_meta(zroot, self.url)
         objects = ObjectStore(self.url, self.storage_options)
         groups = list_groups(objects)
-        group = self._group_arg
+        group = self._group_arg if self._group_arg is None else _check_group_name(self._group_arg, self.url)
         if group is None:
             if len(groups) != 1:
                 raise CacheError(f"{self.url} holds teacher groups {groups}: choose one with --group")
@@ -327,13 +415,14 @@ class CacheReader:
         if group not in groups:
             raise CacheError(f"{self.url} has no teacher group '{group}' (it has {groups})")
         g = zroot[group]
+        meta = GroupMeta.from_json(g.attrs[schema.ATTRS_KEY])
         self._state = {
             "root": root,
             "groups": groups,
             "group": group,
             "zgroup": g,
-            "meta": GroupMeta.from_json(g.attrs[schema.ATTRS_KEY]),
-            "arrays": {a.name: g[a.name] for a in ARRAYS},
+            "meta": meta,
+            "arrays": _checked_arrays(g, objects, group, meta, self.url),
             "objects": objects,
             "markers": None,
             "first_index": None,

@@ -324,5 +324,118 @@ def verify(cache, group, data, recompute, teacher, weights, tolerance, device, a
         raise SystemExit(1)
 
 
+# ---------------------------------------------------------------- eval (a model on a dataset)
+def _json_safe(obj):
+    """NaN/inf -> None (empty reliability bins are NaN), so --json output is strict JSON."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+@main.command("eval")
+@click.option("--model", "model_name", default=None,
+              help="architecture of the checkpoint (default: the student recorded in one of our checkpoints)")
+@click.option("--checkpoint", required=True,
+              help="our training checkpoint (RUN/checkpoints/last.pt) or a state_dict file; read weights-only")
+@data_option()
+@click.option("--recipe", default=None, help="view recipe whose eval view is used: imagenet | small "
+              "(default: the checkpoint's, else small for models made for <= 64 px inputs, else imagenet)")
+@click.option("--image-size", default=None, type=int, help="model input size in px (default: the checkpoint's, "
+              "else the model's own)")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader workers")
+@device_option()
+@shards_option()
+@click.option("--skip-bad", is_flag=True, help="skip corrupt samples (counted and reported) instead of stopping")
+@json_option()
+@reports_errors
+def eval_command(model_name, checkpoint, data, recipe, image_size, batch_size, workers, device, shard_selection,
+                 skip_bad, as_json):
+    """Evaluate a checkpoint on --data: top-1, top-5, NLL, ECE (15 bins), AURC, in the PS-KD paper's units
+    (top-1/top-5/ECE in %, AURC x 1000, NLL in nats). Under `torchrun` ranks split the shards and every sample
+    counts once."""
+    import os
+
+    from logitcache.dump import dist_env
+    from logitcache.evaluate import checkpoint_config, evaluate, load_model_for_eval, paper_units
+    from logitcache.manifest import load_manifest
+    from logitcache.models import load_checkpoint, model_spec
+    from logitcache.shards import parse_shard_selection
+    from logitcache.views import get_recipe
+
+    rank, world = dist_env()
+    if device == "cuda" and world > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    manifest = load_manifest(data)
+    obj = load_checkpoint(checkpoint)
+    config = checkpoint_config(obj)
+    model_name = model_name or config.get("student")
+    if not model_name:
+        raise click.UsageError(f"{checkpoint} does not record its architecture; pass --model NAME")
+    spec = model_spec(model_name)
+    recorded_recipe = config.get("recipe")
+    if isinstance(recorded_recipe, dict):
+        recorded_recipe = recorded_recipe.get("name")
+    recipe = recipe or recorded_recipe or ("small" if spec.input_size <= 64 else "imagenet")
+    image_size = image_size or config.get("image_size") or spec.input_size
+    view_recipe = get_recipe(recipe, image_size)
+    model = load_model_for_eval(model_name, checkpoint, manifest.num_classes, view_recipe.image_size,
+                                checkpoint_obj=obj).to(device)
+    shards = parse_shard_selection(shard_selection, len(manifest.shards)) if shard_selection else None
+    metrics, reliability = evaluate(model, manifest, view_recipe, batch_size=batch_size, workers=workers,
+                                    device=device, shards=shards, skip_bad=skip_bad, model_name=model_name,
+                                    progress=not as_json)
+    if rank != 0:
+        return
+    table = paper_units(metrics)
+    if as_json:
+        _print_json(_json_safe({
+            "model": model_name, "checkpoint": checkpoint, "data": data, "recipe": view_recipe.to_json(),
+            "num_classes": manifest.num_classes, "metrics": metrics, "paper_units": table,
+            "units": {"metrics": "fractions; nll in nats", "paper_units": "top-1/top-5/ECE in %, AURC x 1000"},
+            "reliability": reliability.to_dict(),
+        }))
+        return
+    click.echo(f"eval {model_name} ({checkpoint}) on {data}: {metrics['n']} image(s), {metrics['skipped']} skipped, "
+               f"{view_recipe.name} eval view at {view_recipe.image_size} px, {metrics['seconds']:.1f} s")
+    click.echo(f"  top-1      {table['top1_percent']:8.2f} %")
+    click.echo(f"  top-5      {table['top5_percent']:8.2f} %")
+    click.echo(f"  NLL        {table['nll']:8.4f} nats")
+    click.echo(f"  ECE        {table['ece_percent']:8.2f} %  (15 bins)")
+    click.echo(f"  AURC       {table['aurc_x1000']:8.2f} x 1000  (E-AURC {table['eaurc_x1000']:.2f} x 1000)")
+
+
+# ---------------------------------------------------------------- plot (figures of a run directory)
+@main.command()
+@click.argument("run", nargs=-1, required=True)
+@click.option("--out", "out", default=None,
+              help="directory for the PNGs (default: RUN/plots; with several runs, required)")
+@click.option("--label", "labels", multiple=True, help="with several runs: a legend label per run, in order")
+@reports_errors
+def plot(run, out, labels):
+    """Draw RUN's training curves (loss and its terms, val top-1 and ECE per epoch) and its reliability diagram
+    to PNG. With several runs, also one figure comparing their val top-1 per epoch (compare.png)."""
+    from logitcache.plots import compare_runs, plot_run
+
+    if len(run) > 1 and out is None:
+        raise click.UsageError("with several runs, pass --out DIR for the figures")
+    if labels and len(labels) != len(run):
+        raise click.UsageError(f"{len(labels)} --label for {len(run)} runs")
+    written = []
+    for r in run:
+        name = r.rstrip("/").split("/")[-1]
+        written += plot_run(r, out if len(run) == 1 else f"{out.rstrip('/')}/{name}")
+    if len(run) > 1:
+        written.append(compare_runs(run, f"{out.rstrip('/')}/compare.png", labels=labels or None))
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -34,6 +34,11 @@ class CacheMismatchError(CacheError):
     """A cache does not match the data, recipe or settings it is used with; the message names what differs."""
 
 
+class CacheWriteError(CacheError):
+    """Writing a cache object failed (disk full, permission denied, network); the message names the unit and the
+    object. Units finished before stay valid; rerunning the dump completes the rest."""
+
+
 class UnsafeCheckpointError(LogitcacheError):
     """A checkpoint needs pickle to load (weights_only=True refused it)."""
 
@@ -76,3 +81,7 @@ class ShardSelectionError(LogitcacheError, ValueError):
 
 class RecipeError(LogitcacheError, ValueError):
     """A view recipe is unknown, has settings this version cannot apply, or params do not fit an image."""
+
+
+class RunError(LogitcacheError):
+    """A run directory (metrics.jsonl, val_reliability.json, config.json) is missing or malformed."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,8 @@ PREV_PROBS_GROUP_PREFIX = "pskd"  # PS-KD's per-sample predictions use the same 
 # ------------------------------------------------------------------ arrays
 # name -> (dtype, trailing shape key, codec). Trailing shape keys: "k" (top-k), "R" (temperatures), "P" (view
 # params), "" (scalar per view). Codec choice measured on a 1000-class teacher at k=10 (README, design notes):
-# bitshuffle suits small ints and f32 that vary in their low bits; byte shuffle suits fp16 log-probs.
+# bitshuffle suits small ints and the lse (f32 values close to each other); byte shuffle suits the fp16 log-probs
+# and the target log-prob (measured: pipelines/bench_storage.py; README design notes).
 TOPK_INDICES = "topk_indices"
 TOPK_LOGPROBS = "topk_logprobs"
 TARGET_LOGPROB = "target_logprob"
@@ -72,7 +74,7 @@ ARRAYS: tuple[ArraySpec, ...] = (
         TARGET_LOGPROB,
         "float32",
         "",
-        "bitshuffle",
+        "shuffle",
         "exact teacher log-probability at T=1 of the ground-truth class, in or out of the top-k",
     ),
     ArraySpec(LSE, "float32", "R", "bitshuffle", "logsumexp(z / T) for each recorded temperature T"),
@@ -82,7 +84,7 @@ ARRAYS: tuple[ArraySpec, ...] = (
 )
 ARRAY_NAMES = tuple(a.name for a in ARRAYS)
 BLOSC_CNAME = "zstd"
-BLOSC_CLEVEL = 5
+BLOSC_CLEVEL = 9  # vs 5: -0.8 B/view on the fp16 values at k=10; chunks are small, speed is not an issue
 VALUE_DTYPES = ("float16", "float32")
 
 
@@ -104,6 +106,51 @@ def unit_marker_key(group: str, epoch: int, shard: int) -> str:
 def chunk_key(group: str, array: str, epoch: int, shard: int, ndim: int) -> str:
     """Store key of a unit's chunk (zarr v3 default chunk key encoding: 'c/' + '/'-joined chunk coords)."""
     return f"{group}/{array}/c/{epoch}/{shard}" + "/0" * (ndim - 2)
+
+
+# ------------------------------------------------------------------ what a cache may name (safe opening)
+#: a teacher group is one path component: no '/', no '..', not hidden, not a name the root already uses
+GROUP_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
+#: the only codecs a cache's arrays may name. None of them runs code from the store; a store naming any other
+#: codec (a third-party one registered in this environment, say) is refused before zarr parses the array.
+ALLOWED_CODECS = frozenset({"bytes", "blosc", "crc32c"})
+
+
+def validate_group_name(name: str) -> str:
+    """``name`` if it is a safe teacher-group name (it becomes a path component of the store), else ValueError."""
+    if not isinstance(name, str) or not GROUP_NAME_PATTERN.fullmatch(name) or ".." in name or name.endswith(".json"):
+        raise ValueError(
+            f"unsafe teacher group name {name!r}: a group name is one path component matching "
+            f"{GROUP_NAME_PATTERN.pattern} (no '/', no '..', not ending in .json)"
+        )
+    return name
+
+
+def array_metadata_problems(spec: ArraySpec, d: Any, meta: GroupMeta) -> list[str]:
+    """Differences between a stored array's ``zarr.json`` (parsed JSON) and what this format allows for it.
+
+    Checked before zarr parses the metadata, so a store cannot make zarr decode chunks with a codec outside
+    `ALLOWED_CODECS`, or with another dtype/shape than the schema's.
+    """
+    if not isinstance(d, dict):
+        return ["zarr.json is not a JSON object"]
+    out = []
+    if d.get("zarr_format") != 3 or d.get("node_type") != "array":
+        out.append(f"not a zarr v3 array (zarr_format {d.get('zarr_format')!r}, node_type {d.get('node_type')!r})")
+    codecs = d.get("codecs")
+    names = [c.get("name") if isinstance(c, dict) else c for c in codecs] if isinstance(codecs, list) else None
+    if names is None or any(n not in ALLOWED_CODECS for n in names):
+        out.append(f"codecs {names} are not all in the allowed set {sorted(ALLOWED_CODECS)}")
+    if d.get("data_type") != meta.array_dtype(spec):
+        out.append(f"data_type {d.get('data_type')!r} != {meta.array_dtype(spec)!r}")
+    shape = d.get("shape")
+    trailing = list(meta.trailing_size(spec.trailing))
+    if not isinstance(shape, list) or len(shape) != 3 + len(trailing) or shape[3:] != trailing:
+        out.append(f"shape {shape} does not end in {trailing} after (epochs, shards, rows)")
+    for key in ("storage_transformers",):
+        if d.get(key):
+            out.append(f"{key} are not allowed")
+    return out
 
 
 # ------------------------------------------------------------------ metadata

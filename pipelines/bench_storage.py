@@ -32,7 +32,7 @@ from logitcache.cache import CacheReader, CacheWriter, UnitRows  # noqa: E402
 from logitcache.topk import TopKLogits  # noqa: E402
 
 C = 1000
-TEMPS = (1.0, 4.0)
+TEMPS = (1.0, 4.0)  # overridden by --temperatures
 
 
 def view_params(n: int, seed: int) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -95,19 +95,34 @@ def fidelity(tk: TopKLogits, dense: torch.Tensor, student: torch.Tensor, target:
     from logitcache.losses import dkd, kd, nkd
 
     out = {}
-    for t in TEMPS:
+    for t in (1.0, 4.0):
+        if t not in TEMPS:
+            continue
         p = torch.log_softmax(dense.double() / t, 1)
         q = tk.log_probs(t).double()
         out[f"kl_T{t:g}"] = float((p.exp() * (p - q)).sum(1).mean())
     pairs = {
-        "kd_T4": lambda tch: kd(student, tch, temperature=4.0),
-        "dkd_T1": lambda tch: dkd(student, tch, target, alpha=1.0, beta=0.5, temperature=1.0),
-        "nkd_T1": lambda tch: nkd(student, tch, target, gamma=1.5, temperature=1.0),
+        "kd_T4": lambda tch, s: kd(s, tch, temperature=4.0),
+        "dkd_T1": lambda tch, s: dkd(s, tch, target, alpha=1.0, beta=0.5, temperature=1.0),
+        "nkd_T1": lambda tch, s: nkd(s, tch, target, gamma=1.5, temperature=1.0),
     }
+    if 4.0 not in TEMPS:
+        del pairs["kd_T4"]
     for name, fn in pairs.items():
-        ref, got = float(fn(dense)), float(fn(tk))
-        out[f"relerr_{name}"] = abs(got - ref) / abs(ref)
+        s_ref = student.detach().clone().requires_grad_(True)
+        ref = fn_at(fn, s_ref, dense)
+        (g_ref,) = torch.autograd.grad(ref, s_ref)
+        s_got = student.detach().clone().requires_grad_(True)
+        got = fn_at(fn, s_got, tk)
+        (g_got,) = torch.autograd.grad(got, s_got)
+        out[f"relerr_{name}"] = abs(float(got) - float(ref)) / abs(float(ref))
+        # what training feels: the gradient w.r.t. the student logits
+        out[f"grad_relerr_{name}"] = float((g_got - g_ref).norm() / g_ref.norm())
     return out
+
+
+def fn_at(fn, student, teacher):
+    return fn(teacher, student)
 
 
 def main(argv=None) -> dict:
@@ -115,9 +130,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--views", type=int, default=10000)
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--ks", default="1,5,10,20")
+    ap.add_argument("--temperatures", default="1,4", help="temperatures recorded (each adds a float32 per view)")
     ap.add_argument("--cache", default=None, help="also report bytes/view of this existing cache")
     ap.add_argument("--json", action="store_true", help="print only a JSON summary")
     args = ap.parse_args(argv)
+    global TEMPS
+    TEMPS = tuple(float(t) for t in args.temperatures.split(","))
     torch.manual_seed(0)
     logits, target = synthetic_teacher_logits(args.views, C, seed=0)
     student, _ = synthetic_teacher_logits(args.views, C, seed=0, noise=2.6, scale=12.0)  # a weaker "student"
@@ -149,16 +167,20 @@ def main(argv=None) -> dict:
         print(json.dumps(result, indent=1))
         return result
     t = result["teacher"]
+    print(f"temperatures recorded: {list(TEMPS)}")
     print(f"synthetic 1000-class teacher: accuracy {t['accuracy']:.3f}, mean top-1 prob {t['mean_top1_prob']:.3f}, "
           f"mean top-10 mass {t['mean_top10_mass']:.3f}  ({args.views} views, {os.cpu_count()} CPUs)")
     print(f"{'k':>5} {'values':>8} {'B/view':>7}  {'idx':>5} {'vals':>5} {'tgt':>4} {'lse':>4} {'view':>5} "
-          f"{'mark':>5}  {'KL T=1':>9} {'KL T=4':>9}  {'KD err':>8} {'DKD err':>8} {'NKD err':>8}")
+          f"{'mark':>5}  {'KL T=1':>9} {'KL T=4':>9}  {'KD err':>8} {'DKD err':>8} {'NKD err':>8}"
+          f"  {'KD grad':>8} {'DKD grad':>8} {'NKD grad':>8}")
+    nan = float("nan")
     for r in result["rows"]:
         a = r["per_array_bytes_per_view"]
         print(f"{r['k']:>5} {r['value_dtype']:>8} {r['bytes_per_view']:7.1f}  {a['topk_indices']:5.1f} "
               f"{a['topk_logprobs']:5.1f} {a['target_logprob']:4.1f} {a['lse']:4.1f} {a['view_params']:5.1f} "
-              f"{a['markers'] + a['metadata']:5.2f}  {r['kl_T1']:9.2e} {r['kl_T4']:9.2e}  "
-              f"{r['relerr_kd_T4']:8.1e} {r['relerr_dkd_T1']:8.1e} {r['relerr_nkd_T1']:8.1e}")
+              f"{a['markers'] + a['metadata']:5.2f}  {r['kl_T1']:9.2e} {r.get('kl_T4', nan):9.2e}  "
+              f"{r.get('relerr_kd_T4', nan):8.1e} {r['relerr_dkd_T1']:8.1e} {r['relerr_nkd_T1']:8.1e}  "
+              f"{r.get('grad_relerr_kd_T4', nan):8.1e} {r['grad_relerr_dkd_T1']:8.1e} {r['grad_relerr_nkd_T1']:8.1e}")
     for g, v in result.get("existing_cache", {}).items():
         print(f"existing cache group {g} ({v['teacher']}, k={v['k']}): {v['bytes_per_view']:.1f} B/view over "
               f"{v['views']} views; teacher top-1 {v['teacher_top1']:.3f}, mean top-k mass {v['mean_topk_mass']:.3f}")

@@ -1,0 +1,201 @@
+"""Evaluate a classifier on a dataset: top-1/top-5, NLL, ECE (15 bins) and AURC, as in the PS-KD paper's tables.
+
+    model = load_model_for_eval("resnet18", "run/checkpoints/last.pt", num_classes=1000, image_size=224)
+    metrics, reliability = evaluate(model, "val/", get_recipe("imagenet", 224), model_name="resnet18")
+
+Each sample is shown once, through the recipe's deterministic evaluation view (`views.eval_view`: resize +
+center crop for ``imagenet``, resize for ``small``), normalised with the model's own mean/std, and the first
+output of the model is scored (a `WeakHeadModel` returns ``(logits, weak_logits)``; the weak head is not scored).
+
+Under DDP (an initialised process group, e.g. ``torchrun``) each rank reads its share of the shards
+(`shards.split_shards`) and `ClassificationMetrics.gather` merges the per-sample state, so every sample counts
+exactly once and every rank returns the same figures. Results are fractions / nats (``metrics.py``); the paper's
+tables print top-1/top-5/ECE x 100 and AURC x 1000 (`paper_units`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from logitcache.metrics import ClassificationMetrics, ReliabilityBins
+from logitcache.views import Recipe, eval_view, get_recipe, normalize
+
+__all__ = ["EvalTransform", "evaluate", "load_model_for_eval", "paper_units", "checkpoint_config"]
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Sample -> (uint8 eval view (3, S, S), label). A picklable class so DataLoader workers can run it."""
+
+    recipe: Recipe
+
+    def __call__(self, sample) -> tuple[torch.Tensor, int]:
+        return eval_view(sample.image, self.recipe), sample.label
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world) of an initialised process group, else (0, 1). Env vars alone do not count: without a group
+    the per-rank metrics could not be merged, and each rank would silently report its own share."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _resolve_normalization(normalization, model_name: str | None):
+    if normalization is not None:
+        if isinstance(normalization, str):
+            normalization, model_name = None, normalization
+        else:
+            mean, std = normalization
+            return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if model_name is None:
+        raise ValueError("evaluate needs the model's normalisation: pass normalization=(mean, std) or model_name=")
+    from logitcache.models import model_normalization
+
+    return model_normalization(model_name)
+
+
+def evaluate(
+    model: nn.Module,
+    data,
+    recipe: Recipe | str,
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    shards: Sequence[int] | None = None,
+    skip_bad: bool = False,
+    normalization: tuple[Sequence[float], Sequence[float]] | str | None = None,
+    model_name: str | None = None,
+    image_size: int | None = None,
+    n_bins: int = 15,
+    progress: bool = False,
+) -> tuple[dict[str, Any], ReliabilityBins]:
+    """Score `model` on every sample of `data` (a manifest path/URL or `Manifest`), in the recipe's eval view.
+
+    ``recipe``: a `Recipe`, or a recipe name (then ``image_size`` or the recipe's default size).
+    ``normalization``: ``(mean, std)`` per channel on [0, 1] pixels, or a model name; default: ``model_name``'s
+    (`models.model_normalization`). ``shards``: indices to use (default all). ``skip_bad``: leave out samples
+    whose bytes cannot be decoded and count them (their indices stay taken).
+
+    Returns ``(metrics, reliability)``: ``metrics`` = `ClassificationMetrics.compute` (top1, top5, nll, ece,
+    aurc, eaurc, n) plus ``skipped`` (samples in the selected shards that were not scored), ``seconds`` and
+    ``images_per_s``; ``reliability`` = the 15-bin `ReliabilityBins` over all ranks. The model is put in eval
+    mode and its previous mode is restored afterwards (the train loop calls this every epoch).
+    """
+    from logitcache.manifest import load_manifest
+    from logitcache.shards import ShardDataset
+
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
+    manifest = load_manifest(data)
+    if isinstance(recipe, str):
+        recipe = get_recipe(recipe, image_size)
+    mean, std = _resolve_normalization(normalization, model_name)
+    device = torch.device(device)
+    rank, world = _distributed()
+    dataset = ShardDataset(manifest, shards, rank=rank, world_size=world, skip_bad=skip_bad,
+                           transform=EvalTransform(recipe))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    selected = dataset.shards
+    total = sum(manifest.shards[s].num_samples for s in selected)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device)
+
+    was_training = model.training
+    model.eval()
+    cuda = device.type == "cuda"
+    metrics = ClassificationMetrics(n_bins=n_bins, topk=5)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="img", desc="eval", dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for images, labels in loader:
+                x = normalize(images.to(device, non_blocking=True), mean_t, std_t)
+                if cuda:  # the same fast path as the dump: channels_last + bf16 autocast, logits reduced in fp32
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        out = model(x)
+                else:
+                    out = model(x)
+                if isinstance(out, (tuple, list)):  # WeakHeadModel: (logits, weak_logits); score the logits
+                    out = out[0]
+                metrics.update(out.float(), labels.to(device))
+                if bar is not None:
+                    bar.update(len(labels) * world)
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    merged = metrics.gather()
+    seconds = time.perf_counter() - start
+    result: dict[str, Any] = dict(merged.compute())
+    result["skipped"] = total - int(result["n"])
+    result["seconds"] = seconds
+    result["images_per_s"] = result["n"] / seconds if seconds > 0 else float("nan")
+    return result, merged.reliability()
+
+
+def paper_units(metrics: dict[str, Any]) -> dict[str, float]:
+    """The figures as the PS-KD paper's tables print them: top-1/top-5/ECE in %, AURC and E-AURC x 1000, NLL in
+    nats."""
+    out = {
+        "top1_percent": 100.0 * metrics["top1"],
+        "top5_percent": 100.0 * metrics["top5"],
+        "nll": metrics["nll"],
+        "ece_percent": 100.0 * metrics["ece"],
+        "aurc_x1000": 1000.0 * metrics["aurc"],
+    }
+    if "eaurc" in metrics:
+        out["eaurc_x1000"] = 1000.0 * metrics["eaurc"]
+    return out
+
+
+def checkpoint_config(obj: Any) -> dict[str, Any]:
+    """The training config stored in one of our checkpoints (a JSON string under ``config``), else ``{}``."""
+    if isinstance(obj, dict) and isinstance(obj.get("config"), str):
+        try:
+            config = json.loads(obj["config"])
+        except json.JSONDecodeError:
+            return {}
+        return config if isinstance(config, dict) else {}
+    return {}
+
+
+def load_model_for_eval(
+    model_name: str,
+    checkpoint: str | os.PathLike,
+    num_classes: int,
+    image_size: int | None = None,
+    *,
+    checkpoint_obj: Any = None,
+) -> nn.Module:
+    """Build `model_name` and load `checkpoint` into it strictly, in eval mode on the CPU.
+
+    ``checkpoint``: one of our training checkpoints (``{"model": state_dict, ...}``), a ``state_dict`` file, or a
+    dict holding one under ``state_dict``; ``module.`` / ``_orig_mod.`` prefixes are removed. A USKD checkpoint
+    (``backbone.*`` / ``weak_head.*``) loads into the plain model; the weak head is dropped. Read with
+    ``weights_only=True`` (`models.load_checkpoint`): a file that needs pickle raises `UnsafeCheckpointError`.
+    ``checkpoint_obj``: the already loaded checkpoint, to avoid reading the file twice.
+    """
+    from logitcache.models import build_model, extract_state_dict, load_checkpoint, load_state_dict_strict
+
+    source = os.fspath(checkpoint)
+    obj = load_checkpoint(source) if checkpoint_obj is None else checkpoint_obj
+    state = extract_state_dict(obj, source=source)
+    model = build_model(model_name, num_classes, image_size=image_size)
+    load_state_dict_strict(model, state, source=source)
+    return model.eval()
