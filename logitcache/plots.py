@@ -207,10 +207,13 @@ def plot_reliability(bins: dict[str, list], out_png: str | os.PathLike, *, title
     ax.set_title(f"{head}reliability: ECE = {100 * ece:.2f}% ({len(counts)} bins, {n} samples)")
     ax.grid(alpha=0.3)
 
-    ax_count.bar(left, counts, width=width, align="edge", color="gray", edgecolor="black", lw=0.6)
-    ax_count.set(xlim=(0, 1), xlabel="confidence (max probability)", ylabel="samples")
-    if n:
-        ax_count.set_yscale("symlog", linthresh=1)
+    # counts as numbers over the bars: a well-trained model puts most samples in the last bin, which would
+    # flatten the others on a linear axis (and a log axis reads badly for counts of 0 and 1)
+    bars = ax_count.bar(left, counts, width=width, align="edge", color="gray", edgecolor="black", lw=0.6)
+    ax_count.bar_label(bars, labels=[str(c) if c else "" for c in counts], fontsize=6, padding=1,
+                       rotation=90 if len(counts) > 20 else 0)
+    ax_count.set(xlim=(0, 1), ylim=(0, 1.3 * max(counts + [1])), xlabel="confidence (max probability)",
+                 ylabel="samples")
     ax_count.grid(alpha=0.3)
     return _save(fig, os.fspath(out_png))
 
@@ -248,7 +251,7 @@ def compare_runs(
         label = labels[i] if labels is not None else os.path.basename(os.fspath(run).rstrip("/"))
         x, y = _series(read_metrics(run), "val", metric, 100.0 if percent else 1.0)
         if x:
-            ax.plot(x, y, "o-", ms=3, label=f"{label} ({y[-1]:.2f})")
+            ax.plot(x, y, "o-", ms=3, label=f"{label} (last {y[-1]:.2f})")
         else:
             ax.plot([], [], label=f"{label} (no val {metric})")
     names = {"top1": "top-1", "top5": "top-5", "ece": "ECE", "nll": "NLL", "aurc": "AURC"}

@@ -444,7 +444,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
     Each (rank, worker) reads `split_shards` of the shard order; with ``shuffle_seed`` the order is a
     permutation drawn from ``(shuffle_seed, epoch)``, the same on every rank, so the split stays exact.
     Call ``set_epoch`` before each epoch (workers must be re-created, i.e. ``persistent_workers=False``).
-    ``transform(sample)`` runs in the worker, e.g. ``lambda s: (s.index, s.image, s.label)``.
+    ``transform(sample)`` runs in the worker (a picklable, module-level function where workers are spawned),
+    e.g. one returning ``(sample.index, sample.image, sample.label)``.
     Skipped-sample counts live in the workers; count them as manifest length minus samples seen.
     """
 

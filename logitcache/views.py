@@ -109,10 +109,15 @@ class Recipe:
         unknown = set(d) - allowed
         if unknown:
             raise RecipeError(f"recipe {name!r} has settings this version does not know: {sorted(unknown)}")
-        for key in ("scale", "ratio"):
-            if key in d:
-                d[key] = tuple(float(x) for x in d[key])
-        return cls(**d)
+        try:
+            for key in ("scale", "ratio"):
+                if key in d:
+                    d[key] = tuple(float(x) for x in d[key])
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, RecipeError):
+                raise
+            raise RecipeError(f"recipe {name!r}: malformed settings {d} ({e})") from e
 
 
 def get_recipe(name: str, image_size: int | None = None) -> Recipe:

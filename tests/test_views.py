@@ -192,6 +192,8 @@ def test_recipe_json_round_trip_and_refusals():
         Recipe.from_json({**d, "color_jitter": 0.4})
     with pytest.raises(RecipeError, match="unknown recipe"):
         get_recipe("autoaugment")
+    with pytest.raises(RecipeError, match="malformed"):
+        Recipe.from_json({"name": "small", "image_size": 28})  # no version
     with pytest.raises(RecipeError, match="interpolation"):
         Recipe.from_json({**d, "interpolation": "bicubic"})
 

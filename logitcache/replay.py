@@ -1,0 +1,427 @@
+"""Stage 2's data: replay the views a cache recorded (or draw fresh ones) and pair each with its soft labels.
+
+    shards ─► shard order from (shuffle_seed, epoch) ─► whole shards split over ranks, then DataLoader workers
+      ─► per shard: read the unit (cached_epoch(e), shard) ONCE  (CacheReader.read_unit)
+      ─► per sample:  params = ViewParams.from_array(recipe, unit.view_params[offset])   # what the dump drew
+                      image  = apply_view(sample.image, params, recipe)                  # the teacher's pixels
+                      row    = the unit's TopKLogits row at `offset`                       # its soft labels
+      ─► shuffle buffer seeded by (shuffle_seed, epoch, rank, worker) ─► `collate`
+
+The data order is a pure function of (shuffle_seed, epoch, rank count, worker count), so a resumed run sees
+the batches an uninterrupted one would. `FreshViews` is the same stage without a cache: it draws the views
+with ``sample_view(view_rng(seed, epoch, index))`` — the dump's own sampling — so online KD and teacher-free
+training see the view distribution a cache holds (the very same views when the seeds are equal).
+
+For people with their own training loop::
+
+    from torch.utils.data import DataLoader
+    from logitcache.replay import CachedViews, collate
+    from logitcache.topk import teacher_log_probs
+
+    for epoch in range(epochs):
+        views = CachedViews("data/train", "cache.zarr", epoch=epoch, shuffle_seed=0)
+        for images, teacher, target in DataLoader(views, batch_size=128, num_workers=8, collate_fn=collate):
+            # images: uint8 (N, 3, S, S), the exact pixels the teacher saw; normalise them for your student
+            # teacher: TopKLogits (N rows); teacher_log_probs(teacher, T) gives dense (N, C) log-probabilities
+            ...
+
+Samples the dump skipped as corrupt have no teacher row (their rows are zero padding): they are left out,
+never trained on. Under torchrun, ranks read disjoint whole shards, so they may see different sample counts.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from logitcache.cache import CacheReader
+from logitcache.errors import CacheError, CacheMismatchError
+from logitcache.manifest import Manifest, load_manifest
+from logitcache.shards import ShardDataset, iter_shard, shuffle_buffer
+from logitcache.topk import TopKLogits
+from logitcache.views import Recipe, ViewParams, apply_view, get_recipe, sample_view, view_rng
+
+#: samples a worker holds back to shuffle across shard boundaries (pass shuffle_buffer= to change it)
+DEFAULT_SHUFFLE_BUFFER = 1000
+
+
+class ReplayItem(NamedTuple):
+    """One training sample as the loop sees it."""
+
+    image: torch.Tensor  # uint8 (3, S, S): the view's pixels, before normalisation
+    soft: TopKLogits | None  # one row of soft labels (a teacher's, or PS-KD's previous prediction), or None
+    target: int
+    index: int  # global sample index
+    view: np.ndarray  # int16 (P,) the view's params, in Recipe.param_fields order
+
+
+# ------------------------------------------------------------------ collate
+def collate(items: Sequence[tuple]) -> tuple:
+    """Batch a list of samples column by column: images stacked, `TopKLogits` rows concatenated, ints and
+    arrays to tensors, a column of ``None`` stays ``None``. Works for any tuple (e.g. ``(image, row, target)``)
+    and keeps the tuple's type (`ReplayItem` batches come back as `ReplayItem`s of batched columns)."""
+    if not items:
+        raise ValueError("collate needs at least one sample")
+    columns = [_collate_column(list(col)) for col in zip(*items, strict=True)]
+    first = items[0]
+    return type(first)(*columns) if hasattr(first, "_fields") else tuple(columns)
+
+
+def _collate_column(col: list) -> Any:
+    first = col[0]
+    if first is None:
+        if any(c is not None for c in col):
+            raise ValueError("cannot batch a column holding both None and values")
+        return None
+    if isinstance(first, TopKLogits):
+        return TopKLogits.cat(col)
+    if isinstance(first, torch.Tensor):
+        return torch.stack(col)
+    if isinstance(first, np.ndarray):
+        return torch.from_numpy(np.stack(col))
+    return torch.tensor(col)
+
+
+# ------------------------------------------------------------------ is this cache for this data and recipe?
+def check_cache_matches(reader: CacheReader, manifest: Manifest | str, recipe: Recipe | None = None) -> Recipe:
+    """Refuse (`CacheMismatchError`) a cache made from other data or with another view recipe; return the recipe
+    to replay with (the cache's own when ``recipe`` is None).
+
+    Data: the cache's dataset fingerprint must equal the manifest's; when it does not, the message names each
+    shard whose name, sample count, key digest, sha256 or size differ (compared with the manifest stored in
+    the cache). Recipe: every setting (name, version, image size, scale, pad, ...) must be equal; the message
+    names each one that differs.
+    """
+    manifest = load_manifest(manifest)
+    root = reader.root_meta
+    if root.dataset_fingerprint != manifest.fingerprint:
+        raise CacheMismatchError(
+            f"cache {reader.url} was made from other data than {manifest.base_url or 'the data given'} "
+            f"(dataset fingerprint {root.dataset_fingerprint[:16]}… != {manifest.fingerprint[:16]}…):\n  "
+            + "\n  ".join(_dataset_differences(reader, manifest))
+        )
+    cached = Recipe.from_json(reader.meta.recipe)
+    if recipe is None:
+        return cached
+    wanted, have = recipe.to_json(), cached.to_json()
+    diff = [
+        f"{key}: cache has {have.get(key)!r}, requested {wanted.get(key)!r}"
+        for key in sorted(set(wanted) | set(have))
+        if have.get(key) != wanted.get(key)
+    ]
+    if diff:
+        raise CacheMismatchError(
+            f"cache {reader.url} group '{reader.group}' holds views of another recipe; its views cannot be "
+            f"replayed as requested:\n  " + "\n  ".join(diff)
+        )
+    return cached
+
+
+_SHARD_FACTS = ("name", "num_samples", "keys_digest", "sha256", "size")
+
+
+def _dataset_differences(reader: CacheReader, manifest: Manifest) -> list[str]:
+    try:
+        stored = reader.manifest_json()
+    except CacheError as e:
+        return [f"(the cache's manifest cannot be read to say which shards differ: {e})"]
+    out = []
+    theirs, ours = stored.get("shards", []), [s.to_json() for s in manifest.shards]
+    for i in range(max(len(theirs), len(ours))):
+        if i >= len(theirs):
+            out.append(f"shard {i} ({ours[i]['name']}) is not in the cache's data")
+            continue
+        if i >= len(ours):
+            out.append(f"shard {i} ({theirs[i]['name']}) of the cache's data is missing here")
+            continue
+        facts = [
+            f"{k} {_short(theirs[i].get(k))} in the cache, {_short(ours[i].get(k))} here"
+            for k in _SHARD_FACTS
+            if theirs[i].get(k) != ours[i].get(k)
+        ]
+        if facts:
+            out.append(f"shard {i} ({ours[i]['name']}) differs: " + "; ".join(facts))
+    if list(stored.get("class_names", [])) != list(manifest.class_names):
+        out.append("the class names differ")
+    return out or ["(the shard facts agree; the manifests differ elsewhere, e.g. format version)"]
+
+
+def _short(v: Any) -> str:
+    s = str(v)
+    return s[:16] + "…" if len(s) > 20 else s
+
+
+# ------------------------------------------------------------------ rows of one unit
+class UnitTable:
+    """The soft-label rows of one (epoch, shard) unit as tensors, read once per shard; rows by offset."""
+
+    def __init__(self, reader: CacheReader, epoch: int, shard: int):
+        meta = reader.meta
+        unit = reader.read_unit(epoch, shard)  # an unfinished unit raises CacheError naming it
+        marker = reader.markers()[(epoch, shard)]
+        lse = torch.from_numpy(unit.lse.astype(np.float32))
+        logprobs = torch.from_numpy(unit.topk_logprobs.astype(np.float32))
+        self.indices = torch.from_numpy(unit.topk_indices.astype(np.int64))
+        self.logits = logprobs + lse[:, meta.temperatures.index(1.0), None]
+        self.target_logprob = torch.from_numpy(unit.target_logprob.astype(np.float32))
+        self.lse = lse
+        self.view_params = unit.view_params
+        self.temperatures, self.num_classes = meta.temperatures, meta.num_classes
+        self.skipped = frozenset(marker.skipped)
+        self.marker = marker
+        self.where = f"{reader.url} group '{reader.group}' unit (epoch {epoch}, shard {shard})"
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    def row(self, offset: int, target: int) -> TopKLogits:
+        if offset in self.skipped or offset >= len(self):
+            raise CacheError(f"{self.where} has no row for offset {offset} (skipped when it was written)")
+        o = slice(offset, offset + 1)
+        return TopKLogits(
+            self.indices[o], self.logits[o], torch.tensor([int(target)]), self.target_logprob[o], self.lse[o],
+            self.temperatures, self.num_classes,
+        )
+
+
+class RowSource:
+    """Where a stage takes its soft-label rows: unit ``(unit_epoch, shard)`` of a cache group.
+
+    ``expect_stat``: ``(key, value)`` the unit's marker stats must hold (PS-KD's store checks that a slot holds
+    the previous epoch, not an older one).
+    """
+
+    def __init__(self, reader: CacheReader, unit_epoch: int, *, expect_stat: tuple[str, float] | None = None):
+        self.reader, self.unit_epoch, self.expect_stat = reader, unit_epoch, expect_stat
+
+    def table(self, shard: int) -> UnitTable:
+        self.reader.markers(refresh=True)  # units are rewritten between epochs (PS-KD); never trust old markers
+        t = UnitTable(self.reader, self.unit_epoch, shard)
+        if self.expect_stat is not None:
+            key, value = self.expect_stat
+            got = t.marker.stats.get(key)
+            if got is None or not math.isclose(got, value):
+                raise CacheError(f"{t.where} holds {key}={got}, expected {value}: it is stale (an earlier run or "
+                                 f"an interrupted epoch); start the run again")
+        return t
+
+
+# ------------------------------------------------------------------ the stages
+class _Views(torch.utils.data.IterableDataset):
+    """Shared part: shard order and split (`ShardDataset`), decode, per-worker seeded shuffle buffer."""
+
+    def __init__(
+        self,
+        data,
+        *,
+        epoch: int,
+        recipe: Recipe,
+        shards: Sequence[int] | None,
+        rank: int | None,
+        world_size: int | None,
+        skip_bad: bool,
+        shuffle_seed: int | None,
+        shuffle_buffer: int,
+        return_items: bool,
+    ):
+        super().__init__()
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        self.manifest = load_manifest(data)
+        self.split = ShardDataset(self.manifest, shards, rank=rank, world_size=world_size,
+                                  shuffle_seed=shuffle_seed, epoch=epoch)
+        self.epoch, self.recipe, self.skip_bad = epoch, recipe, skip_bad
+        self.shuffle_seed, self.shuffle_buffer, self.return_items = shuffle_seed, shuffle_buffer, return_items
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.split.set_epoch(epoch)
+
+    @property
+    def rank(self) -> int:
+        return self.split.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.split.world_size
+
+    def num_samples(self) -> int:
+        """Samples (including any that will be skipped) in this rank's shards this epoch."""
+        return self.split.num_samples()
+
+    def num_batches(self, batch_size: int, num_workers: int) -> int:
+        """Batches a DataLoader(batch_size, num_workers) yields on this rank this epoch when nothing is skipped
+        (each worker batches its own samples, so each worker ends with its own partial batch)."""
+        from logitcache.shards import split_shards
+
+        order = self.split.shard_order()
+        n = 0
+        for w in range(max(num_workers, 1)):
+            mine = split_shards(order, self.rank, self.world_size, w, max(num_workers, 1))
+            n += math.ceil(sum(self.manifest.shards[s].num_samples for s in mine) / batch_size)
+        return n
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        items: Iterator[ReplayItem] = (
+            item for shard in self.split.assigned_shards() for item in self._shard_items(shard)
+        )
+        if self.shuffle_seed is not None and self.shuffle_buffer > 1:
+            rng = random.Random(f"logitcache-order/{self.shuffle_seed}/{self.epoch}/{self.rank}/{worker}")
+            items = shuffle_buffer(items, self.shuffle_buffer, rng)
+        for item in items:
+            yield item if self.return_items else self._public(item)
+
+    def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
+        raise NotImplementedError
+
+    def _public(self, item: ReplayItem) -> tuple:
+        raise NotImplementedError
+
+
+_CYCLE_WARNED: set[tuple[str, str]] = set()
+
+
+class CachedViews(_Views):
+    """``(image, TopKLogits row, target)`` for training epoch ``epoch``: each sample's view cached for epoch
+    ``epoch mod E`` (E = the cache's epochs), replayed pixel for pixel, with the teacher's row for that view.
+
+    ``data``: the dataset (manifest path/URL or `Manifest`) the cache was made from — checked, see
+    `check_cache_matches`. ``cache``: a path/URL or a `CacheReader`; ``group``: its teacher group (optional
+    when it holds one). ``recipe``: default the cache's; another one is refused. ``shards``: a subset of shard
+    indices. ``rank``/``world_size``: default torchrun's. ``shuffle_seed``: None keeps shard order and sample
+    order; an int shuffles shards per epoch and samples through a ``shuffle_buffer``-sample buffer.
+    ``skip_bad``: leave out samples whose bytes do not decode. ``return_index``: yield
+    ``(image, row, target, global_index)``. The reader opens lazily in each DataLoader worker.
+    """
+
+    def __init__(
+        self,
+        data,
+        cache,
+        *,
+        group: str | None = None,
+        epoch: int,
+        shards: Sequence[int] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        skip_bad: bool = False,
+        shuffle_seed: int | None = None,
+        recipe: Recipe | None = None,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        return_index: bool = False,
+        return_items: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        self.reader = cache if isinstance(cache, CacheReader) else CacheReader(
+            str(cache), group, storage_options=storage_options)
+        manifest = load_manifest(data)
+        recipe = check_cache_matches(self.reader, manifest, recipe)
+        self.cached_epochs = self.reader.meta.epochs
+        self.return_index = return_index
+        super().__init__(manifest, epoch=epoch, recipe=recipe, shards=shards, rank=rank, world_size=world_size,
+                         skip_bad=skip_bad, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer,
+                         return_items=return_items)
+        self._say_if_cycling()
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._say_if_cycling()
+
+    @property
+    def cached_epoch(self) -> int:
+        return self.epoch % self.cached_epochs
+
+    def _say_if_cycling(self) -> None:
+        key = (self.reader.url, self.reader.group)
+        if self.epoch >= self.cached_epochs and key not in _CYCLE_WARNED:
+            _CYCLE_WARNED.add(key)
+            warnings.warn(
+                f"cache {self.reader.url} group '{self.reader.group}' holds {self.cached_epochs} epoch(s) of views; "
+                f"training epoch {self.epoch} and later replay them cyclically (epoch e uses cached epoch "
+                f"e mod {self.cached_epochs}). Dump more epochs for fresh views.",
+                stacklevel=3,
+            )
+
+    def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
+        table = UnitTable(self.reader, self.cached_epoch, shard)
+        for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
+            if sample.offset in table.skipped:
+                continue  # skipped by the dump: no teacher row exists, and padding must never become a label
+            view = table.view_params[sample.offset]
+            image = apply_view(sample.image, ViewParams.from_array(self.recipe, view), self.recipe)
+            yield ReplayItem(image, table.row(sample.offset, sample.label), sample.label, sample.index, view)
+
+    def _public(self, item: ReplayItem) -> tuple:
+        if self.return_index:
+            return item.image, item.soft, item.target, item.index
+        return item.image, item.soft, item.target
+
+
+class FreshViews(_Views):
+    """``(image, target)`` for epoch ``epoch`` with views drawn as the dump draws them:
+    ``sample_view(view_rng(seed, epoch, index))`` — online KD and teacher-free training see the distribution
+    (with the dump's seed, the very views) a cache holds. ``recipe``: a `Recipe` or a recipe name.
+
+    ``rows``: a `RowSource` whose rows to attach (PS-KD's previous predictions); items then carry them in
+    `ReplayItem.soft`. ``return_index``: yield ``(image, target, global_index)``.
+    """
+
+    def __init__(
+        self,
+        data,
+        *,
+        seed: int,
+        epoch: int,
+        recipe: Recipe | str,
+        image_size: int | None = None,
+        shards: Sequence[int] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        skip_bad: bool = False,
+        shuffle_seed: int | None = None,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        rows: RowSource | None = None,
+        return_index: bool = False,
+        return_items: bool = False,
+    ):
+        if isinstance(recipe, str):
+            recipe = get_recipe(recipe, image_size)
+        self.seed, self.rows, self.return_index = seed, rows, return_index
+        super().__init__(data, epoch=epoch, recipe=recipe, shards=shards, rank=rank, world_size=world_size,
+                         skip_bad=skip_bad, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer,
+                         return_items=return_items)
+
+    def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
+        table = self.rows.table(shard) if self.rows is not None else None
+        for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
+            _, h, w = sample.image.shape
+            params = sample_view(view_rng(self.seed, self.epoch, sample.index), h, w, self.recipe)
+            image = apply_view(sample.image, params, self.recipe)
+            soft = table.row(sample.offset, sample.label) if table is not None else None
+            yield ReplayItem(image, soft, sample.label, sample.index, params.to_array())
+
+    def _public(self, item: ReplayItem) -> tuple:
+        head = (item.image,) if item.soft is None else (item.image, item.soft)
+        return (*head, item.target, item.index) if self.return_index else (*head, item.target)
+
+
+__all__ = [
+    "DEFAULT_SHUFFLE_BUFFER",
+    "CachedViews",
+    "FreshViews",
+    "ReplayItem",
+    "RowSource",
+    "UnitTable",
+    "check_cache_matches",
+    "collate",
+]
