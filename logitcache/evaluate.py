@@ -28,7 +28,8 @@ from torch import nn
 from logitcache.metrics import ClassificationMetrics, ReliabilityBins
 from logitcache.views import Recipe, eval_view, get_recipe, normalize
 
-__all__ = ["EvalTransform", "evaluate", "load_model_for_eval", "paper_units", "checkpoint_config"]
+__all__ = ["EvalTransform", "checkpoint_config", "evaluate", "load_model_for_eval", "paper_units", "recorded_settings",
+           "resolve_eval_recipe"]
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,47 @@ def checkpoint_config(obj: Any) -> dict[str, Any]:
             return {}
         return config if isinstance(config, dict) else {}
     return {}
+
+
+def recorded_settings(checkpoint: str | os.PathLike, obj: Any) -> dict[str, Any]:
+    """What a training run recorded about the model a checkpoint holds: ``{"student", "recipe", "image_size"}``
+    (each may be None). ``recipe`` is the resolved recipe JSON (`Recipe.to_json`) from ``RUN/config.json`` when
+    the checkpoint lies in ``RUN/checkpoints/`` (a cache-trained run records the cache's recipe only there),
+    else the recipe name the checkpoint's config holds."""
+    config = checkpoint_config(obj)
+    out = {"student": config.get("student"), "recipe": config.get("recipe"), "image_size": config.get("image_size")}
+    path = os.fspath(checkpoint)
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path))) if "://" not in path else None
+    if run_dir and os.path.basename(os.path.dirname(os.path.abspath(path))) == "checkpoints":
+        try:
+            with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+                run_config = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            run_config = {}
+        resolved = run_config.get("resolved") if isinstance(run_config, dict) else None
+        if isinstance(resolved, dict) and isinstance(resolved.get("recipe"), dict):
+            if out["student"] in (None, run_config.get("student")):  # the config.json of this very run
+                out["student"] = run_config.get("student")
+                out["recipe"] = resolved["recipe"]
+    return out
+
+
+def resolve_eval_recipe(model_name: str, recorded: dict[str, Any], recipe: str | None = None,
+                        image_size: int | None = None) -> Recipe:
+    """The eval recipe: ``recipe``/``image_size`` when given; else what the run recorded; else ``small`` for
+    models made for <= 64 px inputs and ``imagenet`` otherwise, at the model's own input size."""
+    import dataclasses
+
+    from logitcache.models import model_spec
+
+    spec = model_spec(model_name)
+    rec = recorded.get("recipe")
+    if recipe is None and isinstance(rec, dict):
+        found = Recipe.from_json(rec)
+        return dataclasses.replace(found, image_size=image_size) if image_size else found
+    if recipe is None:
+        recipe = rec if isinstance(rec, str) else ("small" if spec.input_size <= 64 else "imagenet")
+    return get_recipe(recipe, image_size or recorded.get("image_size") or spec.input_size)
 
 
 def load_model_for_eval(

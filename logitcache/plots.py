@@ -25,7 +25,8 @@ __all__ = ["compare_runs", "plot_reliability", "plot_run", "plot_training_curves
            "read_reliability"]
 
 # keys of the "train" record that are bookkeeping, not loss terms
-_NOT_LOSS_TERMS = {"loss", "top1", "top5", "images_per_s", "seconds", "lr", "n", "skipped", "steps"}
+_NOT_LOSS_TERMS = {"loss", "top1", "top5", "images_per_s", "seconds", "lr", "n", "skipped", "steps", "samples",
+                   "samples_skipped"}
 
 
 def _pyplot():

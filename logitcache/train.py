@@ -43,6 +43,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
 #: config fields that may change between a run and its --resume without changing what the run computes
 #: (epochs may grow; workers/device change the order/numerics, so the run says so)
+#: steps between progress-bar updates (each one syncs with the device once)
+LOG_EVERY = 10
 RESUMABLE_CHANGES = ("resume", "progress", "checkpoint_every", "epochs", "workers", "device", "compile")
 
 
@@ -99,7 +101,7 @@ class TrainConfig:
                 object.__setattr__(self, name, tuple(value))
         spec = get_loss(self.loss)
         object.__setattr__(self, "loss", spec.name)
-        args = parse_loss_args(spec.name, self.loss_args)  # unknown keys / bad values raise here
+        parse_loss_args(spec.name, self.loss_args)  # unknown keys / bad values raise here
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"--epochs and --batch-size must be >= 1, got {self.epochs}, {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -140,7 +142,6 @@ class TrainConfig:
         if self.cache and self.recipe is None and self.image_size is not None:
             raise ValueError("--image-size without --recipe: with --cache the recipe (and size) is the cache's; "
                              "give both to check them against it")
-        del args
 
     # ---------------------------------------------------------------- derived
     @property
@@ -483,9 +484,12 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
             generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),  # leaves the global RNG alone
         )
         n_steps = planned_steps(manifest, shards, cfg.seed, epoch, world, cfg.batch_size, cfg.workers)
-        acc = {"n": 0.0, "correct": 0.0, "seconds": 0.0}
+        # running sums (float64, on the device: no host sync per step): samples, correct, Σ term·n, seconds
+        acc: dict[str, torch.Tensor] = {}
+        seconds = 0.0
         if rank_state is not None:
-            acc = {k: float(v) for k, v in rank_state["acc"].items()}
+            acc = {k: v.to(device) for k, v in rank_state["acc"].items() if k != "seconds"}
+            seconds = float(rank_state["acc"].get("seconds", 0.0))
         rank_state = None
         raw_model.train()
         bar = tqdm(total=n_steps, initial=batches_done, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True,
@@ -495,6 +499,7 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
             skipped_batch = next(batches, None)
             last_batch = skipped_batch if skipped_batch is not None else last_batch
         i, t0 = batches_done, time.perf_counter()
+        lr = learning_rate(cfg, epoch + i / n_steps, 1.0 / n_steps)
         while True:
             if kill_after and step >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -518,17 +523,18 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
             x = images.float().div_(255).sub_(mean).div_(std)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _frozen_bn(raw_model, repeat), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            amp = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
+            with _frozen_bn(raw_model, repeat), amp:
                 out = model(x)
             logits, weak = (out[0].float(), out[1].float()) if isinstance(out, tuple) else (out.float(), None)
             soft, prev_probs = None, None
             if cache is not None:
-                soft = batch.soft.to(device)
+                soft = batch.soft.to(device)  # the cache's TopKLogits rows for exactly these views
             elif teacher is not None:
                 with torch.no_grad():
-                    soft = teacher_logits(teacher, batch.image, t_mean, t_std, device)
+                    soft = teacher_logits(teacher, batch.image, t_mean, t_std, device)  # online, same views
             elif store is not None and batch.soft is not None:
-                prev_probs = batch.soft.to(device).probs(1.0)
+                prev_probs = batch.soft.to(device).probs(1.0)  # PS-KD: last epoch's own predictions
             terms = spec.terms(logits, target, args=loss_args, teacher=soft, weak=weak, prev_probs=prev_probs,
                                votes=None, epoch=epoch, epochs=cfg.epochs, ce_weight=cfg.ce_weight,
                                loss_weight=cfg.loss_weight)
@@ -545,24 +551,27 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
             step, i = step + 1, i + 1
 
             if not repeat:
+                zero = torch.zeros((), dtype=torch.float64, device=device)
                 for k, v in terms.items():
-                    acc[k] = acc.get(k, 0.0) + float(v.detach()) * n
-                acc["n"] += n
-                acc["correct"] += float((logits.detach().argmax(1) == target).sum())
+                    acc[k] = acc.get(k, zero) + v.detach().double() * n
+                acc["n"] = acc.get("n", zero) + n
+                acc["correct"] = acc.get("correct", zero) + (logits.detach().argmax(1) == target).sum()
                 if store is not None:
                     store.record(epoch, batch.index, logits, batch.target, batch.view)
+            bar.update(1)
+            if i % LOG_EVERY == 0 or cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 if not math.isfinite(float(loss.detach())):
                     raise LogitcacheError(f"non-finite loss at epoch {epoch} step {step}: "
                                           f"{ {k: float(v) for k, v in terms.items()} }")
-            elapsed = acc["seconds"] + time.perf_counter() - t0
-            bar.update(1)
-            bar.set_postfix({**{k: f"{float(v):.4f}" for k, v in terms.items()}, "lr": f"{lr:.3g}",
-                             "img/s": f"{acc['n'] * world / max(elapsed, 1e-9):.0f}"}, refresh=False)
+                elapsed = seconds + time.perf_counter() - t0
+                seen = float(acc["n"]) if "n" in acc else 0.0
+                bar.set_postfix({**{k: f"{float(v):.4f}" for k, v in terms.items()}, "lr": f"{lr:.3g}",
+                                 "img/s": f"{seen * world / max(elapsed, 1e-9):.0f}"}, refresh=False)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 _save(run, cfg, world, raw_model, optimizer, store, epoch, i, step, device,
-                      {**acc, "seconds": elapsed}, complete=False)
+                      {**acc, "seconds": seconds + time.perf_counter() - t0}, complete=False)
         bar.close()
-        acc["seconds"] += time.perf_counter() - t0
+        seconds += time.perf_counter() - t0
         batches_done = 0
         if store is not None:
             store.finish_epoch(epoch)
@@ -570,15 +579,18 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
                 torch.distributed.barrier()  # next epoch's readers may read units another rank wrote
 
         # ---- epoch summary: train figures summed over ranks, validation, metrics line, checkpoint
-        term_names = sorted(k for k in acc if k not in ("n", "correct", "seconds"))
-        sums = _all_sum([acc["n"], acc["correct"], *[acc[k] for k in term_names]], world)
+        term_names = sorted(k for k in acc if k not in ("n", "correct"))
+        sums = _all_sum([float(acc.get(k, 0.0)) for k in ("n", "correct", *term_names)], world)
         seen = sums[0]
         train_stats = {k: sums[2 + j] / max(seen, 1) for j, k in enumerate(term_names)}
         train_stats.update({
             "loss": sum(train_stats.values()), "top1": sums[1] / max(seen, 1), "samples": int(seen),
-            "samples_skipped": int(total_samples - seen), "seconds": acc["seconds"],
-            "images_per_s": seen / acc["seconds"] if acc["seconds"] > 0 else float("nan"),
+            "samples_skipped": int(total_samples - seen), "seconds": seconds,
+            "images_per_s": seen / seconds if seconds > 0 else float("nan"),
         })
+        if world > 1:  # DDP syncs buffers at each forward's start; after the last, batch-norm stats are rank 0's
+            for buffer in raw_model.buffers():
+                torch.distributed.broadcast(buffer, 0)
         val_stats, bins = None, None
         if val_manifest is not None:
             val_stats, bins = evaluate(raw_model, val_manifest, recipe, batch_size=cfg.batch_size,
@@ -589,7 +601,8 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
             gathered = [torch.zeros_like(sums) for _ in range(world)]
             torch.distributed.all_gather(gathered, sums)
             if len({float(g) for g in gathered}) != 1:
-                raise LogitcacheError(f"ranks hold different weights after epoch {epoch}: {[float(g) for g in gathered]}")
+                raise LogitcacheError(f"ranks hold different weights after epoch {epoch}: "
+                                      f"{[float(g) for g in gathered]}")
         last_line = {"epoch": epoch, "step": step, "lr": lr, "train": train_stats, "val": val_stats,
                      "cache_epoch": cache.cached_epoch(epoch) if cache is not None else None}
         if rank == 0:
@@ -618,7 +631,7 @@ def _save(run, cfg, world, model, optimizer, store, epoch, batches_done, step, d
     """Checkpoint (every rank calls this; rank 0 writes): everything as tensors and plain containers, the config
     as a JSON string, so it loads with ``torch.load(weights_only=True)``. Mid-epoch ones carry every rank's
     running sums and PS-KD rows awaiting their unit."""
-    mine = {"acc": {k: torch.tensor(float(v), dtype=torch.float64) for k, v in acc.items()},
+    mine = {"acc": {k: torch.as_tensor(v, dtype=torch.float64).detach().cpu() for k, v in acc.items()},
             "pskd": store.state_dict() if store is not None else {}}
     ranks = [mine]
     if world > 1:

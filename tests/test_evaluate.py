@@ -18,7 +18,7 @@ from logitcache.errors import BadSampleError, UnsafeCheckpointError
 from logitcache.evaluate import evaluate, load_model_for_eval, paper_units
 from logitcache.manifest import load_manifest
 from logitcache.metrics import ClassificationMetrics
-from logitcache.models import attach_weak_head, build_model, model_normalization
+from logitcache.models import attach_weak_head, build_model, load_checkpoint, model_normalization
 from logitcache.shards import iter_shard
 from logitcache.views import eval_view, get_recipe, normalize
 
@@ -204,3 +204,26 @@ def test_ddp_two_processes_count_every_sample_once(small_shards, tmp_path):
         assert got["metrics"]["n"] == 24 and got["metrics"]["skipped"] == 0 and sum(got["count"]) == 24
         for key in ("top1", "top5", "nll", "ece", "aurc"):
             assert math.isclose(got["metrics"][key], single[key], rel_tol=1e-6, abs_tol=1e-9), key
+
+
+def test_eval_of_a_cache_trained_run_matches_its_val_log(small_shards, tmp_path):
+    """End to end with the real loop: the checkpoint records no recipe (the cache's is in RUN/config.json), and
+    `logitcache eval` with no --model/--recipe reproduces the run's own validation figures."""
+    from logitcache.dump import DumpConfig, dump
+    from logitcache.evaluate import recorded_settings
+    from logitcache.train import TrainConfig, train
+
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    dump(DumpConfig(data=str(small_shards), out=str(cache), teacher="smallcnn", recipe="small", image_size=28,
+                    epochs=1, topk=3, progress=False))
+    last = train(TrainConfig(data=str(small_shards), out=str(run), student="smallcnn", loss="nkd", cache=str(cache),
+                             val=str(small_shards), epochs=1, batch_size=8, progress=False))
+    ckpt = run / "checkpoints" / "last.pt"
+    recorded = recorded_settings(ckpt, load_checkpoint(ckpt))
+    assert recorded["student"] == "smallcnn" and recorded["recipe"]["name"] == "small"
+    result = CliRunner().invoke(main, ["eval", "--checkpoint", str(ckpt), "--data", str(small_shards), "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert got["recipe"] == recorded["recipe"]
+    for key in ("top1", "top5", "nll", "ece", "aurc", "n"):
+        assert got["metrics"][key] == pytest.approx(last["val"][key], rel=1e-6), key

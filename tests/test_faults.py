@@ -294,17 +294,20 @@ def test_dump_on_changed_shards_refuses_naming_the_shard(clean_cache, changed_da
 
 
 def test_training_on_changed_shards_refuses_naming_the_shard(clean_cache, changed_data, tmp_path):
-    pytest.importorskip("logitcache.train", reason="logitcache train is not written yet")
+    if "train" not in main.commands:
+        pytest.skip("`logitcache train` is not written yet")
     data, rescanned, names = changed_data
-    for d in (data, rescanned):
+    # under a rescanned manifest both changed shards are named (the fingerprint covers sha256 and keys); under
+    # the old manifest the shard that lost a sample fails its cheap check (size / keys) when it is read
+    for d, expected in ((rescanned, names), (data, names[:1])):
         r = CliRunner().invoke(main, [
             "train", "--cache", clean_cache, "--data", str(d), "--student", "smallcnn", "--loss", "kd",
             "--recipe", "small", "--image-size", "28", "--epochs", "1", "--batch-size", "8",
             "--out", str(tmp_path / f"run-{d.name}"),
         ])
-        assert r.exit_code != 0, r.output
+        assert r.exit_code == 1, r.output
         assert "Traceback" not in r.output
-        assert names[0] in r.output or names[1] in r.output, r.output
+        assert all(name in r.output for name in expected), r.output
 
 
 def test_unchanged_copy_of_the_data_still_verifies(clean_cache, small_shards, tmp_path):

@@ -140,6 +140,20 @@ def test_shards_read_from_s3_equal_local(s3_data, small_shards):
         assert torch.equal(a.image, b.image)
 
 
+def test_shards_scan_writes_the_manifest_on_s3(s3_prefix, small_shards, tmp_path):
+    from logitcache.manifest import load_manifest
+
+    fs = _s3fs()
+    for p in sorted(small_shards.glob("*.tar")):
+        fs.put_file(str(p), f"{s3_prefix[len('s3://'):]}/{p.name}")
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(list(load_manifest(str(small_shards)).class_names)))
+    r = CliRunner().invoke(main, ["shards", "scan", s3_prefix, "--classes", str(classes), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["fingerprint"] == load_manifest(str(small_shards)).fingerprint
+    assert load_manifest(s3_prefix).fingerprint == load_manifest(str(small_shards)).fingerprint
+
+
 # ------------------------------------------------------------------ dump / info / verify
 def test_cli_dump_to_s3_equals_local_dump_byte_for_byte(s3_cache, local_cache):
     remote, local = _unit_objects(s3_cache), _unit_objects(local_cache)
@@ -271,8 +285,8 @@ def test_reader_never_sees_a_half_written_unit(s3_prefix):
 
 # ------------------------------------------------------------------ training from S3
 def test_train_from_s3_cache_and_s3_shards(s3_cache, s3_data, tmp_path):
-    train = pytest.importorskip("logitcache.train", reason="logitcache train is not written yet")
-    del train
+    if "train" not in main.commands:
+        pytest.skip("`logitcache train` is not written yet")
     run_dir = tmp_path / "run"
     r = CliRunner().invoke(main, [
         "train", "--cache", s3_cache, "--data", s3_data, "--val", s3_data, "--student", "smallcnn",

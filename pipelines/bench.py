@@ -1,0 +1,149 @@
+"""Run the benchmark suite; write a JSON summary (comparable between commits) and the README's performance table.
+
+    .venv/bin/python pipelines/bench.py --all            # every benchmark (about 10 minutes on 2 CPU cores)
+    .venv/bin/python pipelines/bench.py data storage     # some of them
+
+Each benchmark is its own script with `--json` and prints ratios measured against a baseline in the same run.
+The summary goes to `pipelines/results/bench-<date>-<commit>.json`; the Markdown table replaces the block
+between the `<!-- bench:start -->` / `<!-- bench:end -->` markers in README.md (with date, commit and machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def rows_data(r):
+    return [("data", "decode+augment, ImageNet recipe, 224 px, per core",
+             f"{r['images_per_s_one_core']['ours (torchvision decode)']:.0f} img/s vs bare PIL loop "
+             f"{r['images_per_s_one_core']['bare PIL loop']:.0f}", f"{r['ratio_ours_vs_bare_pil']:.2f}", "≥ 1.0")]
+
+
+def rows_losses(r):
+    worst = max(r["losses"], key=lambda x: x["fraction_of_step"])
+    return [("losses", f"fwd+bwd at ({r['batch_size']}, {r['classes']}) vs one resnet18 step at "
+             f"{r['image_size']} px (worst: {worst['name']})", f"{worst['ms']:.2f} ms",
+             f"{100 * worst['fraction_of_step']:.2f}% of step", "≤ 5%")]
+
+
+def rows_storage(r):
+    out = []
+    for row in r["rows"]:
+        if row["k"] in (1, 5, 10, 20) and row["value_dtype"] == "float16":
+            out.append(("storage", f"bytes/view, k={row['k']}, C=1000, {len(r['temperatures'])} temperature(s)",
+                        f"KL(dense‖cache) {row['kl_T1']:.3f} nats; NKD grad err {row['grad_relerr_nkd_T1']:.1e}",
+                        f"{row['bytes_per_view']:.1f} B", "≤ 40 B at k=10" if row["k"] == 10 else ""))
+        if row["k"] == r["num_classes"]:
+            out.append(("fidelity", f"k = C, {row['value_dtype']} values: loss rel. error KD/DKD/NKD",
+                        "", f"{max(row.get('relerr_kd_T4', 0), row['relerr_dkd_T1'], row['relerr_nkd_T1']):.1e}",
+                        "≤ 1e-3"))
+    t = r["teacher"]
+    out.append(("storage", "synthetic teacher (see bench_storage.py)",
+                f"acc {t['accuracy']:.2f}, mean top-1 prob {t['mean_top1_prob']:.2f}, top-10 mass "
+                f"{t['mean_top10_mass']:.2f}", "", ""))
+    return out
+
+
+def rows_dump(r):
+    return [("dump", f"{r['teacher']} at {r['image_size']} px, {r['views']} views: dump vs bare inference",
+             f"{r['dump_views_per_s']:.1f} vs {r['bare_views_per_s']:.1f} views/s", f"{r['overhead_ratio']:.3f}",
+             "≤ 1.05")]
+
+
+def rows_train(r):
+    out = []
+    for key, row in r.items():
+        if isinstance(row, dict) and "ratio" in row:
+            out.append(("train", row.get("what", key), row.get("detail", ""), f"{row['ratio']:.3f}",
+                        row.get("target", "")))
+    return out
+
+
+def rows_reader(r):
+    out = []
+    for key, row in r.items():
+        if isinstance(row, dict) and "ratio" in row:
+            out.append(("reader", row.get("what", key), row.get("detail", ""), f"{row['ratio']:.3f}",
+                        row.get("target", "")))
+    return out
+
+
+BENCHMARKS = {
+    "data": ("bench_data.py", [], rows_data),
+    "losses": ("bench_losses.py", [], rows_losses),
+    "storage": ("bench_storage.py", ["--temperatures", "1"], rows_storage),
+    "dump": ("bench_dump.py", [], rows_dump),
+    "train": ("bench_train.py", [], rows_train),
+    "reader": ("bench_reader.py", [], rows_reader),
+}
+
+
+def git_commit() -> str:
+    res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return res.stdout.strip() or "unknown"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(BENCHMARKS)}")
+    ap.add_argument("--all", action="store_true")
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's performance table")
+    args = ap.parse_args(argv)
+    names = list(BENCHMARKS) if args.all else args.names
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown or not names:
+        sys.exit(f"choose benchmarks from {list(BENCHMARKS)} or --all (unknown: {unknown})")
+    commit, date = git_commit(), time.strftime("%Y-%m-%d")
+    machine = {"machine": platform.machine(), "cpus": os.cpu_count(), "processor": platform.processor(),
+               "python": platform.python_version()}
+    summary = {"date": date, "commit": commit, "machine": machine, "results": {}}
+    rows = []
+    for name in names:
+        script, extra, to_rows = BENCHMARKS[name]
+        print(f"== {name}: {script} {' '.join(extra)}", flush=True)
+        t0 = time.time()
+        res = subprocess.run([sys.executable, str(HERE / script), *extra, "--json"], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE)
+        if res.returncode != 0:
+            print(f"   {name} FAILED (exit {res.returncode})", flush=True)
+            summary["results"][name] = {"error": res.returncode}
+            continue
+        result = json.loads(res.stdout)
+        result["wall_seconds"] = time.time() - t0
+        summary["results"][name] = result
+        rows += to_rows(result)
+        print(f"   done in {result['wall_seconds']:.0f} s", flush=True)
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / f"bench-{date}-{commit}.json"
+    out.write_text(json.dumps(summary, indent=1))
+    table = [f"Last run: {date}, commit {commit}, {machine['cpus']} CPU(s) {machine['machine']}, no GPU "
+             f"(`.venv/bin/python pipelines/bench.py --all`; JSON: `pipelines/results/{out.name}`).", "",
+             "| benchmark | what | detail | figure | target |", "|---|---|---|---|---|"]
+    table += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
+    text = "\n".join(table)
+    print("\n" + text)
+    readme = REPO / "README.md"
+    if not args.no_readme and readme.exists():
+        s = readme.read_text()
+        if START in s and END in s:
+            head, rest = s.split(START, 1)
+            _, tail = rest.split(END, 1)
+            readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+            print(f"\nupdated the performance table in {readme}")
+    print(f"summary: {out}")
+
+
+if __name__ == "__main__":
+    main()
