@@ -60,6 +60,18 @@ class ObjectStore:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """The objects that exist among ``keys``, fetched concurrently on object stores (s3fs batches the GETs:
+        one round trip per batch instead of one per object, which matters for thousands of unit markers)."""
+        paths = {self.path(k): k for k in keys}
+        if not paths:
+            return {}
+        got = self.fs.cat(list(paths), on_error="omit")
+        unexpected = sorted(set(got) - set(paths))
+        if unexpected:  # a filesystem that renames paths: fail loudly rather than lose markers
+            raise CacheError(f"{self.url}: the filesystem returned objects not asked for: {unexpected[:3]}")
+        return {paths[p]: data for p, data in got.items()}
+
     def put(self, key: str, data: bytes) -> None:
         p = self.path(key)
         if self.is_local:  # atomic: a reader never sees half a marker
@@ -364,12 +376,9 @@ def list_groups(objects: ObjectStore) -> list[str]:
 
 def read_markers(objects: ObjectStore, group: str) -> dict[tuple[int, int], UnitMarker]:
     out = {}
-    for key in objects.list(f"{group}/{schema.UNITS_DIR}"):
-        if not key.endswith(".json"):
-            continue  # temp files of an interrupted atomic write
-        data = objects.get(key)
-        if data is None:
-            continue
+    # temp files of an interrupted atomic write do not end in .json; a marker deleted since the listing is absent
+    keys = [k for k in objects.list(f"{group}/{schema.UNITS_DIR}") if k.endswith(".json")]
+    for key, data in sorted(objects.get_many(keys).items()):
         m = UnitMarker.from_bytes(data, where=key)
         if schema.unit_marker_key(group, m.epoch, m.shard) != key:
             # a marker copied or edited onto another unit would certify chunks it never hashed

@@ -286,14 +286,17 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     root = schema.RootMeta(
         manifest.fingerprint, manifest.num_classes, len(manifest.shards), tuple(s.num_samples for s in manifest.shards)
     )
+    shards = list(cfg.shards) if cfg.shards is not None else list(range(len(manifest.shards)))
     if rank == 0:
+        # cheap facts first (one size query per shard), so a changed shard stops the dump before the cache is
+        # created or its epochs grown; key digests are checked as each shard is read, sha256 by verify --data
+        check_shard_sizes(manifest, shards)
         writer = CacheWriter.create_or_open(cfg.out, cfg.group_name, meta, root, manifest.to_json())
     barrier(world)
     if rank != 0:
         writer = CacheWriter.open(cfg.out, cfg.group_name)
     prov = provenance(argv)
 
-    shards = list(cfg.shards) if cfg.shards is not None else list(range(len(manifest.shards)))
     if cfg.repair and rank == 0:
         repaired = forget_damaged_units(cfg.out, cfg.group_name)
         if repaired and cfg.progress:
@@ -354,6 +357,15 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
         CacheReader(cfg.out, cfg.group_name), written, len(finished), skipped_total, time.perf_counter() - t0
     )
     return summary
+
+
+def check_shard_sizes(manifest, shards: list[int]) -> None:
+    """Every selected shard exists with the byte size its manifest records (`ShardChangedError` otherwise)."""
+    from logitcache.manifest import ShardCheck, file_size
+
+    for s in shards:
+        url = manifest.shard_url(s)
+        ShardCheck(manifest.shards[s], url).check_size(file_size(url))
 
 
 def forget_damaged_units(url: str, group: str) -> list[tuple[int, int]]:

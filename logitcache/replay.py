@@ -288,6 +288,10 @@ class _Views(torch.utils.data.IterableDataset):
         raise NotImplementedError
 
 
+class CycledViewsWarning(UserWarning):
+    """Training runs past the cached epochs: views repeat (epoch e replays cached epoch e mod E)."""
+
+
 _CYCLE_WARNED: set[tuple[str, str]] = set()
 
 
@@ -349,6 +353,7 @@ class CachedViews(_Views):
                 f"cache {self.reader.url} group '{self.reader.group}' holds {self.cached_epochs} epoch(s) of views; "
                 f"training epoch {self.epoch} and later replay them cyclically (epoch e uses cached epoch "
                 f"e mod {self.cached_epochs}). Dump more epochs for fresh views.",
+                CycledViewsWarning,
                 stacklevel=3,
             )
 
@@ -418,6 +423,7 @@ class FreshViews(_Views):
 __all__ = [
     "DEFAULT_SHUFFLE_BUFFER",
     "CachedViews",
+    "CycledViewsWarning",
     "FreshViews",
     "ReplayItem",
     "RowSource",

@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,7 +339,7 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
     from logitcache.models import attach_weak_head, build_model, load_checkpoint, model_normalization
     from logitcache.provenance import provenance, utc_now
     from logitcache.pskd_store import STORE_NAME, PredictionStore
-    from logitcache.replay import CachedViews, FreshViews, check_cache_matches, collate
+    from logitcache.replay import CachedViews, CycledViewsWarning, FreshViews, check_cache_matches, collate
     from logitcache.views import get_recipe
 
     rank, world, device, own_group = _distributed(cfg.device)
@@ -446,7 +447,8 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
     prov = provenance(argv)
     if rank == 0:
         os.makedirs(run.checkpoints, exist_ok=True)
-        config = run.read_json("config.json") if resume_obj is not None else {}
+        config = run.read_json("config.json") if resume_obj is not None and os.path.exists(
+            run.file("config.json")) else {}
         config.update(cfg.to_json())
         config["resolved"] = {
             "mode": cfg.mode, "loss_args": loss_args, "ce_weight": ce_weight,
@@ -475,7 +477,9 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
         common = dict(epoch=epoch, shards=shards, rank=rank, world_size=world, skip_bad=cfg.skip_bad,
                       shuffle_seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, return_items=True)
         if cache is not None:
-            dataset = CachedViews(manifest, cache, recipe=recipe, **common)
+            with warnings.catch_warnings():  # the run says so itself, once, in its log and config.json
+                warnings.simplefilter("ignore", CycledViewsWarning)
+                dataset = CachedViews(manifest, cache, recipe=recipe, **common)
         else:
             rows = store.source(epoch) if store is not None else None
             dataset = FreshViews(manifest, seed=cfg.seed, recipe=recipe, rows=rows, **common)
@@ -562,10 +566,10 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
             if i % LOG_EVERY == 0 or cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 if not math.isfinite(float(loss.detach())):
                     raise LogitcacheError(f"non-finite loss at epoch {epoch} step {step}: "
-                                          f"{ {k: float(v) for k, v in terms.items()} }")
+                                          f"{ {k: float(v.detach()) for k, v in terms.items()} }")
                 elapsed = seconds + time.perf_counter() - t0
                 seen = float(acc["n"]) if "n" in acc else 0.0
-                bar.set_postfix({**{k: f"{float(v):.4f}" for k, v in terms.items()}, "lr": f"{lr:.3g}",
+                bar.set_postfix({**{k: f"{float(v.detach()):.4f}" for k, v in terms.items()}, "lr": f"{lr:.3g}",
                                  "img/s": f"{seen * world / max(elapsed, 1e-9):.0f}"}, refresh=False)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 _save(run, cfg, world, raw_model, optimizer, store, epoch, i, step, device,
@@ -594,7 +598,7 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
         val_stats, bins = None, None
         if val_manifest is not None:
             val_stats, bins = evaluate(raw_model, val_manifest, recipe, batch_size=cfg.batch_size,
-                                       workers=cfg.workers, device=device,
+                                       workers=cfg.workers, device=device, skip_bad=cfg.skip_bad,
                                        normalization=(mean.flatten().tolist(), std.flatten().tolist()))
         if world > 1:
             sums = torch.tensor([_weights_checksum(raw_model)], dtype=torch.float64)
@@ -617,6 +621,9 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
         if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
             break
 
+    if not last_line and run.metrics():  # a --resume of a finished run: nothing left to do
+        _log(rank, f"all {cfg.epochs} epoch(s) are done already")
+        last_line = run.metrics()[-1]
     if rank == 0:
         config = run.read_json("config.json")
         config["provenance"][-1]["end_time"] = utc_now()

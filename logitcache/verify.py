@@ -80,9 +80,7 @@ class VerifyReport:
 
 def verify_cache(url: str, group: str | None = None, *, data: str | None = None, check_values: bool = True,
                  storage_options: dict[str, Any] | None = None) -> VerifyReport:
-    import zarr
-
-    from logitcache.cache import _zarr_store
+    from logitcache.cache import _open_zarr_root
 
     reader = CacheReader(url, group, storage_options=storage_options)
     report = VerifyReport(url, reader.group)
@@ -92,7 +90,7 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
         for s in range(root.num_shards):
             if (e, s) not in markers:
                 report.add(f"unit (epoch {e}, shard {s})", "unfinished: no completion marker", epoch=e, shard=s)
-    zgroup = zarr.open_group(_zarr_store(url, storage_options, read_only=True), mode="r")[reader.group]
+    zgroup = _open_zarr_root(url, storage_options, mode="r")[reader.group]
     arrays = {name: zgroup[name] for name in schema.ARRAY_NAMES}
     for (e, s), marker in sorted(markers.items()):
         report.units_checked += 1
