@@ -23,13 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from logitcache import schema
+from logitcache.atomic import write_atomic
 from logitcache.errors import CacheError, CacheMismatchError, CacheWriteError
 from logitcache.schema import ARRAYS, GroupMeta, RootMeta, UnitMarker
 
@@ -73,17 +73,7 @@ class ObjectStore:
         return {paths[p]: data for p, data in got.items()}
 
     def put(self, key: str, data: bytes) -> None:
-        p = self.path(key)
-        if self.is_local:  # atomic: a reader never sees half a marker
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            tmp = f"{p}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        else:
-            self.fs.pipe_file(p, data)
+        write_atomic(self.path(key), data, self.fs)  # a reader never sees half a marker
 
     def delete(self, key: str) -> None:
         try:

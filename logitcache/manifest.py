@@ -24,6 +24,7 @@ from typing import Any
 
 import fsspec
 
+from logitcache.atomic import write_atomic
 from logitcache.errors import ManifestError, ShardChangedError, ShardFormatError
 
 MANIFEST_NAME = "manifest.json"
@@ -174,11 +175,7 @@ def _manifest_url(path_or_url: str | os.PathLike) -> str:
 
 def _write_atomic(url: str, data: bytes) -> None:
     fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+    write_atomic(path, data, fs)
 
 
 def load_manifest(path_or_url: str | os.PathLike | Manifest) -> Manifest:

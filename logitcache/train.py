@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from logitcache.atomic import write_atomic
+
 #: tests only: SIGKILL the run right before its N+1-th optimizer step (a real kill at a reproducible point)
 KILL_AFTER_STEPS_ENV = "LOGITCACHE_TEST_KILL_AFTER_STEPS"
 
@@ -210,14 +212,7 @@ class RunDir:
         return os.path.join(self.path, name)
 
     def write_atomic(self, name: str, data: bytes) -> None:
-        path = self.file(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(self.file(name), data)
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_atomic(name, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())

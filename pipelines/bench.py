@@ -61,22 +61,14 @@ def rows_dump(r):
              "≤ 1.05")]
 
 
-def rows_train(r):
-    out = []
-    for key, row in r.items():
-        if isinstance(row, dict) and "ratio" in row:
-            out.append(("train", row.get("what", key), row.get("detail", ""), f"{row['ratio']:.3f}",
-                        row.get("target", "")))
-    return out
+def ratio_rows(section: str):
+    """Rows of a benchmark whose JSON holds ``{name: {"what", "detail", "ratio", "target"}}`` entries."""
 
+    def rows(r):
+        return [(section, row.get("what", key), row.get("detail", ""), f"{row['ratio']:.3f}", row.get("target", ""))
+                for key, row in r.items() if isinstance(row, dict) and "ratio" in row]
 
-def rows_reader(r):
-    out = []
-    for key, row in r.items():
-        if isinstance(row, dict) and "ratio" in row:
-            out.append(("reader", row.get("what", key), row.get("detail", ""), f"{row['ratio']:.3f}",
-                        row.get("target", "")))
-    return out
+    return rows
 
 
 BENCHMARKS = {
@@ -84,8 +76,8 @@ BENCHMARKS = {
     "losses": ("bench_losses.py", [], rows_losses),
     "storage": ("bench_storage.py", ["--temperatures", "1"], rows_storage),
     "dump": ("bench_dump.py", [], rows_dump),
-    "train": ("bench_train.py", [], rows_train),
-    "reader": ("bench_reader.py", [], rows_reader),
+    "train": ("bench_train.py", [], ratio_rows("train")),
+    "reader": ("bench_reader.py", [], ratio_rows("reader")),
 }
 
 

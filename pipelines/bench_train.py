@@ -200,11 +200,13 @@ def bench_setting(name: str, tmp: Path, *, data: str, source: str, student: str,
             log(f"[{name}] round {r + 1}/{rounds} {kind:<11} {res['seconds']:7.2f} s  "
                 f"{res['images_per_s']:8.1f} img/s")
     best = {k: min(v, key=lambda x: x["seconds"]) for k, v in results.items()}
+    load_after = os.getloadavg()
     median_s = {k: statistics.median(x["seconds"] for x in v) for k, v in results.items()}
     out = {
         "source": source, "images": manifest.num_samples, "shards": len(manifest.shards), "student": student,
         "teacher": teacher, "recipe": recipe, "image_size": image_size, "batch_size": batch, "workers": workers,
         "topk": topk, "dump_seconds": dump_s, "rounds": results, "best": best, "median_seconds": median_s,
+        "load_average_after": load_after,
         "throughput_ratio_cached_nkd_over_ce": best["nkd_cached"]["images_per_s"] / best["ce"]["images_per_s"],
     }
     # the DataLoader alone, as the loop builds it (what part of a step is data, not model)
@@ -238,6 +240,11 @@ def report(name: str, s: dict, log) -> None:
         log(f"  {kind:<24} {res['seconds']:13.2f} {res['images_per_s']:9.1f} {s['median_seconds'][kind]:9.2f}")
     log(f"  DataLoader alone: fresh views {1000 * s['t_data_fresh']:.1f} ms/batch, cached views + rows "
         f"{1000 * s['t_data_cached']:.1f} ms/batch")
+    spread = max(s["median_seconds"][k] / b[k]["seconds"] for k in b)
+    if spread > 1.25:
+        log(f"  WARNING: a median round took {spread:.1f}x the best one: the machine was busy (load average "
+            f"{s['load_average_after'][0]:.1f}); the best rounds are used, but rerun on a quiet machine to trust "
+            f"these figures")
     ratio = s["throughput_ratio_cached_nkd_over_ce"]
     log(f"  (a) cached NKD / CE throughput = {ratio:.3f}  (target >= {TARGET_THROUGHPUT_RATIO}: "
         f"{'OK' if ratio >= TARGET_THROUGHPUT_RATIO else 'BELOW'})")
