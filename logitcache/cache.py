@@ -256,9 +256,7 @@ class CacheWriter:
                 for spec in ARRAYS:
                     arr = g[spec.name]
                     arr.resize((meta.epochs, *arr.shape[1:]))
-            epochs = max(meta.epochs, stored.epochs)
-            new = GroupMeta.from_json({**stored.to_json(), "epochs": epochs})
-            g.attrs[schema.ATTRS_KEY] = new.to_json()
+            g.attrs[schema.ATTRS_KEY] = stored.merged(meta).to_json()  # epochs and shards only grow
         return cls(url, group, storage_options=storage_options)
 
     def add_provenance(self, entry: dict[str, Any]) -> None:

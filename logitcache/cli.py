@@ -264,8 +264,9 @@ def info(cache, group, as_json):
         click.echo(f"  recipe           {g['recipe']}")
         click.echo(f"  k / temperatures {g['k']} / {g['temperatures']}   seed {g['seed']}   "
                    f"values {g['value_dtype']}")
+        covered = "all shards" if g["shards"] is None else f"{len(g['shards'])} of {root['num_shards']} shards"
         click.echo(f"  units            {g['units_finished']}/{g['units_total']} finished "
-                   f"({g['epochs']} epoch(s))")
+                   f"({g['epochs']} epoch(s) x {covered})")
         bpv = f"{g['bytes_per_view']:.1f}" if g["bytes_per_view"] else "-"
         click.echo(f"  size             {g['bytes']} bytes, {g['views']} views, {bpv} B/view")
         if g["teacher_top1"] is not None:

@@ -280,6 +280,7 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
         temperatures=temps,
         seed=cfg.seed,
         epochs=cfg.epochs,
+        shards=None if cfg.shards is None else tuple(sorted(cfg.shards)),
         value_dtype=cfg.value_dtype,
         index_dtype=schema.index_dtype(manifest.num_classes),
     )

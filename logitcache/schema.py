@@ -207,10 +207,13 @@ class GroupMeta:
     epochs: int
     value_dtype: str = "float16"
     index_dtype: str = "int16"
+    #: the shards dumped so far (a dump may cover part of the data, `--shards`); None: every shard of the data.
+    #: Completeness is judged over these shards x epochs.
+    shards: tuple[int, ...] | None = None
     provenance: tuple[dict[str, Any], ...] = field(default=(), compare=False)
 
-    #: fields that may differ between a cache and a rerun: epochs grows, provenance accumulates
-    MUTABLE = ("epochs", "provenance")
+    #: fields that may differ between a cache and a rerun: epochs and shards grow, provenance accumulates
+    MUTABLE = ("epochs", "shards", "provenance")
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_json().items() if k not in self.MUTABLE}
@@ -220,7 +223,18 @@ class GroupMeta:
         d["param_fields"] = list(self.param_fields)
         d["temperatures"] = list(self.temperatures)
         d["provenance"] = list(self.provenance)
+        d["shards"] = None if self.shards is None else list(self.shards)
         return d
+
+    def shard_indices(self, num_shards: int) -> list[int]:
+        """The shards this group covers (all of the data's when ``shards`` is None)."""
+        return list(range(num_shards)) if self.shards is None else list(self.shards)
+
+    def merged(self, other: GroupMeta) -> GroupMeta:
+        """This group's metadata grown by a rerun's: the larger epochs, the union of the shards."""
+        shards = None if self.shards is None or other.shards is None else tuple(sorted({*self.shards, *other.shards}))
+        return GroupMeta.from_json({**self.to_json(), "epochs": max(self.epochs, other.epochs),
+                                    "shards": None if shards is None else list(shards)})
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> GroupMeta:
@@ -229,6 +243,8 @@ class GroupMeta:
         kw["param_fields"] = tuple(kw["param_fields"])
         kw["temperatures"] = tuple(float(t) for t in kw["temperatures"])
         kw["provenance"] = tuple(kw.get("provenance", ()))
+        if kw.get("shards") is not None:
+            kw["shards"] = tuple(int(x) for x in kw["shards"])
         return cls(**kw)
 
     def trailing_size(self, trailing: str) -> tuple[int, ...]:

@@ -42,7 +42,8 @@ def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[
             "teacher": meta.teacher, "weights": meta.weights, "weights_digest": meta.weights_digest,
             "recipe": meta.recipe, "k": meta.k, "temperatures": list(meta.temperatures), "seed": meta.seed,
             "epochs": meta.epochs, "value_dtype": meta.value_dtype, "num_classes": meta.num_classes,
-            "units_finished": len(markers), "units_total": meta.epochs * r.root_meta.num_shards,
+            "shards": None if meta.shards is None else list(meta.shards), "units_finished": len(markers),
+            "units_total": meta.epochs * len(meta.shard_indices(r.root_meta.num_shards)),
             "views": int(views), "bytes": size, "bytes_per_view": size / views if views else None,
             "teacher_top1": sum(m.stats.get("teacher_correct", 0.0) for m in markers.values()) / views
             if views else None,
@@ -87,7 +88,7 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
     root, meta, objects = reader.root_meta, reader.meta, reader.objects
     markers = reader.markers(refresh=True)
     for e in range(meta.epochs):
-        for s in range(root.num_shards):
+        for s in meta.shard_indices(root.num_shards):
             if (e, s) not in markers:
                 report.add(f"unit (epoch {e}, shard {s})", "unfinished: no completion marker", epoch=e, shard=s)
     zgroup = _open_zarr_root(url, storage_options, mode="r")[reader.group]

@@ -190,3 +190,17 @@ def test_repair_redoes_exactly_the_damaged_unit(imagenet_shards, reference_cache
     summary = dump(_cfg(imagenet_shards, out, repair=True))
     assert summary.units_written == 1
     assert store_bytes(out) == store_bytes(reference_cache)
+
+
+def test_part_of_the_data_is_complete_for_its_shards_and_grows(imagenet_shards, tmp_path):
+    from logitcache.verify import cache_info, verify_cache
+
+    out = tmp_path / "part.zarr"
+    dump(_cfg(imagenet_shards, out, shards=(0, 2), epochs=1))
+    assert verify_cache(str(out)).ok  # shard 1 was never asked for: not "unfinished"
+    g = cache_info(str(out))["groups"]["resnet18"]
+    assert g["shards"] == [0, 2] and g["units_total"] == g["units_finished"] == 2
+    summary = dump(_cfg(imagenet_shards, out, shards=(1,), epochs=1))
+    assert summary.units_written == 1
+    g = cache_info(str(out))["groups"]["resnet18"]
+    assert g["shards"] == [0, 1, 2] and g["units_finished"] == 3 and verify_cache(str(out)).ok
