@@ -71,13 +71,19 @@ def ratio_rows(section: str):
     return rows
 
 
+def rows_reader(r):
+    return [("reader", f"views/s reading {name} (k={r['setup']['k']}, C={r['setup']['classes']}), local vs S3 (moto)",
+             f"{v['local']:,.0f} vs {v['s3']:,.0f} views/s", f"{v['local_over_s3']:.1f}× local/S3", "")
+            for name, v in r["views_per_s"].items()]
+
+
 BENCHMARKS = {
     "data": ("bench_data.py", [], rows_data),
     "losses": ("bench_losses.py", [], rows_losses),
     "storage": ("bench_storage.py", ["--temperatures", "1"], rows_storage),
     "dump": ("bench_dump.py", [], rows_dump),
     "train": ("bench_train.py", [], ratio_rows("train")),
-    "reader": ("bench_reader.py", [], ratio_rows("reader")),
+    "reader": ("bench_reader.py", [], rows_reader),
 }
 
 
