@@ -173,6 +173,9 @@ class UnitTable:
         self.lse = lse
         self.view_params = unit.view_params
         self.temperatures, self.num_classes = meta.temperatures, meta.num_classes
+        n = len(unit.topk_indices)
+        TopKLogits(self.indices, self.logits, torch.zeros(n, dtype=torch.int64), self.target_logprob, self.lse,
+                   self.temperatures, self.num_classes)  # shape checks once per unit (rows skip them)
         self.skipped = frozenset(marker.skipped)
         self.marker = marker
         self.where = f"{reader.url} group '{reader.group}' unit (epoch {epoch}, shard {shard})"
@@ -184,7 +187,7 @@ class UnitTable:
         if offset in self.skipped or offset >= len(self):
             raise CacheError(f"{self.where} has no row for offset {offset} (skipped when it was written)")
         o = slice(offset, offset + 1)
-        return TopKLogits(
+        return TopKLogits._trusted(  # the unit's arrays were checked as a whole in __init__
             self.indices[o], self.logits[o], torch.tensor([int(target)]), self.target_logprob[o], self.lse[o],
             self.temperatures, self.num_classes,
         )

@@ -60,6 +60,17 @@ class TopKLogits:
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    def _trusted(cls, indices, logits, target, target_logprob, lse, temperatures, num_classes) -> TopKLogits:
+        """Build without the shape checks, for rows sliced from an already checked `TopKLogits` or unit (the
+        replay stage builds one row per sample; the checks would cost more than the row)."""
+        obj = object.__new__(cls)
+        for name, value in (("indices", indices), ("logits", logits), ("target", target),
+                            ("target_logprob", target_logprob), ("lse", lse), ("temperatures", temperatures),
+                            ("num_classes", num_classes)):
+            object.__setattr__(obj, name, value)
+        return obj
+
+    @classmethod
     def from_logits(
         cls,
         logits: Tensor,
