@@ -212,8 +212,10 @@ class GroupMeta:
     shards: tuple[int, ...] | None = None
     provenance: tuple[dict[str, Any], ...] = field(default=(), compare=False)
 
-    #: fields that may differ between a cache and a rerun: epochs and shards grow, provenance accumulates
-    MUTABLE = ("epochs", "shards", "provenance")
+    #: fields that may differ between a cache and a rerun: epochs and shards grow, provenance accumulates, and
+    #: `weights` only says where the weights came from (the same file by another path is the same teacher):
+    #: `weights_digest` decides whether the teacher is the same
+    MUTABLE = ("epochs", "shards", "provenance", "weights")
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_json().items() if k not in self.MUTABLE}

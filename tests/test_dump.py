@@ -204,3 +204,19 @@ def test_part_of_the_data_is_complete_for_its_shards_and_grows(imagenet_shards, 
     assert summary.units_written == 1
     g = cache_info(str(out))["groups"]["resnet18"]
     assert g["shards"] == [0, 1, 2] and g["units_finished"] == 3 and verify_cache(str(out)).ok
+
+
+def test_same_weights_by_another_path_is_the_same_teacher(imagenet_shards, tmp_path, monkeypatch):
+    from logitcache.models import build_model
+
+    torch.manual_seed(0)
+    torch.save(build_model("resnet18", 1000).state_dict(), tmp_path / "t.pt")
+    out = tmp_path / "w.zarr"
+    dump(_cfg(imagenet_shards, out, weights=str(tmp_path / "t.pt"), epochs=1, shards=(0,)))
+    monkeypatch.chdir(tmp_path)
+    summary = dump(_cfg(imagenet_shards, out, weights="t.pt", epochs=1, shards=(0, 1)))  # relative path
+    assert summary.units_written == 1
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in torch.load(tmp_path / "t.pt", weights_only=True).items()},
+               tmp_path / "other.pt")
+    with pytest.raises(CacheMismatchError, match="weights_digest"):
+        dump(_cfg(imagenet_shards, out, weights="other.pt", epochs=1))
