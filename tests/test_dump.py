@@ -216,7 +216,7 @@ def test_same_weights_by_another_path_is_the_same_teacher(imagenet_shards, tmp_p
     monkeypatch.chdir(tmp_path)
     summary = dump(_cfg(imagenet_shards, out, weights="t.pt", epochs=1, shards=(0, 1)))  # relative path
     assert summary.units_written == 1
-    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in torch.load(tmp_path / "t.pt", weights_only=True).items()},
-               tmp_path / "other.pt")
+    state = torch.load(tmp_path / "t.pt", weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "other.pt")
     with pytest.raises(CacheMismatchError, match="weights_digest"):
         dump(_cfg(imagenet_shards, out, weights="other.pt", epochs=1))
