@@ -33,7 +33,7 @@ def make_png_gray(rng: np.random.Generator, size: int = 28) -> bytes:
 def imagenet_like_samples(n: int, seed: int = 0, num_classes: int = IMAGENET_NUM_CLASSES):
     rng = np.random.default_rng(seed)
     for i in range(n):
-        h, w = (int(v) for v in rng.integers(40, 91, size=2))
+        h, w = (int(v) for v in rng.integers(40, 65, size=2))
         yield f"img{i:05d}", {"jpg": make_jpeg(rng, h, w), "cls": str(int(rng.integers(0, num_classes))).encode()}
 
 

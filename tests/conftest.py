@@ -1,6 +1,6 @@
 """Shared fixtures: tiny synthetic datasets written by our own shard writer (real JPEG/PNG bytes, a manifest).
 
-- ``imagenet_shards``: 3 shards x 8 samples of RGB JPEGs 40-90 px per side, labels over 1000 classes.
+- ``imagenet_shards``: 3 shards x 8 samples of RGB JPEGs 40-64 px per side, labels over 1000 classes.
 - ``small_shards``: 2 shards x 12 samples of 28x28 grayscale PNGs, 10 classes (Fashion-MNIST style).
 - ``fashion_mnist_idx``: a directory with tiny synthetic Fashion-MNIST IDX .gz files (train 24, test 8).
 
@@ -22,7 +22,7 @@ SMALL_SHARDS, SMALL_PER_SHARD = 2, 12
 
 @pytest.fixture(scope="session")
 def imagenet_shards(tmp_path_factory) -> pathlib.Path:
-    """Directory with 3 ImageNet-style shards (8 JPEGs each, 40-90 px, 1000 classes) and manifest.json."""
+    """Directory with 3 ImageNet-style shards (8 JPEGs each, 40-64 px, 1000 classes) and manifest.json."""
     from logitcache.shards import write_shards
 
     out = tmp_path_factory.mktemp("imagenet_shards")

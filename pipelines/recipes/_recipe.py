@@ -75,7 +75,7 @@ def make_smoke_shards(out: Path, n_train: int = 16, n_val: int = 8) -> tuple[Pat
 
     def samples(n, prefix):
         for i in range(n):
-            h, w = int(rng.integers(40, 80)), int(rng.integers(40, 80))
+            h, w = int(rng.integers(40, 65)), int(rng.integers(40, 65))
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
             yield f"{prefix}{i:05d}", {"jpg": buf.getvalue(), "cls": str(int(rng.integers(0, 1000))).encode()}
