@@ -366,3 +366,17 @@ def test_checkpoints_from_fsspec_urls(tmp_path):
             assert weights_digest(url) == hashlib.sha256(data).hexdigest()
     finally:
         fsspec.filesystem("memory").rm("/logitcache-test", recursive=True)
+
+
+@pytest.mark.parametrize(("name", "site", "channels"), [("timm:deit_tiny_patch16_224", "blocks.5", 192),
+                                                       ("timm:resnet18", "layer3", 256)])
+def test_timm_models_and_their_weak_head(name, site, channels):
+    pytest.importorskip("timm")
+    from logitcache.models import attach_weak_head, build_model
+
+    model = attach_weak_head(build_model(name, 10, image_size=32), name, 10, image_size=32)
+    assert model.site == site and model.weak_head.in_features == channels
+    logits, weak = model(torch.rand(2, 3, 32, 32))
+    assert logits.shape == weak.shape == (2, 10)
+    weak.sum().backward()  # the weak head trains the backbone below its site
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
