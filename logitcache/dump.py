@@ -187,13 +187,12 @@ def teacher_logits(model, images_uint8: torch.Tensor, mean: torch.Tensor, std: t
 
 # ------------------------------------------------------------------ distributed helpers
 def dist_env() -> tuple[int, int]:
-    import os
+    """(rank, world) under torchrun (joining a gloo group: the dump only needs barriers), else (0, 1)."""
+    from logitcache.shards import rank_and_world
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    return rank, world
+    return rank_and_world()
 
 
 def barrier(world: int) -> None:
