@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from logitcache.topk import TopKLogits  # noqa: E402
+from logitcache.labels.topk import TopKLogits  # noqa: E402
 
 __all__ = ["TopKLogits", "__version__"]

@@ -13,7 +13,6 @@ on the unit, so an interrupted-and-resumed dump equals an uninterrupted one, wha
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import signal
@@ -26,9 +25,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from logitcache import schema
+from logitcache.cache import schema
+from logitcache.cache.reader import CacheReader
+from logitcache.cache.schema import UnitRows
+from logitcache.cache.verify import verify_cache
+from logitcache.cache.writer import CacheWriter
+from logitcache.data.manifest import ShardCheck, file_size, load_manifest
+from logitcache.data.shards import iter_shard
 from logitcache.errors import LogitcacheError
+from logitcache.labels.topk import TopKLogits, _normalise_temperatures
+from logitcache.runtime.dist import DistEnv, init_distributed
+from logitcache.runtime.provenance import provenance, utc_now
+from logitcache.teacher import Teacher
+from logitcache.views.recipe import apply_view, get_recipe, sample_view
+from logitcache.views.rng import view_rng
 
 #: tests only: SIGKILL the dump right before its N+1-th batch (a real kill, mid-run, at a reproducible point)
 KILL_AFTER_BATCHES_ENV = "LOGITCACHE_TEST_KILL_AFTER_BATCHES"
@@ -105,9 +117,6 @@ class UnitViews(torch.utils.data.IterableDataset):
             yield from self._shard_batches(s, self.pending[s])
 
     def _shard_batches(self, shard: int, epochs: list[int]) -> Iterator[ViewBatch]:
-        from logitcache.shards import iter_shard
-        from logitcache.views import apply_view, sample_view, view_rng
-
         buffers: dict[int, list] = {e: [] for e in epochs}
         seen: set[int] = set()
         for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
@@ -153,53 +162,6 @@ def _collate(epoch: int, shard: int, items: list, recipe=None) -> ViewBatch:
     )
 
 
-# ------------------------------------------------------------------ teacher
-def state_dict_digest(model: torch.nn.Module) -> str:
-    """sha256 over the model's parameters and buffers (names, dtypes, shapes, bytes): the weights actually used."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
-
-
-def load_teacher(name: str, weights: str | None, num_classes: int, image_size: int, device: str, seed: int):
-    from logitcache.models import build_model
-
-    torch.manual_seed(seed)  # a teacher without weights (tests, benchmarks) is still a pure function of the seed
-    model = build_model(name, num_classes, weights=weights, image_size=image_size)
-    model.eval().to(device)
-    if device.startswith("cuda"):
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def teacher_logits(model, images_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: str):
-    """Normalise on the device and run the teacher; logits come back as float32 whatever the compute dtype."""
-    x = images_uint8.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
-    if device.startswith("cuda"):
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return model(x).float()
-    return model(x).float()
-
-
-# ------------------------------------------------------------------ distributed helpers
-def dist_env() -> tuple[int, int]:
-    """(rank, world) under torchrun (joining a gloo group: the dump only needs barriers), else (0, 1)."""
-    from logitcache.shards import rank_and_world
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return rank_and_world()
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
 # ------------------------------------------------------------------ the plan and the loop
 @dataclass
 class DumpSummary:
@@ -221,12 +183,9 @@ class DumpSummary:
 
 def plan(cfg: DumpConfig) -> dict[str, Any]:
     """What a dump would do (for ``--dry-run``): units, views, and bytes estimated from the schema's figures."""
-    from logitcache.manifest import load_manifest
-
     manifest = load_manifest(cfg.data)
     shards = list(cfg.shards) if cfg.shards is not None else list(range(len(manifest.shards)))
     views_per_epoch = sum(manifest.shards[s].num_samples for s in shards)
-    from logitcache.views import get_recipe
 
     recipe = get_recipe(cfg.recipe, cfg.image_size)
     raw = schema.raw_bytes_per_view(
@@ -245,123 +204,119 @@ def plan(cfg: DumpConfig) -> dict[str, Any]:
 
 
 def _temps(cfg: DumpConfig) -> tuple[float, ...]:
-    from logitcache.topk import _normalise_temperatures
-
     return _normalise_temperatures(cfg.temperatures)
 
 
 def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
-    from tqdm import tqdm
-
-    from logitcache.cache import CacheReader, CacheWriter, UnitRows
-    from logitcache.manifest import load_manifest
-    from logitcache.models import model_normalization
-    from logitcache.provenance import provenance, utc_now
-    from logitcache.topk import TopKLogits
-    from logitcache.views import get_recipe
-
+    """Run stage 1 as ``cfg`` says (resuming any unfinished units); every rank of a torchrun job calls this."""
     t0 = time.perf_counter()
-    manifest = load_manifest(cfg.data)
-    recipe = get_recipe(cfg.recipe, cfg.image_size)
-    temps = _temps(cfg)
-    rank, world = dist_env()
-    teacher = load_teacher(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, cfg.device, cfg.seed)
-    mean, std = (torch.tensor(v, device=cfg.device).view(1, -1, 1, 1) for v in model_normalization(cfg.teacher))
-    meta = schema.GroupMeta(
-        teacher=cfg.teacher,
-        weights=cfg.weights,
-        weights_digest=state_dict_digest(teacher),
-        num_classes=manifest.num_classes,
-        normalization={"mean": mean.flatten().tolist(), "std": std.flatten().tolist()},
-        recipe=recipe.to_json(),
-        param_fields=tuple(recipe.param_fields),
-        k=cfg.topk,
-        temperatures=temps,
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        shards=None if cfg.shards is None else tuple(sorted(cfg.shards)),
-        value_dtype=cfg.value_dtype,
-        index_dtype=schema.index_dtype(manifest.num_classes),
-    )
-    root = schema.RootMeta(
-        manifest.fingerprint, manifest.num_classes, len(manifest.shards), tuple(s.num_samples for s in manifest.shards)
-    )
-    shards = list(cfg.shards) if cfg.shards is not None else list(range(len(manifest.shards)))
-    if rank == 0:
-        # cheap facts first (one size query per shard), so a changed shard stops the dump before the cache is
-        # created or its epochs grown; key digests are checked as each shard is read, sha256 by verify --data
-        check_shard_sizes(manifest, shards)
-        writer = CacheWriter.create_or_open(cfg.out, cfg.group_name, meta, root, manifest.to_json())
-    barrier(world)
-    if rank != 0:
-        writer = CacheWriter.open(cfg.out, cfg.group_name)
+    manifest, recipe, temps = load_manifest(cfg.data), get_recipe(cfg.recipe, cfg.image_size), _temps(cfg)
+    env = init_distributed(cfg.device)
+    teacher = Teacher.load(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, env.device, cfg.seed)
+    writer = open_writer(cfg, env, manifest, group_meta(cfg, manifest, recipe, teacher, temps))
     prov = provenance(argv)
-
-    if cfg.repair and rank == 0:
+    if cfg.repair and env.is_main:
         repaired = forget_damaged_units(cfg.out, cfg.group_name)
         if repaired and cfg.progress:
             print(f"repair: redoing {len(repaired)} damaged unit(s): {repaired}", file=sys.stderr)
-    barrier(world)
+    env.barrier()
     finished = writer.finished_units()
-    pending: dict[int, list[int]] = defaultdict(list)
-    for s in shards[rank::world] if world > 1 else shards:
-        for e in range(cfg.epochs):
-            if (e, s) not in finished:
-                pending[s].append(e)
-    n_units = sum(len(v) for v in pending.values())
-    n_views = sum(manifest.shards[s].num_samples * len(es) for s, es in pending.items())
+    pending = pending_units(finished, selected_shards(cfg, manifest)[env.rank :: env.world], cfg.epochs)
     loader = torch.utils.data.DataLoader(
-        UnitViews(manifest, dict(pending), recipe, cfg.seed, cfg.batch_size, cfg.skip_bad),
-        batch_size=None,
-        num_workers=cfg.workers,
-        collate_fn=lambda b: b,
-        pin_memory=cfg.device.startswith("cuda"),
+        UnitViews(manifest, pending, recipe, cfg.seed, cfg.batch_size, cfg.skip_bad), batch_size=None,
+        num_workers=cfg.workers, collate_fn=lambda b: b, pin_memory=env.device.startswith("cuda"),
         persistent_workers=False,
     )
-    units: dict[tuple[int, int], list] = defaultdict(list)
-    written = 0
-    skipped_by_shard: dict[int, int] = {}
-    bar = tqdm(
-        total=n_views,
-        unit="view",
-        desc=f"dump {cfg.group_name}",
-        disable=not cfg.progress or rank != 0,
-        dynamic_ncols=True,
-    )
+    n_views = sum(manifest.shards[s].num_samples * len(es) for s, es in pending.items())
+    bar = tqdm(total=n_views, unit="view", desc=f"dump {cfg.group_name}", disable=not cfg.progress or not env.is_main,
+               dynamic_ncols=True)
+    units = UnitAccumulator(writer, cfg.value_dtype)
     kill_after = int(os.environ.get(KILL_AFTER_BATCHES_ENV, "0"))  # fault injection for the resume tests
     with torch.inference_mode():
         for n_batch, batch in enumerate(loader, start=1):
             if kill_after and n_batch > kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-            key = (batch.epoch, batch.shard)
             if len(batch.offsets):
-                logits = teacher_logits(teacher, batch.images, mean, std, cfg.device)
-                topk = TopKLogits.from_logits(logits, batch.labels, cfg.topk, temps, sample_ids=batch.sample_ids)
-                units[key].append((batch.offsets, batch.view_params, topk.to("cpu")))
+                logits = teacher.logits(batch.images)
+                units.add(batch, TopKLogits.from_logits(logits, batch.labels, cfg.topk, temps,
+                                                        sample_ids=batch.sample_ids).to("cpu"))
             bar.update(len(batch.offsets))
             if batch.end_of_unit:
-                _write_unit(writer, batch, units.pop(key, []), UnitRows, cfg.value_dtype)
-                written += 1
-                skipped_by_shard[batch.shard] = len(batch.skipped)
-                bar.set_postfix(units=f"{written}/{n_units}")
+                units.finish(batch)
+                bar.set_postfix(units=f"{units.written}/{sum(len(es) for es in pending.values())}")
     bar.close()
-    barrier(world)
+    env.barrier()
+    if env.is_main:
+        writer.add_provenance({**prov, "end_time": utc_now(), "units_written": units.written,
+                               "samples_skipped": units.samples_skipped})
+    env.barrier()
+    return summarize(CacheReader(cfg.out, cfg.group_name), units.written, len(finished), units.samples_skipped,
+                     time.perf_counter() - t0)
 
-    skipped_total = sum(skipped_by_shard.values())
-    if rank == 0:
-        writer.add_provenance(
-            {**prov, "end_time": utc_now(), "units_written": written, "samples_skipped": skipped_total}
-        )
-    barrier(world)
-    summary = summarize(
-        CacheReader(cfg.out, cfg.group_name), written, len(finished), skipped_total, time.perf_counter() - t0
+
+def selected_shards(cfg: DumpConfig, manifest) -> list[int]:
+    return list(cfg.shards) if cfg.shards is not None else list(range(len(manifest.shards)))
+
+
+def group_meta(cfg: DumpConfig, manifest, recipe, teacher: Teacher, temps: tuple[float, ...]) -> schema.GroupMeta:
+    """What the group records about this dump: everything that determines its bytes (`GroupMeta.settings`)."""
+    return schema.GroupMeta(
+        teacher=cfg.teacher, weights=cfg.weights, weights_digest=teacher.digest, num_classes=manifest.num_classes,
+        normalization=teacher.normalization, recipe=recipe.to_json(), param_fields=tuple(recipe.param_fields),
+        k=cfg.topk, temperatures=temps, seed=cfg.seed, epochs=cfg.epochs,
+        shards=None if cfg.shards is None else tuple(sorted(cfg.shards)), value_dtype=cfg.value_dtype,
+        index_dtype=schema.index_dtype(manifest.num_classes),
     )
-    return summary
+
+
+def open_writer(cfg: DumpConfig, env: DistEnv, manifest, meta: schema.GroupMeta) -> CacheWriter:
+    """Rank 0 creates (or checks and extends) the cache and group, then the other ranks open it."""
+    writer = None
+    if env.is_main:
+        # cheap facts first (one size query per shard), so a changed shard stops the dump before the cache is
+        # created or its epochs grown; key digests are checked as each shard is read, sha256 by verify --data
+        check_shard_sizes(manifest, selected_shards(cfg, manifest))
+        root = schema.RootMeta(manifest.fingerprint, manifest.num_classes, len(manifest.shards),
+                               tuple(s.num_samples for s in manifest.shards))
+        writer = CacheWriter.create_or_open(cfg.out, cfg.group_name, meta, root, manifest.to_json())
+    env.barrier()
+    return writer if writer is not None else CacheWriter.open(cfg.out, cfg.group_name)
+
+
+def pending_units(finished, shards: list[int], epochs: int) -> dict[int, list[int]]:
+    """shard -> the epochs of its units that have no marker yet (this rank's shards only)."""
+    pending: dict[int, list[int]] = {}
+    for s in shards:
+        todo = [e for e in range(epochs) if (e, s) not in finished]
+        if todo:
+            pending[s] = todo
+    return pending
+
+
+class UnitAccumulator:
+    """Collects a unit's rows batch by batch and writes the unit (marker last) when its last batch arrives."""
+
+    def __init__(self, writer: CacheWriter, value_dtype: str):
+        self.writer, self.value_dtype = writer, value_dtype
+        self.parts: dict[tuple[int, int], list] = defaultdict(list)
+        self.written = 0
+        self.skipped_by_shard: dict[int, int] = {}
+
+    def add(self, batch: ViewBatch, topk: TopKLogits) -> None:
+        self.parts[(batch.epoch, batch.shard)].append((batch.offsets, batch.view_params, topk))
+
+    def finish(self, batch: ViewBatch) -> None:
+        _write_unit(self.writer, batch, self.parts.pop((batch.epoch, batch.shard), []), self.value_dtype)
+        self.written += 1
+        self.skipped_by_shard[batch.shard] = len(batch.skipped)
+
+    @property
+    def samples_skipped(self) -> int:
+        return sum(self.skipped_by_shard.values())
 
 
 def check_shard_sizes(manifest, shards: list[int]) -> None:
     """Every selected shard exists with the byte size its manifest records (`ShardChangedError` otherwise)."""
-    from logitcache.manifest import ShardCheck, file_size
 
     for s in shards:
         url = manifest.shard_url(s)
@@ -371,8 +326,6 @@ def check_shard_sizes(manifest, shards: list[int]) -> None:
 def forget_damaged_units(url: str, group: str) -> list[tuple[int, int]]:
     """For ``--repair``: verify the group and delete the markers of damaged units, so the dump redoes exactly
     those (a unit without a marker is unfinished). Units that are merely unfinished are redone anyway."""
-    from logitcache.cache import CacheReader
-    from logitcache.verify import verify_cache
 
     try:
         reader = CacheReader(url, group)
@@ -386,9 +339,7 @@ def forget_damaged_units(url: str, group: str) -> list[tuple[int, int]]:
     return damaged
 
 
-def _write_unit(writer, batch: ViewBatch, parts: list, UnitRows, value_dtype: str) -> None:
-    from logitcache.topk import TopKLogits
-
+def _write_unit(writer, batch: ViewBatch, parts: list, value_dtype: str) -> None:
     if parts:
         offsets = torch.cat([p[0] for p in parts]).numpy()
         view = torch.cat([p[1] for p in parts]).numpy()

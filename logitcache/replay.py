@@ -16,7 +16,7 @@ For people with their own training loop::
 
     from torch.utils.data import DataLoader
     from logitcache.replay import CachedViews, collate
-    from logitcache.topk import teacher_log_probs
+    from logitcache.labels import teacher_log_probs
 
     for epoch in range(epochs):
         views = CachedViews("data/train", "cache.zarr", epoch=epoch, shuffle_seed=0)
@@ -40,12 +40,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from logitcache.cache import CacheReader
+from logitcache.cache.reader import CacheReader
+from logitcache.data.manifest import Manifest, load_manifest
+from logitcache.data.shards import ShardDataset, iter_shard, shuffle_buffer
+from logitcache.data.split import split_shards
 from logitcache.errors import CacheError, CacheMismatchError
-from logitcache.manifest import Manifest, load_manifest
-from logitcache.shards import ShardDataset, iter_shard, shuffle_buffer
-from logitcache.topk import TopKLogits
-from logitcache.views import Recipe, ViewParams, apply_view, get_recipe, sample_view, view_rng
+from logitcache.labels.topk import TopKLogits
+from logitcache.views.params import ViewParams
+from logitcache.views.recipe import Recipe, apply_view, get_recipe, sample_view
+from logitcache.views.rng import view_rng
 
 #: samples a worker holds back to shuffle across shard boundaries (pass shuffle_buffer= to change it)
 DEFAULT_SHUFFLE_BUFFER = 1000
@@ -263,7 +266,6 @@ class _Views(torch.utils.data.IterableDataset):
     def num_batches(self, batch_size: int, num_workers: int) -> int:
         """Batches a DataLoader(batch_size, num_workers) yields on this rank this epoch when nothing is skipped
         (each worker batches its own samples, so each worker ends with its own partial batch)."""
-        from logitcache.shards import split_shards
 
         order = self.split.shard_order()
         n = 0

@@ -40,9 +40,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from logitcache.manifest import load_manifest
-from logitcache.shards import decode_image, iter_shard, write_shards
-from logitcache.views import apply_view, get_recipe, sample_view, view_rng
+from logitcache.data.decode import decode_image
+from logitcache.data.manifest import load_manifest
+from logitcache.data.shards import iter_shard
+from logitcache.data.write import write_shards
+from logitcache.views.recipe import apply_view, get_recipe, sample_view
+from logitcache.views.rng import view_rng
 
 SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (333, 500), (640, 480), (400, 300))
 

@@ -28,7 +28,7 @@ def make_shards(out: str, n: int, per_shard: int, seed: int = 0) -> None:
     """Synthetic ImageNet-sized JPEGs (smooth random content, 500x375-ish), 1000 classes."""
     from PIL import Image
 
-    from logitcache.shards import write_shards
+    from logitcache.data.write import write_shards
 
     rng = np.random.default_rng(seed)
 
@@ -46,23 +46,22 @@ def make_shards(out: str, n: int, per_shard: int, seed: int = 0) -> None:
 
 def bare_inference(cfg) -> float:
     """The dump's loader and forward passes, nothing kept."""
-    from logitcache.dump import UnitViews, load_teacher, teacher_logits
-    from logitcache.manifest import load_manifest
-    from logitcache.models import model_normalization
-    from logitcache.views import get_recipe
+    from logitcache.data.manifest import load_manifest
+    from logitcache.dump import UnitViews
+    from logitcache.teacher import Teacher
+    from logitcache.views.recipe import get_recipe
 
     t0 = time.perf_counter()
     manifest = load_manifest(cfg.data)
     recipe = get_recipe(cfg.recipe, cfg.image_size)
-    teacher = load_teacher(cfg.teacher, None, manifest.num_classes, recipe.image_size, cfg.device, cfg.seed)
-    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in model_normalization(cfg.teacher))
+    teacher = Teacher.load(cfg.teacher, None, manifest.num_classes, recipe.image_size, cfg.device, cfg.seed)
     pending = {s: list(range(cfg.epochs)) for s in range(len(manifest.shards))}
     loader = torch.utils.data.DataLoader(UnitViews(manifest, pending, recipe, cfg.seed, cfg.batch_size, False),
                                          batch_size=None, num_workers=cfg.workers, collate_fn=lambda b: b)
     with torch.inference_mode():
         for batch in loader:
             if len(batch.offsets):
-                teacher_logits(teacher, batch.images, mean, std, cfg.device)
+                teacher.logits(batch.images)
     return time.perf_counter() - t0
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torchvision
 
+from logitcache.labels.topk import TopKLogits
 from logitcache.losses import (
     cross_entropy,
     dkd,
@@ -34,7 +35,6 @@ from logitcache.losses import (
     uskd,
     zipf_ls,
 )
-from logitcache.topk import TopKLogits
 
 LIMIT_FRACTION = 0.05
 

@@ -21,7 +21,7 @@ import time
 import torch
 import torchvision
 
-from logitcache.models import attach_weak_head, build_model
+from logitcache.models.zoo import attach_weak_head, build_model
 
 DEFAULT_MODELS = "smallcnn,smallcnn_wide,resnet8x4"
 

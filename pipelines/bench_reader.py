@@ -35,9 +35,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic_teacher import describe, synthetic_teacher_logits  # noqa: E402
 
-from logitcache import schema  # noqa: E402
-from logitcache.cache import CacheReader, CacheWriter, UnitRows  # noqa: E402
-from logitcache.topk import TopKLogits  # noqa: E402
+from logitcache.cache import schema  # noqa: E402
+from logitcache.cache.reader import CacheReader
+from logitcache.cache.schema import UnitRows  # noqa: E402
+from logitcache.cache.writer import CacheWriter
+from logitcache.labels.topk import TopKLogits  # noqa: E402
 
 C, K, TEMPS = 1000, 10, (1.0, 4.0)
 BUCKET = "bench"
@@ -71,7 +73,8 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 def write_cache(url: str, shards: int, shard_size: int, epochs: int, seed: int = 0) -> dict[str, float]:
     """A cache of synthetic-teacher rows; returns the teacher's figures (accuracy, top-1 prob, top-k mass)."""
-    from logitcache.views import get_recipe, sample_view, view_rng
+    from logitcache.views.recipe import get_recipe, sample_view
+    from logitcache.views.rng import view_rng
 
     recipe = get_recipe("imagenet", 224)
     root = schema.RootMeta("synthetic", C, shards, (shard_size,) * shards)

@@ -27,9 +27,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic_teacher import describe, synthetic_teacher_logits  # noqa: E402
 
-from logitcache import schema  # noqa: E402
-from logitcache.cache import CacheReader, CacheWriter, UnitRows  # noqa: E402
-from logitcache.topk import TopKLogits  # noqa: E402
+from logitcache.cache import schema  # noqa: E402
+from logitcache.cache.reader import CacheReader
+from logitcache.cache.schema import UnitRows  # noqa: E402
+from logitcache.cache.writer import CacheWriter
+from logitcache.labels.topk import TopKLogits  # noqa: E402
 
 C = 1000
 TEMPS = (1.0, 4.0)  # overridden by --temperatures
@@ -37,7 +39,8 @@ TEMPS = (1.0, 4.0)  # overridden by --temperatures
 
 def view_params(n: int, seed: int) -> tuple[np.ndarray, tuple[str, ...]]:
     """ImageNet-recipe view parameters for n images of typical ImageNet sizes."""
-    from logitcache.views import get_recipe, sample_view, view_rng
+    from logitcache.views.recipe import get_recipe, sample_view
+    from logitcache.views.rng import view_rng
 
     recipe = get_recipe("imagenet", 224)
     rng = np.random.default_rng(seed)
@@ -156,7 +159,7 @@ def main(argv=None) -> dict:
                    **fidelity(tk, logits[:n], student[:n], target[:n])}
             result["rows"].append(row)
     if args.cache:
-        from logitcache.verify import cache_info
+        from logitcache.cache.verify import cache_info
 
         info = cache_info(args.cache)
         result["existing_cache"] = {g: {"bytes_per_view": v["bytes_per_view"], "k": v["k"], "views": v["views"],

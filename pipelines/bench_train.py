@@ -11,7 +11,7 @@ Issue 6's figures, each a ratio of two figures measured in this run on this mach
                 written into a temporary directory), teacher resnet34.
 (b) online NKD ÷ cached NKD training wall time for resnet34 -> resnet18 at 112 px (the imagenet setting),
     next to the ideal ``(t_teacher + t_student) / t_student`` measured in the same run on synthetic tensors of
-    the same batch: t_teacher = the teacher forward per batch (`dump.teacher_logits`, what the online loop
+    the same batch: t_teacher = the teacher forward per batch (`Teacher.logits`, what the online loop
     calls), t_student = one student training step (forward, the NKD terms from a top-k row, backward, SGD),
     each the fastest of 8 interleaved repeats.
     Fraction of the ideal reached = measured ratio ÷ ideal, target >= 0.90. The ideal leaves data loading
@@ -48,15 +48,18 @@ import numpy as np
 import torch
 import torchvision
 
-from logitcache.dump import DumpConfig, dump, load_teacher, teacher_logits
+from logitcache.data.convert.fashion_mnist import FASHION_MNIST_CLASSES
+from logitcache.data.manifest import load_manifest
+from logitcache.data.write import write_shards
+from logitcache.dump import DumpConfig, dump
+from logitcache.labels.topk import TopKLogits
 from logitcache.losses import get_loss, parse_loss_args
-from logitcache.manifest import load_manifest
-from logitcache.models import build_model, model_normalization
+from logitcache.models.zoo import build_model, model_normalization
 from logitcache.replay import CachedViews, FreshViews, collate
-from logitcache.shards import FASHION_MNIST_CLASSES, write_shards
-from logitcache.topk import TopKLogits
-from logitcache.train import TrainConfig, make_optimizer, train
-from logitcache.views import get_recipe
+from logitcache.teacher import Teacher
+from logitcache.train.config import TrainConfig, make_optimizer
+from logitcache.train.loop import train
+from logitcache.views.recipe import get_recipe
 
 FASHION_MNIST_SRC = "/usr/share/datasets/fashion-mnist/"
 TARGET_THROUGHPUT_RATIO = 0.95
@@ -67,7 +70,7 @@ TARGET_FRACTION_OF_IDEAL = 0.90
 def write_small_data(out: Path, n: int, per_shard: int, src: str = FASHION_MNIST_SRC) -> str:
     """The first `n` Fashion-MNIST training images as shards (synthetic 28 px PNGs without the IDX files)."""
     if os.path.exists(os.path.join(src, "train-images-idx3-ubyte.gz")):
-        from logitcache.shards import fashion_mnist_samples
+        from logitcache.data.convert.fashion_mnist import fashion_mnist_samples
 
         samples = itertools.islice(fashion_mnist_samples(src, "train"), n)
         source = f"Fashion-MNIST train[:{n}] ({src})"
@@ -136,12 +139,11 @@ def step_times(student: str, teacher: str, num_classes: int, image_size: int, ba
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, recipe_size, recipe_size), dtype=torch.uint8, generator=g)
     target = torch.randint(0, num_classes, (batch,), generator=g)
-    t_model = load_teacher(teacher, None, num_classes, image_size, "cpu", 0)
-    t_mean, t_std = (torch.tensor(v).view(1, -1, 1, 1) for v in model_normalization(teacher))
+    t_model = Teacher.load(teacher, None, num_classes, image_size, "cpu", 0)
 
     def teacher_forward() -> None:
         with torch.no_grad():  # as the online loop calls it
-            teacher_logits(t_model, images, t_mean, t_std, "cpu")
+            t_model.logits(images)
 
     torch.manual_seed(0)
     s_model = build_model(student, num_classes, image_size=image_size).train()
@@ -150,7 +152,7 @@ def step_times(student: str, teacher: str, num_classes: int, image_size: int, ba
     spec, args = get_loss("nkd"), parse_loss_args("nkd", ())
     s_mean, s_std = (torch.tensor(v).view(1, -1, 1, 1) for v in model_normalization(student))
     with torch.no_grad():
-        soft = TopKLogits.from_logits(teacher_logits(t_model, images, t_mean, t_std, "cpu"), target, k, (1.0,))
+        soft = TopKLogits.from_logits(t_model.logits(images), target, k, (1.0,))
 
     def student_step() -> None:
         x = images.float().div_(255).sub_(s_mean).div_(s_std)

@@ -3,9 +3,10 @@
 import numpy as np
 import torch
 
-from logitcache import schema
-from logitcache.cache import CacheWriter, UnitRows
-from logitcache.topk import TopKLogits
+from logitcache.cache import schema
+from logitcache.cache.schema import UnitRows
+from logitcache.cache.writer import CacheWriter
+from logitcache.labels.topk import TopKLogits
 
 C, K = 100, 5
 SHARD_LENGTHS = (6, 4)

@@ -23,7 +23,7 @@ SMALL_SHARDS, SMALL_PER_SHARD = 2, 12
 @pytest.fixture(scope="session")
 def imagenet_shards(tmp_path_factory) -> pathlib.Path:
     """Directory with 3 ImageNet-style shards (8 JPEGs each, 40-64 px, 1000 classes) and manifest.json."""
-    from logitcache.shards import write_shards
+    from logitcache.data.write import write_shards
 
     out = tmp_path_factory.mktemp("imagenet_shards")
     write_shards(
@@ -36,7 +36,8 @@ def imagenet_shards(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> pathlib.Path:
     """Directory with 2 shards of 12 grayscale 28x28 PNGs each (10 classes) and manifest.json."""
-    from logitcache.shards import FASHION_MNIST_CLASSES, write_shards
+    from logitcache.data.convert.fashion_mnist import FASHION_MNIST_CLASSES
+    from logitcache.data.write import write_shards
 
     rng = np.random.default_rng(1)
     samples = (

@@ -8,8 +8,10 @@ import pytest
 import torch
 from _fake_cache import SHARD_LENGTHS, K, _metas, write_fake_cache
 
-from logitcache import schema
-from logitcache.cache import CacheReader, CacheWriter, UnitRows
+from logitcache.cache import schema
+from logitcache.cache.reader import CacheReader
+from logitcache.cache.schema import UnitRows
+from logitcache.cache.writer import CacheWriter
 from logitcache.errors import CacheError, CacheMismatchError
 
 

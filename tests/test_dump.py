@@ -13,8 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from logitcache import schema
-from logitcache.cache import CacheReader
+from logitcache.cache import schema
+from logitcache.cache.reader import CacheReader
 from logitcache.cli import main
 from logitcache.dump import KILL_AFTER_BATCHES_ENV, DumpConfig, dump
 from logitcache.errors import CacheMismatchError, NonFiniteLogitsError
@@ -62,17 +62,18 @@ def test_same_command_gives_the_same_bytes(imagenet_shards, reference_cache, tmp
 
 def test_cache_holds_what_the_teacher_saw(imagenet_shards, reference_cache):
     """Replay the cached views, rerun the teacher, compare: top-k, exact target log-prob (in or out of top-k)."""
-    from logitcache.dump import load_teacher, teacher_logits
-    from logitcache.manifest import load_manifest
-    from logitcache.shards import iter_shard
-    from logitcache.views import Recipe, ViewParams, apply_view, sample_view, view_rng
+    from logitcache.data.manifest import load_manifest
+    from logitcache.data.shards import iter_shard
+    from logitcache.teacher import Teacher
+    from logitcache.views.params import ViewParams
+    from logitcache.views.recipe import Recipe, apply_view, sample_view
+    from logitcache.views.rng import view_rng
 
     r = CacheReader(str(reference_cache))
     meta = r.meta
     recipe = Recipe.from_json(meta.recipe)
-    teacher = load_teacher("resnet18", None, 1000, 32, "cpu", seed=7)
-    mean = torch.tensor(meta.normalization["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(meta.normalization["std"]).view(1, -1, 1, 1)
+    teacher = Teacher.load("resnet18", None, 1000, 32, "cpu", seed=7,
+                           normalization=(meta.normalization["mean"], meta.normalization["std"]))
     manifest = load_manifest(str(imagenet_shards))
     outside = 0
     for e in range(2):
@@ -86,7 +87,7 @@ def test_cache_holds_what_the_teacher_saw(imagenet_shards, reference_cache):
             assert params == sample_view(view_rng(7, e, smp.index), h, w, recipe)
             xs.append(apply_view(smp.image, params, recipe))
         with torch.inference_mode():
-            z = teacher_logits(teacher, torch.stack(xs), mean, std, "cpu")
+            z = teacher.logits(torch.stack(xs))
         lp = torch.log_softmax(z, 1)
         labels = torch.tensor([s.label for s in samples])
         np.testing.assert_array_equal(unit.topk_indices, torch.topk(z, 5).indices.numpy())
@@ -143,7 +144,7 @@ def test_dry_run_writes_nothing(imagenet_shards, tmp_path):
 
 
 def test_nan_teacher_is_an_error_naming_the_sample(imagenet_shards, tmp_path):
-    from logitcache.models import build_model
+    from logitcache.models.zoo import build_model
 
     model = build_model("resnet18", 1000)
     state = model.state_dict()
@@ -193,7 +194,7 @@ def test_repair_redoes_exactly_the_damaged_unit(imagenet_shards, reference_cache
 
 
 def test_part_of_the_data_is_complete_for_its_shards_and_grows(imagenet_shards, tmp_path):
-    from logitcache.verify import cache_info, verify_cache
+    from logitcache.cache.verify import cache_info, verify_cache
 
     out = tmp_path / "part.zarr"
     dump(_cfg(imagenet_shards, out, shards=(0, 2), epochs=1))
@@ -207,7 +208,7 @@ def test_part_of_the_data_is_complete_for_its_shards_and_grows(imagenet_shards, 
 
 
 def test_same_weights_by_another_path_is_the_same_teacher(imagenet_shards, tmp_path, monkeypatch):
-    from logitcache.models import build_model
+    from logitcache.models.zoo import build_model
 
     torch.manual_seed(0)
     torch.save(build_model("resnet18", 1000).state_dict(), tmp_path / "t.pt")

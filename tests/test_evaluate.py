@@ -14,13 +14,15 @@ from click.testing import CliRunner
 from torch import nn
 
 from logitcache.cli import main
+from logitcache.data.manifest import load_manifest
+from logitcache.data.shards import iter_shard
 from logitcache.errors import BadSampleError, UnsafeCheckpointError
-from logitcache.evaluate import evaluate, load_model_for_eval, paper_units
-from logitcache.manifest import load_manifest
-from logitcache.metrics import ClassificationMetrics
-from logitcache.models import attach_weak_head, build_model, load_checkpoint, model_normalization
-from logitcache.shards import iter_shard
-from logitcache.views import eval_view, get_recipe, normalize
+from logitcache.eval.evaluate import evaluate, load_model_for_eval, paper_units
+from logitcache.eval.metrics import ClassificationMetrics
+from logitcache.models.weights import load_checkpoint
+from logitcache.models.zoo import attach_weak_head, build_model, model_normalization
+from logitcache.views.ops.geometry import normalize
+from logitcache.views.recipe import eval_view, get_recipe
 
 NUM_CLASSES = 10
 RECIPE = get_recipe("small", 28)
@@ -210,8 +212,9 @@ def test_eval_of_a_cache_trained_run_matches_its_val_log(small_shards, tmp_path)
     """End to end with the real loop: the checkpoint records no recipe (the cache's is in RUN/config.json), and
     `logitcache eval` with no --model/--recipe reproduces the run's own validation figures."""
     from logitcache.dump import DumpConfig, dump
-    from logitcache.evaluate import recorded_settings
-    from logitcache.train import TrainConfig, train
+    from logitcache.eval.evaluate import recorded_settings
+    from logitcache.train.config import TrainConfig
+    from logitcache.train.loop import train
 
     cache, run = tmp_path / "cache", tmp_path / "run"
     dump(DumpConfig(data=str(small_shards), out=str(cache), teacher="smallcnn", recipe="small", image_size=28,

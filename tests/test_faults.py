@@ -23,12 +23,12 @@ import pytest
 from click.testing import CliRunner
 from fsspec.implementations.local import LocalFileSystem
 
-from logitcache import schema
-from logitcache.cache import CacheReader
+from logitcache.cache import schema
+from logitcache.cache.reader import CacheReader
+from logitcache.cache.verify import verify_cache
 from logitcache.cli import main
 from logitcache.dump import DumpConfig, dump
 from logitcache.errors import CacheWriteError, LogitcacheError, ShardChangedError
-from logitcache.verify import verify_cache
 
 SMALL = dict(teacher="smallcnn", recipe="small", image_size=28, topk=3, epochs=2, progress=False)
 UNITS = [(e, s) for e in range(2) for s in range(2)]
@@ -238,8 +238,8 @@ def _reencode_png(data: bytes) -> bytes:
 
 def _rewrite_shard(data_dir, shard_name: str, samples, tmp_path) -> None:
     """Replace one shard file in ``data_dir`` by ``samples`` (the manifest stays the old one)."""
-    from logitcache.manifest import load_manifest
-    from logitcache.shards import write_shards
+    from logitcache.data.manifest import load_manifest
+    from logitcache.data.write import write_shards
 
     staging = tmp_path / f"staging-{shard_name}"
     write_shards(samples, staging, class_names=load_manifest(str(data_dir)).class_names,
@@ -251,7 +251,8 @@ def _rewrite_shard(data_dir, shard_name: str, samples, tmp_path) -> None:
 def changed_data(small_shards, tmp_path):
     """A copy of the data with shard 1 re-encoded (same keys) and one sample removed from shard 0, under the
     old manifest; plus ``rescanned``: the same changed shards under a freshly scanned manifest."""
-    from logitcache.manifest import build_manifest, list_shards, load_manifest
+    from logitcache.data.convert.scan import build_manifest, list_shards
+    from logitcache.data.manifest import load_manifest
 
     data = tmp_path / "data"
     shutil.copytree(small_shards, data)

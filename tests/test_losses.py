@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from logitcache.errors import TemperatureNotRecorded
+from logitcache.labels.topk import TopKLogits
 from logitcache.losses import (
     LOSSES,
     cross_entropy,
@@ -35,7 +36,6 @@ from logitcache.losses import (
     zipf_ls,
 )
 from logitcache.losses.zipf_ls import competition_rank
-from logitcache.topk import TopKLogits
 
 CLI_NAMES = {"ce", "ls", "kd", "dkd", "nkd", "tf-kd", "zipf-ls", "tf-nkd", "pskd", "uskd"}
 

@@ -9,18 +9,12 @@ import shutil
 import pytest
 from _data_helpers import imagenet_like_samples
 
+from logitcache.data.convert.scan import build_manifest, list_shards, scan_shard
+from logitcache.data.manifest import Manifest, ShardCheck, keys_digest, load_manifest, verify_shards
+from logitcache.data.shards import iter_shard
+from logitcache.data.split import parse_shard_selection
+from logitcache.data.write import write_shards
 from logitcache.errors import ManifestError, ShardChangedError, ShardSelectionError
-from logitcache.manifest import (
-    Manifest,
-    ShardCheck,
-    build_manifest,
-    keys_digest,
-    list_shards,
-    load_manifest,
-    scan_shard,
-    verify_shards,
-)
-from logitcache.shards import iter_shard, parse_shard_selection, write_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 

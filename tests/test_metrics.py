@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from logitcache.metrics import (
+from logitcache.eval.metrics import (
     ClassificationMetrics,
     aurc,
     aurc_from_confidence,

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from logitcache.cli import main
 from logitcache.errors import RunError
-from logitcache.metrics import reliability_bins
-from logitcache.plots import compare_runs, plot_run, read_metrics, read_reliability
+from logitcache.eval.metrics import reliability_bins
+from logitcache.eval.plots import compare_runs, plot_run, read_metrics, read_reliability
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

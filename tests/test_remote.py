@@ -21,12 +21,14 @@ from click.testing import CliRunner
 pytest.importorskip("s3fs", reason="needs the s3 extra (pip install -e '.[dev]')")
 pytest.importorskip("moto.server", reason="needs moto[server] (pip install -e '.[dev]')")
 
-from logitcache import schema  # noqa: E402
-from logitcache.cache import CacheReader, CacheWriter, ObjectStore  # noqa: E402
+from logitcache.cache import schema  # noqa: E402
+from logitcache.cache.reader import CacheReader
+from logitcache.cache.store import ObjectStore  # noqa: E402
+from logitcache.cache.verify import cache_info, verify_cache  # noqa: E402
+from logitcache.cache.writer import CacheWriter
 from logitcache.cli import main  # noqa: E402
 from logitcache.dump import DumpConfig, dump  # noqa: E402
 from logitcache.errors import CacheError  # noqa: E402
-from logitcache.verify import cache_info, verify_cache  # noqa: E402
 
 BUCKET = "logitcache-test"
 SMALL = dict(teacher="smallcnn", recipe="small", image_size=28, topk=3, epochs=2, progress=False)
@@ -128,8 +130,8 @@ def _unit_objects(url: str) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------ shards
 def test_shards_read_from_s3_equal_local(s3_data, small_shards):
-    from logitcache.manifest import load_manifest, verify_shards
-    from logitcache.shards import iter_shard
+    from logitcache.data.manifest import load_manifest, verify_shards
+    from logitcache.data.shards import iter_shard
 
     local, remote = load_manifest(str(small_shards)), load_manifest(s3_data)
     assert remote.fingerprint == local.fingerprint
@@ -141,7 +143,7 @@ def test_shards_read_from_s3_equal_local(s3_data, small_shards):
 
 
 def test_shards_scan_writes_the_manifest_on_s3(s3_prefix, small_shards, tmp_path):
-    from logitcache.manifest import load_manifest
+    from logitcache.data.manifest import load_manifest
 
     fs = _s3fs()
     for p in sorted(small_shards.glob("*.tar")):

@@ -8,14 +8,16 @@ import pytest
 import torch
 from _data_helpers import IMAGENET_NUM_CLASSES, imagenet_like_samples, make_png_gray
 
-from logitcache.cache import CacheReader
-from logitcache.dump import DumpConfig, dump, load_teacher, teacher_logits
+from logitcache.cache.reader import CacheReader
+from logitcache.data.shards import iter_shard
+from logitcache.data.write import write_shards
+from logitcache.dump import DumpConfig, dump
 from logitcache.errors import BadSampleError, CacheMismatchError
-from logitcache.models import model_normalization
+from logitcache.labels.topk import TopKLogits
 from logitcache.replay import CachedViews, FreshViews, ReplayItem, check_cache_matches, collate
-from logitcache.shards import iter_shard, write_shards
-from logitcache.topk import TopKLogits
-from logitcache.views import apply_view, get_recipe, sample_view, view_rng
+from logitcache.teacher import Teacher
+from logitcache.views.recipe import apply_view, get_recipe, sample_view
+from logitcache.views.rng import view_rng
 
 SEED, EPOCHS, K = 7, 2, 5
 
@@ -30,7 +32,7 @@ def cache(imagenet_shards, tmp_path_factory):
 
 
 def originals(data) -> dict[int, torch.Tensor]:
-    from logitcache.manifest import load_manifest
+    from logitcache.data.manifest import load_manifest
 
     m = load_manifest(data)
     return {s.index: s.image for i in range(len(m.shards)) for s in iter_shard(m, i)}
@@ -41,8 +43,7 @@ def test_replayed_views_are_the_pixels_and_rows_the_dump_recorded(imagenet_shard
     teacher's logits recomputed on it equal the cached top-k (fp16 storage), in DataLoader workers too."""
     recipe = get_recipe("imagenet", 32)
     source = originals(imagenet_shards)
-    teacher = load_teacher("resnet18", None, IMAGENET_NUM_CLASSES, 32, "cpu", SEED)
-    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in model_normalization("resnet18"))
+    teacher = Teacher.load("resnet18", None, IMAGENET_NUM_CLASSES, 32, "cpu", SEED)
     for epoch in range(EPOCHS):
         views = CachedViews(imagenet_shards, cache, epoch=epoch, return_index=True)
         loader = torch.utils.data.DataLoader(views, batch_size=5, num_workers=2, collate_fn=collate)
@@ -54,7 +55,7 @@ def test_replayed_views_are_the_pixels_and_rows_the_dump_recorded(imagenet_shard
                 expected = apply_view(source[i], sample_view(view_rng(SEED, epoch, i), h, w, recipe), recipe)
                 assert torch.equal(x, expected), f"epoch {epoch} sample {i}: not the dump's view"
             with torch.inference_mode():
-                z = teacher_logits(teacher, images, mean, std, "cpu")
+                z = teacher.logits(images)
             torch.testing.assert_close(z.gather(1, rows.indices), rows.logits, atol=2e-2, rtol=2e-3)
             torch.testing.assert_close(torch.log_softmax(z, 1).gather(1, target[:, None])[:, 0], rows.target_logprob,
                                        atol=1e-4, rtol=1e-4)

@@ -18,11 +18,13 @@ import torch
 from _fake_cache import write_fake_cache
 from click.testing import CliRunner
 
-from logitcache import schema
-from logitcache.cache import CacheReader, CacheWriter, ObjectStore
+from logitcache.cache import schema
+from logitcache.cache.reader import CacheReader
+from logitcache.cache.store import ObjectStore
+from logitcache.cache.verify import verify_cache
+from logitcache.cache.writer import CacheWriter
 from logitcache.cli import main
 from logitcache.errors import CacheError, UnsafeCheckpointError
-from logitcache.verify import verify_cache
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "logitcache"
 GROUP = "resnet34"  # the fake cache's group
@@ -78,14 +80,14 @@ def test_package_has_no_code_executing_loads():
     for path in sorted(PACKAGE.rglob("*.py")):
         problems += unsafe_calls(path.read_text(encoding="utf-8"), str(path.relative_to(PACKAGE.parent)))
     assert problems == []
-    # the one reader of torch files is models.load_checkpoint (docstrings mention torch.load(...) elsewhere)
+    # the one reader of torch files is models.weights.load_checkpoint (docstrings mention torch.load(...) elsewhere)
     code_loads = [
         p for p in sorted(PACKAGE.rglob("*.py"))
         for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
         if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "load"
         and isinstance(n.func.value, ast.Name) and n.func.value.id == "torch"
     ]
-    assert {p.name for p in code_loads} == {"models.py"}
+    assert {str(p.relative_to(PACKAGE)) for p in code_loads} == {"models/weights.py"}
 
 
 # ------------------------------------------------------------------ hostile cache stores
@@ -295,7 +297,7 @@ class _Payload:
 
 @pytest.fixture
 def hostile_checkpoint(tmp_path, pwned):
-    from logitcache.models import build_model
+    from logitcache.models.zoo import build_model
 
     state = build_model("smallcnn", 10, image_size=28).state_dict()
     path = tmp_path / "teacher.pt"
@@ -307,7 +309,7 @@ def hostile_checkpoint(tmp_path, pwned):
 
 
 def test_load_checkpoint_refuses_pickle(hostile_checkpoint, pwned):
-    from logitcache.models import load_checkpoint
+    from logitcache.models.weights import load_checkpoint
 
     with pytest.raises(UnsafeCheckpointError, match="needs pickle"):
         load_checkpoint(hostile_checkpoint)

@@ -18,21 +18,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from logitcache.cli import main
+from logitcache.data.convert.fashion_mnist import FASHION_MNIST_CLASSES, read_idx
+from logitcache.data.convert.scan import build_manifest, scan_shard
+from logitcache.data.decode import decode_image
+from logitcache.data.manifest import load_manifest
+from logitcache.data.shards import ShardDataset, SkipStats, iter_shard, shuffle_buffer
+from logitcache.data.split import split_shards
+from logitcache.data.tar import group_by_key, tar_members
+from logitcache.data.write import write_shards
 from logitcache.errors import BadSampleError, DataError, ShardChangedError, ShardFormatError
-from logitcache.manifest import build_manifest, load_manifest, scan_shard
-from logitcache.shards import (
-    FASHION_MNIST_CLASSES,
-    ShardDataset,
-    SkipStats,
-    decode_image,
-    group_by_key,
-    iter_shard,
-    read_idx,
-    shuffle_buffer,
-    split_shards,
-    tar_members,
-    write_shards,
-)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
@@ -422,7 +416,7 @@ def test_cli_shards_scan(imagenet_shards, tmp_path):
 @pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
                     reason="the real Fashion-MNIST IDX files are not installed here")
 def test_real_fashion_mnist_files(tmp_path):
-    from logitcache.shards import fashion_mnist_samples
+    from logitcache.data.convert.fashion_mnist import fashion_mnist_samples
 
     images = read_idx("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
     labels = read_idx("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz")
@@ -476,7 +470,7 @@ def test_tar_reader_rejects_bad_headers(tmp_path):
         list(tar_members(io.BytesIO(b""), "u"))
     with pytest.raises(ShardFormatError, match="300-byte header"):
         list(tar_members(io.BytesIO(path.read_bytes()[:1024 + 300]), "u"))
-    from logitcache.shards import _tar_number
+    from logitcache.data.tar import _tar_number
 
     assert _tar_number(b"0000644\0") == 0o644 and _tar_number(b"\x80" + (5).to_bytes(11, "big")) == 5
 

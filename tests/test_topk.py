@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from logitcache.errors import NonFiniteLogitsError, TemperatureNotRecorded
-from logitcache.topk import TAIL_FLOOR, TopKLogits, teacher_log_probs
+from logitcache.labels.topk import TAIL_FLOOR, TopKLogits, teacher_log_probs
 
 
 def _logits(n=6, c=12, seed=0, scale=3.0):

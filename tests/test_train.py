@@ -13,12 +13,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from logitcache.cache import CacheReader
+from logitcache.cache.reader import CacheReader
 from logitcache.cli import main
 from logitcache.dump import DumpConfig, dump
 from logitcache.errors import LogitcacheError, TemperatureNotRecorded
-from logitcache.models import build_model, load_checkpoint
-from logitcache.train import KILL_AFTER_STEPS_ENV, TrainConfig, learning_rate, planned_steps, train
+from logitcache.models.weights import load_checkpoint
+from logitcache.models.zoo import build_model
+from logitcache.train.config import TrainConfig, learning_rate
+from logitcache.train.lockstep import planned_steps
+from logitcache.train.loop import KILL_AFTER_STEPS_ENV, train
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -241,7 +244,7 @@ def test_two_process_ddp_counts_every_sample_once(imagenet_shards, tmp_path):
 
 
 def planned_steps_for(data, world, batch_size):
-    from logitcache.manifest import load_manifest
+    from logitcache.data.manifest import load_manifest
 
     m = load_manifest(data)
     return planned_steps(m, [0, 1, 2], SEED, 0, world, batch_size, 0)
@@ -286,8 +289,8 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     import numpy as np
     from _data_helpers import make_png_gray
 
+    from logitcache.data.write import write_shards
     from logitcache.errors import BadSampleError
-    from logitcache.shards import write_shards
 
     rng = np.random.default_rng(5)
     samples = [(f"s{i:03d}", {"png": make_png_gray(rng), "cls": str(i % 10).encode()}) for i in range(12)]

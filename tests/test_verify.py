@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from _fake_cache import write_fake_cache
 
-from logitcache import schema
-from logitcache.cache import CacheReader
-from logitcache.verify import cache_info, verify_cache
+from logitcache.cache import schema
+from logitcache.cache.reader import CacheReader
+from logitcache.cache.verify import cache_info, verify_cache
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_unfinished_unit_is_reported(cache):
 
 
 def test_insane_values_are_reported_even_with_valid_checksums(cache):
-    from logitcache.cache import CacheWriter
+    from logitcache.cache.writer import CacheWriter
 
     r = CacheReader(cache)
     rows = r.read_unit(0, 0)

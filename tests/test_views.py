@@ -16,16 +16,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from logitcache.errors import RecipeError
-from logitcache.views import (
-    Recipe,
-    ViewParams,
-    apply_view,
-    eval_view,
-    get_recipe,
-    normalize,
-    sample_view,
-    view_rng,
-)
+from logitcache.views.ops.geometry import normalize
+from logitcache.views.params import ViewParams
+from logitcache.views.recipe import Recipe, apply_view, eval_view, get_recipe, sample_view
+from logitcache.views.rng import view_rng
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
@@ -202,9 +196,8 @@ def test_recipe_json_round_trip_and_refusals():
 _REPLAY = r"""
 import hashlib, json, sys
 import torch
-from logitcache.manifest import load_manifest
-from logitcache.shards import iter_shard
-from logitcache.views import get_recipe, sample_view, view_rng, apply_view
+from logitcache.data import iter_shard, load_manifest
+from logitcache.views import apply_view, get_recipe, sample_view, view_rng
 
 def replay(path):
     m = load_manifest(path)

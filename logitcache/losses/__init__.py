@@ -32,6 +32,7 @@ from typing import Any
 
 from torch import Tensor
 
+from logitcache.labels.topk import TopKLogits
 from logitcache.losses.ce import cross_entropy
 from logitcache.losses.dkd import dkd, dkd_terms
 from logitcache.losses.kd import kd
@@ -42,7 +43,6 @@ from logitcache.losses.tf_kd import tf_kd
 from logitcache.losses.tf_nkd import tf_nkd, tf_nkd_terms
 from logitcache.losses.uskd import uskd, uskd_terms
 from logitcache.losses.zipf_ls import zipf_ls
-from logitcache.topk import TopKLogits
 
 #: the inputs a loss can need beyond (student, target); `LossSpec.needs` is a subset
 INPUTS = ("teacher", "weak", "prev_probs", "votes")

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from logitcache.topk import TopKLogits, teacher_log_probs
+from logitcache.labels.topk import TopKLogits, teacher_log_probs
 
 
 def working_dtype(*tensors: Tensor) -> torch.dtype:

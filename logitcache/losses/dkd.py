@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from logitcache.labels.topk import TopKLogits
 from logitcache.losses._labels import (
     check_logits,
     check_target,
@@ -29,7 +30,6 @@ from logitcache.losses._labels import (
     masked_sum,
     working_dtype,
 )
-from logitcache.topk import TopKLogits
 
 
 def _binary_log_probs(log_p: Tensor, is_target: Tensor) -> Tensor:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from logitcache.labels.topk import TopKLogits
 from logitcache.losses._labels import check_logits, check_temperature, dense_teacher_log_probs, working_dtype
-from logitcache.topk import TopKLogits
 
 
 def kd(student: Tensor, teacher: Tensor | TopKLogits, *, temperature: float) -> Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from logitcache.labels.topk import TopKLogits
 from logitcache.losses._labels import (
     check_logits,
     check_target,
@@ -27,7 +28,6 @@ from logitcache.losses._labels import (
     masked_sum,
     working_dtype,
 )
-from logitcache.topk import TopKLogits
 
 
 def nkd_terms(

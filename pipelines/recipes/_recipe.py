@@ -69,7 +69,7 @@ def make_smoke_shards(out: Path, n_train: int = 16, n_val: int = 8) -> tuple[Pat
     import numpy as np
     from PIL import Image
 
-    from logitcache.shards import write_shards
+    from logitcache.data.write import write_shards
 
     rng = np.random.default_rng(0)
 

@@ -37,7 +37,8 @@ def main(argv=None):
         tmp = tempfile.TemporaryDirectory()
         import numpy as np
 
-        from logitcache.shards import FASHION_MNIST_CLASSES, write_shards
+        from logitcache.data.convert.fashion_mnist import FASHION_MNIST_CLASSES
+        from logitcache.data.write import write_shards
 
         rng = np.random.default_rng(0)
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from logitcache.errors import CacheError
+
 FORMAT_NAME = "logitcache-cache"
 #: bump the major on any change an old reader would misread; the minor for additions old readers can ignore
 FORMAT_VERSION = (1, 0)
@@ -290,8 +292,6 @@ class UnitMarker:
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "") -> UnitMarker:
-        from logitcache.errors import CacheError
-
         try:
             d = json.loads(data)
             return cls(
@@ -329,3 +329,23 @@ def zarr_array_kwargs(spec: ArraySpec, meta: GroupMeta, root: RootMeta) -> dict[
         "attributes": {"doc": spec.doc},
         "config": {"write_empty_chunks": True},
     }
+
+
+# ------------------------------------------------------------------ the rows of one unit
+@dataclass
+class UnitRows:
+    """The arrays of one (epoch, shard) unit, ``length`` rows (padding past a shard's length removed)."""
+
+    topk_indices: np.ndarray  # (n, k) int
+    topk_logprobs: np.ndarray  # (n, k) float16/32
+    target_logprob: np.ndarray  # (n,) float32
+    lse: np.ndarray  # (n, R) float32
+    view_params: np.ndarray  # (n, P) int16
+
+    def __len__(self) -> int:
+        return self.topk_indices.shape[0]
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in ARRAY_NAMES}
+
+

@@ -25,8 +25,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from logitcache.metrics import ClassificationMetrics, ReliabilityBins
-from logitcache.views import Recipe, eval_view, get_recipe, normalize
+from logitcache.data.manifest import load_manifest
+from logitcache.data.shards import ShardDataset
+from logitcache.errors import ModelError
+from logitcache.eval.metrics import ClassificationMetrics, ReliabilityBins
+from logitcache.models.weights import extract_state_dict, load_checkpoint, load_state_dict_strict
+from logitcache.models.zoo import build_model, model_normalization, model_spec
+from logitcache.runtime import precision
+from logitcache.runtime.dist import current_env, init_distributed
+from logitcache.views.ops.geometry import normalize
+from logitcache.views.recipe import Recipe, eval_view, get_recipe
 
 __all__ = ["EvalTransform", "checkpoint_config", "evaluate", "load_model_for_eval", "paper_units", "recorded_settings",
            "resolve_eval_recipe"]
@@ -42,14 +50,6 @@ class EvalTransform:
         return eval_view(sample.image, self.recipe), sample.label
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world) of an initialised process group, else (0, 1). Env vars alone do not count: without a group
-    the per-rank metrics could not be merged, and each rank would silently report its own share."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _resolve_normalization(normalization, model_name: str | None):
     if normalization is not None:
         if isinstance(normalization, str):
@@ -59,7 +59,6 @@ def _resolve_normalization(normalization, model_name: str | None):
             return tuple(float(v) for v in mean), tuple(float(v) for v in std)
     if model_name is None:
         raise ValueError("evaluate needs the model's normalisation: pass normalization=(mean, std) or model_name=")
-    from logitcache.models import model_normalization
 
     return model_normalization(model_name)
 
@@ -92,8 +91,6 @@ def evaluate(
     ``images_per_s``; ``reliability`` = the 15-bin `ReliabilityBins` over all ranks. The model is put in eval
     mode and its previous mode is restored afterwards (the train loop calls this every epoch).
     """
-    from logitcache.manifest import load_manifest
-    from logitcache.shards import ShardDataset
 
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
@@ -102,7 +99,8 @@ def evaluate(
         recipe = get_recipe(recipe, image_size)
     mean, std = _resolve_normalization(normalization, model_name)
     device = torch.device(device)
-    rank, world = _distributed()
+    env = current_env(str(device))  # never creates a group: per-rank figures must be merged by one
+    rank, world = env.rank, env.world
     dataset = ShardDataset(manifest, shards, rank=rank, world_size=world, skip_bad=skip_bad,
                            transform=EvalTransform(recipe))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
@@ -114,7 +112,6 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    cuda = device.type == "cuda"
     metrics = ClassificationMetrics(n_bins=n_bins, topk=5)
     bar = None
     if progress and rank == 0:
@@ -126,12 +123,8 @@ def evaluate(
         with torch.inference_mode():
             for images, labels in loader:
                 x = normalize(images.to(device, non_blocking=True), mean_t, std_t)
-                if cuda:  # the same fast path as the dump: channels_last + bf16 autocast, logits reduced in fp32
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        out = model(x)
-                else:
-                    out = model(x)
+                with precision.autocast(device):  # the policy's fast path; metrics from float32 logits
+                    out = model(precision.prepare_input(x, device))
                 if isinstance(out, (tuple, list)):  # WeakHeadModel: (logits, weak_logits); score the logits
                     out = out[0]
                 metrics.update(out.float(), labels.to(device))
@@ -205,7 +198,6 @@ def resolve_eval_recipe(model_name: str, recorded: dict[str, Any], recipe: str |
     models made for <= 64 px inputs and ``imagenet`` otherwise, at the model's own input size."""
     import dataclasses
 
-    from logitcache.models import model_spec
 
     spec = model_spec(model_name)
     rec = recorded.get("recipe")
@@ -233,7 +225,6 @@ def load_model_for_eval(
     ``weights_only=True`` (`models.load_checkpoint`): a file that needs pickle raises `UnsafeCheckpointError`.
     ``checkpoint_obj``: the already loaded checkpoint, to avoid reading the file twice.
     """
-    from logitcache.models import build_model, extract_state_dict, load_checkpoint, load_state_dict_strict
 
     source = os.fspath(checkpoint)
     obj = load_checkpoint(source) if checkpoint_obj is None else checkpoint_obj
@@ -241,3 +232,33 @@ def load_model_for_eval(
     model = build_model(model_name, num_classes, image_size=image_size)
     load_state_dict_strict(model, state, source=source)
     return model.eval()
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data, *, model_name: str | None = None,
+                        recipe: str | None = None, image_size: int | None = None, batch_size: int = 256,
+                        workers: int = 0, device: str = "cpu", shards: Sequence[int] | None = None,
+                        skip_bad: bool = False, progress: bool = False) -> dict[str, Any] | None:
+    """What ``logitcache eval`` does: load a checkpoint (weights-only), resolve its architecture and eval view
+    (given, else what its run recorded, else the model's defaults), score it on ``data``.
+
+    Under torchrun the ranks split the shards (`runtime.dist`: each rank on ``cuda:LOCAL_RANK`` for ``cuda``);
+    rank 0 gets ``{"model", "recipe", "manifest", "metrics", "reliability"}``, other ranks None."""
+    env = init_distributed(device)
+    manifest = load_manifest(data)
+    obj = load_checkpoint(checkpoint)
+    recorded = recorded_settings(checkpoint, obj)
+    if model_name is not None and recorded["student"] not in (None, model_name):
+        recorded = {"student": None, "recipe": None, "image_size": None}  # another model: its settings do not apply
+    model_name = model_name or recorded["student"]
+    if not model_name:
+        raise ModelError(f"{checkpoint} does not record its architecture; pass --model NAME")
+    view_recipe = resolve_eval_recipe(model_name, recorded, recipe, image_size)
+    model = load_model_for_eval(model_name, checkpoint, manifest.num_classes, view_recipe.image_size,
+                                checkpoint_obj=obj).to(env.device)
+    metrics, reliability = evaluate(model, manifest, view_recipe, batch_size=batch_size, workers=workers,
+                                    device=env.device, shards=shards, skip_bad=skip_bad, model_name=model_name,
+                                    progress=progress)
+    if not env.is_main:
+        return None
+    return {"model": model_name, "recipe": view_recipe, "manifest": manifest, "metrics": metrics,
+            "reliability": reliability}

@@ -22,7 +22,6 @@ cache made by a different version of a recipe is refused rather than replayed ap
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,9 +30,8 @@ import torch
 from PIL import Image
 
 from logitcache.errors import RecipeError
-
-# A domain tag mixed into every view seed, so a (seed, epoch, index) used elsewhere never shares this stream.
-VIEW_RNG_TAG = 0x76696577  # "view"
+from logitcache.views.ops.geometry import _check_image, _from_pil, _random_resized_crop_box, _to_pil, _window, resize
+from logitcache.views.params import ViewParams
 
 # name -> (current version, default image size, the settings that recipe uses)
 _RECIPES: dict[str, tuple[int, int, tuple[str, ...]]] = {
@@ -128,50 +126,6 @@ def get_recipe(name: str, image_size: int | None = None) -> Recipe:
     return Recipe(name=name, version=version, image_size=int(image_size or default_size))
 
 
-@dataclass(frozen=True)
-class ViewParams:
-    """Everything needed to recreate one view: a crop box in SOURCE-pixel coordinates and a horizontal flip.
-
-    ``imagenet``: the RandomResizedCrop box (inside the image). ``small``: the pad-crop window, which has the
-    source's size and may start at ``-pad`` (the part outside the image is zero padding).
-    Stored in a cache as one int16 row in ``Recipe.param_fields`` order.
-    """
-
-    top: int
-    left: int
-    height: int
-    width: int
-    flip: bool
-
-    def to_array(self) -> np.ndarray:
-        """``[top, left, height, width, flip]`` as int16 (the cache's dtype); out-of-range values raise."""
-        values = [self.top, self.left, self.height, self.width, int(self.flip)]
-        info = np.iinfo(np.int16)
-        if any(v < info.min or v > info.max for v in values):
-            raise RecipeError(f"view params {self} do not fit int16 (source images up to 32767 px are supported)")
-        return np.asarray(values, dtype=np.int16)
-
-    @classmethod
-    def from_array(cls, recipe: Recipe, arr) -> ViewParams:
-        a = np.asarray(arr).reshape(-1)
-        if a.shape[0] != len(recipe.param_fields):
-            raise RecipeError(f"expected view params {recipe.param_fields}, got {a.shape[0]} values")
-        top, left, height, width, flip = (int(v) for v in a)
-        return cls(top, left, height, width, bool(flip))
-
-
-# ------------------------------------------------------------------ sampling (pure, no global RNG)
-def view_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """A numpy Generator seeded purely from ``(seed, epoch, global index)`` (SeedSequence hashing, PCG64)."""
-    words = []
-    for what, v in (("seed", seed), ("epoch", epoch), ("index", index)):
-        v = operator.index(v)
-        if v < 0:
-            raise ValueError(f"view_rng: {what} must be >= 0, got {v}")
-        words.append(v)
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([VIEW_RNG_TAG, *words])))
-
-
 def sample_view(rng: np.random.Generator, height: int, width: int, recipe: Recipe) -> ViewParams:
     """Draw one view's params for a ``height`` x ``width`` source image (crop first, then the flip)."""
     if height < 1 or width < 1:
@@ -183,32 +137,6 @@ def sample_view(rng: np.random.Generator, height: int, width: int, recipe: Recip
         top, left, h, w = int(rng.integers(0, 2 * p + 1)) - p, int(rng.integers(0, 2 * p + 1)) - p, height, width
     flip = bool(rng.random() < recipe.flip_p)
     return ViewParams(top, left, h, w, flip)
-
-
-def _random_resized_crop_box(rng, height, width, scale, ratio) -> tuple[int, int, int, int]:
-    """torchvision ``RandomResizedCrop.get_params``, line for line, with ``rng`` for torch's global RNG."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect_ratio)))
-        h = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    # fallback: a central crop with the aspect ratio clamped into `ratio`
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w = width
-        h = int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        h = height
-        w = int(round(h * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
 
 
 # ------------------------------------------------------------------ applying (the pixels the model sees)
@@ -240,15 +168,6 @@ def apply_view(image: torch.Tensor, params: ViewParams, recipe: Recipe) -> torch
     return _from_pil(im)
 
 
-def _window(image: torch.Tensor, top: int, left: int) -> torch.Tensor:
-    """The image shifted so that source pixel (top, left) lands at (0, 0); uncovered pixels are zero."""
-    _, H, W = image.shape
-    out = torch.zeros((H, W, 3), dtype=torch.uint8).permute(2, 0, 1)  # channels-last, like decoded images
-    y0, y1, x0, x1 = max(top, 0), min(top + H, H), max(left, 0), min(left + W, W)
-    out[:, y0 - top : y1 - top, x0 - left : x1 - left] = image[:, y0:y1, x0:x1]
-    return out
-
-
 def eval_view(image: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     """The deterministic evaluation view, uint8 (3, S, S).
 
@@ -270,41 +189,3 @@ def eval_view(image: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     return _from_pil(im.crop((left, top, left + S, top + S)))
 
 
-def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 (3, h, w) -> new uint8 (3, height, width) with Pillow's antialiased bilinear filter."""
-    return _from_pil(_to_pil(image).resize((width, height), Image.Resampling.BILINEAR))
-
-
-def _to_pil(x: torch.Tensor) -> Image.Image:
-    # decoded images are channels-last already, so this is one copy of the (cropped) region at most
-    return Image.fromarray(x.permute(1, 2, 0).contiguous().numpy())
-
-
-def _from_pil(im: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (3, H, W) over HWC memory, as PILToTensor gives
-
-
-def _check_image(image) -> None:
-    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-        what = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
-        raise RecipeError(f"views take uint8 (3, H, W) RGB tensors, got {what}")
-
-
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """``(x / 255 - mean) / std`` as float32, for uint8 (N, C, H, W) or (C, H, W); mean/std per channel."""
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    return images.float().div_(255).sub_(mean).div_(std)
-
-
-__all__ = [
-    "Recipe",
-    "ViewParams",
-    "apply_view",
-    "eval_view",
-    "get_recipe",
-    "normalize",
-    "resize",
-    "sample_view",
-    "view_rng",
-]

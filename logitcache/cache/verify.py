@@ -15,10 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-from logitcache import schema
-from logitcache.cache import CacheReader, ObjectStore, list_groups, sha256_hex
+from logitcache.cache import schema
+from logitcache.cache.reader import CacheReader
+from logitcache.cache.store import ObjectStore, _open_zarr_root, list_groups, sha256_hex
+from logitcache.data.manifest import load_manifest, verify_shards
+from logitcache.data.shards import iter_shard
 from logitcache.errors import CacheError
+from logitcache.teacher import Teacher
+from logitcache.views.params import ViewParams
+from logitcache.views.recipe import Recipe, apply_view
 
 # fp16 log-probs are rounded: allow their half-ulp near 0 when checking "<= 0" and "mass <= 1"
 LOGPROB_SLACK = 1e-3
@@ -81,8 +88,6 @@ class VerifyReport:
 
 def verify_cache(url: str, group: str | None = None, *, data: str | None = None, check_values: bool = True,
                  storage_options: dict[str, Any] | None = None) -> VerifyReport:
-    from logitcache.cache import _open_zarr_root
-
     reader = CacheReader(url, group, storage_options=storage_options)
     report = VerifyReport(url, reader.group)
     root, meta, objects = reader.root_meta, reader.meta, reader.objects
@@ -148,7 +153,6 @@ def _value_problems(rows, marker, meta: schema.GroupMeta) -> list[str]:
 
 def _data_problems(url, root: schema.RootMeta, data: str, storage_options) -> list[tuple[str, str | None]]:
     """Differences between the data given and the data the cache was made from, naming shards."""
-    from logitcache.manifest import load_manifest
 
     manifest = load_manifest(data)
     if manifest.fingerprint == root.dataset_fingerprint:
@@ -167,7 +171,6 @@ def _data_problems(url, root: schema.RootMeta, data: str, storage_options) -> li
             if key in old and old.get(key) != sh.get(key):
                 problems.append((f"{key} differs from the cache's record", sh["name"]))
     # the shard files themselves must still match the manifest (sha256 of each file)
-    from logitcache.manifest import verify_shards
 
     for err in verify_shards(manifest):
         problems.append((str(err), None))
@@ -185,13 +188,6 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
     absolute difference exceeds ``tolerance`` (nats; float16 storage and bf16 GPU dumps stay far below the
     default 0.05) is a mismatch. The weights digest is compared too. Catches a cache made with other weights.
     """
-    import torch
-
-    from logitcache.dump import load_teacher, state_dict_digest, teacher_logits
-    from logitcache.manifest import load_manifest
-    from logitcache.shards import iter_shard
-    from logitcache.views import Recipe, ViewParams, apply_view
-
     reader = CacheReader(url, group, storage_options=storage_options)
     meta, root = reader.meta, reader.root_meta
     manifest = load_manifest(data)
@@ -206,10 +202,9 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
     rng = np.random.default_rng(seed)
     picks = [candidates[i] for i in sorted(rng.choice(len(candidates), min(n, len(candidates)), replace=False))]
     recipe = Recipe.from_json(meta.recipe)
-    model = load_teacher(teacher, weights, meta.num_classes, recipe.image_size, device, meta.seed)
-    digest = state_dict_digest(model)
-    mean = torch.tensor(meta.normalization["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(meta.normalization["std"], device=device).view(1, -1, 1, 1)
+    runner = Teacher.load(teacher, weights, meta.num_classes, recipe.image_size, device, meta.seed,
+                          normalization=(meta.normalization["mean"], meta.normalization["std"]))
+    digest = runner.digest
     wanted: dict[int, dict[int, list[int]]] = {}
     for e, s, o in picks:
         wanted.setdefault(s, {}).setdefault(o, []).append(e)
@@ -226,7 +221,7 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
     worst, mismatches = 0.0, []
     with torch.inference_mode():
         for i in range(0, len(views), 64):
-            logits = teacher_logits(model, torch.stack(views[i:i + 64]), mean, std, device).cpu()
+            logits = runner.logits(torch.stack(views[i:i + 64])).cpu()
             lp = torch.log_softmax(logits.double(), dim=1)
             for j in range(logits.shape[0]):
                 e, s, o = where[i + j]

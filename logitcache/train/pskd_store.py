@@ -28,12 +28,15 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from logitcache import schema
-from logitcache.cache import CacheReader, CacheWriter, UnitRows
-from logitcache.manifest import Manifest
+from logitcache.cache import schema
+from logitcache.cache.reader import CacheReader
+from logitcache.cache.schema import UnitRows
+from logitcache.cache.writer import CacheWriter
+from logitcache.data.manifest import Manifest
+from logitcache.labels.topk import TopKLogits
 from logitcache.replay import RowSource
-from logitcache.topk import TopKLogits
-from logitcache.views import Recipe
+from logitcache.runtime.dist import SINGLE_PROCESS, DistEnv
+from logitcache.views.recipe import Recipe
 
 GROUP = schema.PREV_PROBS_GROUP_PREFIX  # "pskd"
 SLOTS = 2
@@ -65,8 +68,7 @@ class PredictionStore:
         seed: int,
         student: str,
         normalization: dict[str, list[float]],
-        rank: int = 0,
-        world: int = 1,
+        env: DistEnv = SINGLE_PROCESS,
         fresh: bool = True,
     ) -> PredictionStore:
         """Make (``fresh``: remove any old one first) or reopen the store; every rank calls this."""
@@ -80,12 +82,12 @@ class PredictionStore:
         )
         root = schema.RootMeta(manifest.fingerprint, manifest.num_classes, len(manifest.shards),
                                tuple(s.num_samples for s in manifest.shards))
-        if rank == 0:
+        if env.is_main:
             if fresh and os.path.exists(url):
                 shutil.rmtree(url)  # predictions of an earlier, abandoned run in this directory
             writer = CacheWriter.create_or_open(url, GROUP, meta, root, manifest.to_json())
-        _barrier(world)
-        if rank != 0:
+        env.barrier()
+        if not env.is_main:
             writer = CacheWriter.open(url, GROUP)
         return cls(url, manifest, k, writer)
 
@@ -163,8 +165,3 @@ class PredictionStore:
                 s = key.split("/")[0]
                 self._pending[int(s)].append((state[f"{s}/offsets"].numpy(), state[f"{s}/logits"],
                                               state[f"{s}/target"], state[f"{s}/view"].numpy()))
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()

@@ -1,0 +1,15 @@
+"""The cache (stage 1's output, stage 2's input): a zarr v3 store of per-view top-k teacher logits and view
+parameters, one (epoch, shard) unit at a time.
+
+    schema.py   THE format: arrays, dtypes, codecs, chunking, metadata, unit markers (FORMAT.md in prose)
+    store.py    opening a store safely (JSON only, checked array metadata, safe keys), object access, markers
+    writer.py   CacheWriter: create/extend a group, write a unit, its marker last
+    reader.py   CacheReader: read-only, opened lazily per process; THE stored rows -> TopKLogits conversion
+    verify.py   info, verify (checksums, completeness, sanity, data), recompute (views re-run by a teacher)
+"""
+
+from logitcache.cache.reader import CacheReader
+from logitcache.cache.schema import GroupMeta, RootMeta, UnitMarker, UnitRows
+from logitcache.cache.writer import CacheWriter
+
+__all__ = ["CacheReader", "CacheWriter", "GroupMeta", "RootMeta", "UnitMarker", "UnitRows"]

@@ -1,0 +1,170 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from logitcache.cache import schema
+from logitcache.cache.schema import ARRAYS, GroupMeta, RootMeta, UnitMarker, UnitRows
+from logitcache.cache.store import (
+    ObjectStore,
+    _check_group_name,
+    _checked_arrays,
+    _open_zarr_root,
+    _os_error,
+    read_markers,
+    read_root_meta,
+    sha256_hex,
+)
+from logitcache.errors import CacheError, CacheMismatchError, CacheWriteError
+
+
+# ------------------------------------------------------------------ writer
+class CacheWriter:
+    """Writes units of one teacher group. Create with `CacheWriter.create_or_open` (one process, e.g. rank 0),
+    then `CacheWriter.open` in the other ranks once it exists. Each unit's chunks are written, read back and
+    hashed, and its marker is written last."""
+
+    def __init__(self, url: str, group: str, *, storage_options: dict[str, Any] | None = None):
+        self.url, self.group = url, _check_group_name(group, url)
+        self.objects = ObjectStore(url, storage_options)
+        self._zroot = _open_zarr_root(url, storage_options, mode="r+")
+        g = self._zroot[group]
+        self.root_meta = RootMeta.from_json(self._zroot.attrs[schema.ATTRS_KEY])
+        self.meta = GroupMeta.from_json(g.attrs[schema.ATTRS_KEY])
+        _checked_arrays(g, self.objects, group, self.meta, url)
+        # write_empty_chunks is a runtime option, not stored metadata: every writer must set it (CONTRACTS §3)
+        self._arrays = {a.name: _open_array_for_write(g, a.name) for a in ARRAYS}
+
+    @classmethod
+    def open(cls, url: str, group: str, *, storage_options: dict[str, Any] | None = None) -> CacheWriter:
+        return cls(url, group, storage_options=storage_options)
+
+    @classmethod
+    def create_or_open(
+        cls,
+        url: str,
+        group: str,
+        meta: GroupMeta,
+        root: RootMeta,
+        manifest_json: dict[str, Any],
+        *,
+        storage_options: dict[str, Any] | None = None,
+    ) -> CacheWriter:
+        """Create the cache/group, or check an existing one matches and grow its epochs if asked for more.
+
+        Refuses (`CacheMismatchError`) a cache made from other data or a group made with other settings, and
+        names every setting that differs.
+        """
+        _check_group_name(group, url)
+        try:
+            return cls._create_or_open(url, group, meta, root, manifest_json, storage_options)
+        except OSError as e:
+            raise CacheWriteError(f"{url}: cannot create or extend teacher group '{group}': {_os_error(e)}") from e
+
+    @classmethod
+    def _create_or_open(cls, url, group, meta, root, manifest_json, storage_options) -> CacheWriter:
+        try:
+            zroot = _open_zarr_root(url, storage_options, mode="r+")
+        except FileNotFoundError:
+            zroot = None
+        objects = ObjectStore(url, storage_options)
+        if zroot is None:
+            zroot = _open_zarr_root(url, storage_options, mode="w-", attributes={schema.ATTRS_KEY: root.to_json()})
+            objects.put(schema.DATASET_MANIFEST_KEY, json.dumps(manifest_json, sort_keys=True, indent=1).encode())
+        else:
+            stored_root = read_root_meta(zroot, url)
+            if stored_root.dataset_fingerprint != root.dataset_fingerprint:
+                raise CacheMismatchError(
+                    f"{url} was made from other data: dataset fingerprint {stored_root.dataset_fingerprint[:16]}… "
+                    f"!= {root.dataset_fingerprint[:16]}… of the data given"
+                )
+        if group not in zroot:
+            g = zroot.create_group(group, attributes={schema.ATTRS_KEY: meta.to_json()})
+            for spec in ARRAYS:
+                g.create_array(spec.name, **schema.zarr_array_kwargs(spec, meta, root))
+        else:
+            g = zroot[group]
+            stored = GroupMeta.from_json(g.attrs[schema.ATTRS_KEY])
+            diff = schema.settings_diff(stored.settings(), meta.settings())
+            if diff:
+                raise CacheMismatchError(
+                    f"{url} group '{group}' was dumped with other settings; refusing to mix them:\n  "
+                    + "\n  ".join(diff)
+                )
+            if meta.epochs > stored.epochs:  # more epochs later: grow axis 0, old units untouched
+                for spec in ARRAYS:
+                    arr = g[spec.name]
+                    arr.resize((meta.epochs, *arr.shape[1:]))
+            g.attrs[schema.ATTRS_KEY] = stored.merged(meta).to_json()  # epochs and shards only grow
+        return cls(url, group, storage_options=storage_options)
+
+    def add_provenance(self, entry: dict[str, Any]) -> None:
+        """Append one run's provenance (single writer: rank 0)."""
+        g = _open_zarr_root(self.url, self.objects.storage_options, mode="r+")[self.group]
+        d = g.attrs[schema.ATTRS_KEY]
+        d["provenance"] = [*d.get("provenance", []), entry]
+        try:
+            g.attrs[schema.ATTRS_KEY] = d
+        except OSError as e:
+            raise CacheWriteError(
+                f"{self.url}: cannot record provenance in group '{self.group}': {_os_error(e)}"
+            ) from e
+
+    def finished_units(self) -> dict[tuple[int, int], UnitMarker]:
+        return read_markers(self.objects, self.group)
+
+    def write_unit(
+        self,
+        epoch: int,
+        shard: int,
+        offsets: np.ndarray,
+        rows: UnitRows,
+        length: int,
+        stats: dict[str, float],
+        skipped: tuple[int, ...] = (),
+    ) -> UnitMarker:
+        """Write one unit: rows go to ``offsets`` (positions in the shard), other rows stay zero padding."""
+        L = self.root_meta.max_shard_len
+        if length > L or (len(offsets) and int(np.max(offsets)) >= length):
+            raise CacheError(f"unit (epoch {epoch}, shard {shard}): offsets/length exceed the shard length {length}")
+        unit = f"unit (epoch {epoch}, shard {shard})"
+        marker_key = schema.unit_marker_key(self.group, epoch, shard)
+        key = marker_key
+        try:
+            # the marker is removed first so a crash mid-rewrite (repair) leaves the unit unfinished, not stale
+            self.objects.delete(marker_key)
+            hashes = {}
+            for name, values in rows.as_dict().items():
+                arr = self._arrays[name]
+                key = schema.chunk_key(self.group, name, epoch, shard, arr.ndim)
+                full = np.zeros((L, *arr.shape[3:]), dtype=arr.dtype)
+                full[offsets] = values
+                arr[epoch, shard] = full
+                stored = self.objects.get(key)
+                if stored is None:
+                    raise CacheError(f"chunk {key} was not written (write_empty_chunks must be on)")
+                hashes[name] = sha256_hex(stored)
+            marker = UnitMarker(
+                epoch, shard, int(length), hashes, {k: float(v) for k, v in stats.items()},
+                tuple(int(s) for s in skipped),
+            )
+            key = marker_key
+            self.objects.put(marker_key, marker.to_bytes())
+        except OSError as e:
+            raise CacheWriteError(
+                f"{self.url}: writing {unit} of group '{self.group}' failed at object {key}: {_os_error(e)}. "
+                f"The unit stays unfinished (no marker); units finished before are intact: free space / fix "
+                f"permissions and rerun the dump to complete the rest"
+            ) from e
+        return marker
+
+
+def _open_array_for_write(group, name: str):
+    # the runtime config that keeps all-zero chunks as stored objects (it is not stored in the metadata)
+    return group[name].with_config({"write_empty_chunks": True})
+
+

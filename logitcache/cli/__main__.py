@@ -1,0 +1,3 @@
+from logitcache.cli import main
+
+main()

@@ -1,0 +1,81 @@
+"""`logitcache dump`: stage 1, run a teacher once over augmented views into a cache."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from logitcache.cli.options import (
+    _print_json,
+    data_option,
+    device_option,
+    json_option,
+    out_option,
+    parse_temperatures,
+    reports_errors,
+    shards_option,
+)
+
+
+# ---------------------------------------------------------------- dump / info / verify (stage 1, the cache)
+@click.command()
+@click.option("--teacher", required=True, help="teacher architecture: torchvision name, timm:NAME, or ours")
+@click.option("--weights", default=None, help="torchvision weights name (IMAGENET1K_V1) or a local checkpoint")
+@data_option()
+@out_option("the cache to create or extend (path or fsspec URL)")
+@click.option("--group", default=None, help="teacher group inside the cache (default: the teacher's name)")
+@click.option("--epochs", default=1, show_default=True, type=int, help="augmented views per sample (one per epoch)")
+@click.option("--topk", default=10, show_default=True, type=int, help="k: teacher logits kept per view")
+@click.option("--temperatures", default="1", show_default=True, help="temperatures to record, e.g. 1,4 (1 always)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--recipe", default="imagenet", show_default=True, help="view recipe: imagenet | small")
+@click.option("--image-size", default=None, type=int, help="model input size in px (default: the recipe's)")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--workers", default=0, show_default=True, type=int, help="DataLoader workers")
+@device_option()
+@shards_option()
+@click.option("--value-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="dtype of the stored top-k log-probabilities")
+@click.option("--skip-bad", is_flag=True, help="skip corrupt samples (counted and reported) instead of stopping")
+@click.option("--repair", is_flag=True, help="verify the cache first and redo exactly the damaged units")
+@click.option("--dry-run", is_flag=True, help="print the plan (units, views, bytes) and write nothing")
+@json_option()
+@reports_errors
+def dump(teacher, weights, data, out, group, epochs, topk, temperatures, seed, recipe, image_size, batch_size,
+         workers, device, shard_selection, value_dtype, skip_bad, repair, dry_run, as_json):
+    """Run a teacher once over augmented views of --data and store its top-k logits in --out.
+
+    Resumable: rerun the same command after an interruption and it finishes the unfinished units.
+    Under `torchrun --nproc-per-node N` ranks take disjoint shards.
+    """
+    from logitcache.data.split import parse_shard_selection
+    from logitcache.dump import DumpConfig, plan
+    from logitcache.dump import dump as run_dump
+
+    cfg = DumpConfig(
+        data=data, out=out, teacher=teacher, weights=weights, group=group, epochs=epochs, topk=topk,
+        temperatures=parse_temperatures(temperatures), seed=seed, recipe=recipe, image_size=image_size,
+        batch_size=batch_size, workers=workers, device=device, value_dtype=value_dtype, skip_bad=skip_bad,
+        repair=repair, shards=tuple(parse_shard_selection(shard_selection)) if shard_selection else None,
+        progress=not as_json,
+    )
+    if dry_run:
+        p = plan(cfg)
+        if as_json:
+            _print_json(p)
+        else:
+            for k, v in p.items():
+                click.echo(f"{k:32s} {v}")
+        return
+    summary = run_dump(cfg, argv=sys.argv)
+    if as_json:
+        _print_json(summary.to_json())
+        return
+    s = summary
+    click.echo(
+        f"dump {s.group}: {s.units_written} unit(s) written, {s.units_skipped_done} already done; "
+        f"{s.views_written} views in the cache, {s.bytes_on_disk} bytes on disk, {s.bytes_per_view:.1f} B/view; "
+        f"teacher top-1 on the views {100 * s.teacher_top1:.2f}%, mean top-{cfg.topk} mass {s.mean_topk_mass:.4f}; "
+        f"{s.samples_skipped} sample(s) skipped; {s.seconds:.1f} s"
+    )

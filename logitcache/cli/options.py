@@ -1,0 +1,61 @@
+"""The CLI's shared pieces: the one flag vocabulary (CONTRACTS §1) as reusable options, error handling, output."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+
+def reports_errors(fn):
+    """Turn project errors into `click.ClickException` (non-zero exit, no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from logitcache.errors import LogitcacheError
+
+        try:
+            return fn(*args, **kwargs)
+        except LogitcacheError as e:
+            raise click.ClickException(f"{type(e).__name__}: {e}") from e
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- shared options (one vocabulary)
+def data_option(required: bool = True, help: str = "dataset: a manifest.json, or a directory/URL holding one"):
+    return click.option("--data", "data", required=required, help=help)
+
+
+def out_option(help: str):
+    return click.option("--out", "out", required=True, help=help)
+
+
+def json_option():
+    return click.option("--json", "as_json", is_flag=True, help="machine-readable output on stdout, nothing else")
+
+
+def device_option():
+    return click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1")
+
+
+def shards_option():
+    return click.option(
+        "--shards", "shard_selection", default=None,
+        help="use part of the data: shard indices as a range '0-9' or list '0,3,5' (default: all)",
+    )
+
+
+def parse_temperatures(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError as e:
+        raise click.BadParameter(f"--temperatures must be comma-separated numbers, got {text!r}") from e
+
+
+def _print_json(obj) -> None:
+    import json
+
+    click.echo(json.dumps(obj, indent=1, sort_keys=True, default=str))
+
+

@@ -1,0 +1,110 @@
+"""`logitcache train`: stage 2, train a student from a cache, online, or teacher-free."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from logitcache.cli.options import (
+    data_option,
+    device_option,
+    out_option,
+    reports_errors,
+    shards_option,
+)
+
+
+# ---------------------------------------------------------------- train (stage 2: students)
+@click.command()
+@data_option(help="training dataset: a manifest.json, or a directory/URL holding one")
+@click.option("--val", default=None, help="validation dataset, evaluated after every epoch (same form as --data)")
+@out_option("the run directory: config.json, metrics.jsonl, checkpoints/")
+@click.option("--student", required=True, help="student architecture: torchvision name, timm:NAME, or ours")
+@click.option("--init", default=None, help="the student's initial weights (local checkpoint or torchvision name)")
+@click.option("--loss", required=True, help="ce | ls | kd | dkd | nkd | tf-kd | zipf-ls | tf-nkd | pskd | uskd")
+@click.option("--loss-arg", "loss_args", multiple=True, metavar="KEY=VALUE",
+              help="a loss hyper-parameter (repeatable), checked against the loss's arguments")
+@click.option("--ce-weight", default=None, type=float, help="weight of the CE term (default: the method's paper)")
+@click.option("--loss-weight", default=None, type=float, help="weight of the method's term(s) (default: paper)")
+@click.option("--cache", default=None, help="soft labels (and views) from this cache")
+@click.option("--group", default=None, help="teacher group inside --cache (optional when it holds one)")
+@click.option("--teacher", default=None, help="online KD: run this teacher in the loop on the same views")
+@click.option("--weights", default=None, help="the online teacher's weights (torchvision name or local file)")
+@click.option("--epochs", default=1, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int, help="per process")
+@click.option("--lr", default=0.1, show_default=True, type=float, help="peak learning rate")
+@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw"]))
+@click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD momentum")
+@click.option("--nesterov", is_flag=True, help="Nesterov momentum (SGD)")
+@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "step"]))
+@click.option("--step-milestones", default=None,
+              help="epochs where the step schedule multiplies the lr by --step-gamma, e.g. 30,60,90 "
+                   "(default: half and three quarters of --epochs)")
+@click.option("--step-gamma", default=0.1, show_default=True, type=float)
+@click.option("--warmup-epochs", default=0.0, show_default=True, type=float, help="linear warm-up (may be fractional)")
+@click.option("--weight-decay", default=1e-4, show_default=True, type=float)
+@click.option("--clip-grad", default=None, type=float, help="clip the gradient norm to this value")
+@click.option("--label-smoothing", default=0.0, show_default=True, type=float, help="smooth the CE term's labels")
+@click.option("--recipe", default=None,
+              help="view recipe: imagenet | small (default: the cache's with --cache, else imagenet)")
+@click.option("--image-size", default=None, type=int, help="model input size in px (default: the recipe's)")
+@click.option("--workers", default=0, show_default=True, type=int, help="DataLoader workers per process")
+@device_option()
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="model init, data order, and (without --cache) the views: the dump's seed gives the dump's views")
+@shards_option()
+@click.option("--checkpoint-every", default=0, show_default=True, type=int,
+              help="also checkpoint every N optimizer steps (0: at the end of each epoch only)")
+@click.option("--resume", is_flag=True, help="continue from OUT/checkpoints/last.pt (same result as no break)")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the student")
+@click.option("--skip-bad", is_flag=True, help="skip corrupt samples (counted in metrics.jsonl) instead of stopping")
+@click.option("--pskd-topk", default=None, type=int,
+              help="pskd: classes kept per stored prediction (default: all, i.e. exactly the reference)")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@reports_errors
+def train(data, val, out, student, init, loss, loss_args, ce_weight, loss_weight, cache, group, teacher, weights,
+          epochs, batch_size, lr, optimizer, momentum, nesterov, schedule, step_milestones, step_gamma, warmup_epochs,
+          weight_decay, clip_grad, label_smoothing, recipe, image_size, workers, device, seed, shard_selection,
+          checkpoint_every, resume, compile_model, skip_bad, pskd_topk, no_progress):
+    """Train a student: from a cache (--cache, the cached views replayed), online (--teacher), or teacher-free.
+
+    One soft-label source per run. Under `torchrun --nproc-per-node N` ranks take disjoint shards and
+    stay in lockstep. Writes OUT/config.json, OUT/metrics.jsonl (one line per epoch), OUT/val_reliability.json
+    and OUT/checkpoints/{last,epoch-NNNN}.pt.
+    """
+    import os
+
+    from logitcache.data.manifest import load_manifest
+    from logitcache.data.split import parse_shard_selection
+    from logitcache.train.config import TrainConfig
+    from logitcache.train.loop import train as run_train
+
+    try:
+        milestones = (tuple(float(m) for m in step_milestones.split(",") if m.strip())
+                      if step_milestones else None)
+    except ValueError as e:
+        raise click.BadParameter(f"--step-milestones must be comma-separated epochs, got {step_milestones!r}") from e
+    shards_sel = None
+    if shard_selection:
+        shards_sel = tuple(parse_shard_selection(shard_selection, len(load_manifest(data).shards)))
+    try:
+        cfg = TrainConfig(
+            data=data, val=val, out=out, student=student, init=init, loss=loss, loss_args=tuple(loss_args),
+            ce_weight=ce_weight, loss_weight=loss_weight, cache=cache, group=group, teacher=teacher, weights=weights,
+            epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
+            schedule=schedule, step_milestones=milestones, step_gamma=step_gamma, warmup_epochs=warmup_epochs,
+            weight_decay=weight_decay, clip_grad=clip_grad, label_smoothing=label_smoothing, recipe=recipe,
+            image_size=image_size, workers=workers, device=device, seed=seed, shards=shards_sel,
+            checkpoint_every=checkpoint_every, resume=resume, compile=compile_model, skip_bad=skip_bad,
+            pskd_topk=pskd_topk, progress=not no_progress,
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    line = run_train(cfg, argv=sys.argv)
+    if line and int(os.environ.get("RANK", "0")) == 0:
+        val_stats = line.get("val") or {}
+        click.echo(f"trained {cfg.student} ({cfg.loss}, {cfg.mode}) to epoch {line['epoch']}: train loss "
+                   f"{line['train']['loss']:.4f} top1 {line['train']['top1']:.4f}"
+                   + (f"; val top1 {val_stats['top1']:.4f} ece {val_stats['ece']:.4f}" if val_stats else "")
+                   + f"; run in {out}")

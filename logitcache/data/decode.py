@@ -1,0 +1,95 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from logitcache.errors import (
+    BadSampleError,
+)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in order of preference when a sample has several
+
+
+DECODER = "torchvision"  # or "pil"; see the module docstring
+
+
+def parse_label(data: bytes | None) -> int:
+    """The integer in a ``.cls`` member; ValueError (with the reason) when missing or not an integer."""
+    if data is None:
+        raise ValueError("no .cls label")
+    text = data.decode("ascii", errors="replace").strip()
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise ValueError(f".cls is not an integer: {text[:32]!r}")
+    return int(text)
+
+
+def decode_image(data: bytes, decoder: str = DECODER) -> torch.Tensor:
+    """Image bytes -> uint8 (3, H, W) RGB (grayscale/CMYK/palette converted, alpha dropped). Raises on bad bytes."""
+    if not data:
+        raise ValueError("empty image")
+    if decoder == "torchvision" and _tv_decode is not None:
+        try:
+            x = _tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_TV_RGB)
+        except RuntimeError as e:
+            raise ValueError(str(e).splitlines()[-1]) from e
+        if x.dtype == torch.uint8:
+            return x
+        # 16-bit PNG: let PIL do its conversion rather than inventing one
+    elif decoder not in ("torchvision", "pil"):
+        raise ValueError(f"unknown decoder {decoder!r}; use 'torchvision' or 'pil'")
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = im.convert("RGB")
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # channels-last memory, as torchvision decodes
+
+
+try:  # torchvision without image ops (or a future one without them) falls back to PIL
+    from torchvision.io import ImageReadMode as _ImageReadMode
+    from torchvision.io import decode_image as _tv_decode
+    from torchvision.io.image import _has_image_ops
+
+    _TV_RGB = _ImageReadMode.RGB
+    if not _has_image_ops():
+        _tv_decode = None
+except ImportError:  # pragma: no cover
+    _tv_decode, _TV_RGB = None, None
+
+
+def decode_sample(raw: dict[str, Any], num_classes: int, decoder: str = DECODER) -> tuple[torch.Tensor, int]:
+    """Stage body: a raw sample -> ``(image, label)``; any problem raises `BadSampleError` naming url:key."""
+    url, key = raw["__url__"], raw["__key__"]
+    try:
+        label = parse_label(raw.get("cls"))
+    except ValueError as e:
+        raise BadSampleError(url, key, str(e), "bad label" if "cls" in raw else "no label") from None
+    if not 0 <= label < num_classes:
+        raise BadSampleError(url, key, f"label {label} outside [0, {num_classes})", "label out of range")
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if ext is None:
+        parts = sorted(k for k in raw if not k.startswith("__"))
+        raise BadSampleError(url, key, f"no image (.jpg/.jpeg/.png/.webp); members: {parts}", "no image")
+    try:
+        image = decode_image(raw[ext], decoder)
+    except Exception as e:  # every decoder failure (PIL raises many types) is this sample's fault
+        raise BadSampleError(url, key, f"cannot decode .{ext}: {type(e).__name__}: {e}", "bad image") from None
+    return image, label
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    """The extension the bytes really are (ImageNet has a PNG named .JPEG): jpg, png, webp or None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+

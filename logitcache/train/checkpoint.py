@@ -1,0 +1,110 @@
+"""Checkpoints and ``--resume``.
+
+A checkpoint holds everything as tensors and plain containers — model, optimizer, schedule position, RNG states
+as tensors, the config as a JSON string — so it loads with ``torch.load(weights_only=True)``. One is written at
+every epoch's end and every ``--checkpoint-every`` steps (atomically, `RunDir.save_checkpoint`); mid-epoch ones
+also carry every rank's running sums and the soft-label source's pending state (PS-KD rows awaiting their
+unit), so a resumed run continues exactly where the checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from logitcache.errors import LogitcacheError
+from logitcache.models.weights import load_checkpoint
+from logitcache.runtime.dist import DistEnv
+from logitcache.train.config import RESUMABLE_CHANGES, TrainConfig
+from logitcache.train.rundir import RunDir
+
+
+@dataclass
+class ResumePoint:
+    """Where a run (re)starts: epoch, batches of it already trained, optimizer steps taken, and this rank's
+    mid-epoch state (running sums, source state) when the checkpoint was taken mid-epoch."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    step: int = 0
+    rank_state: dict[str, Any] | None = None
+    resumed: bool = field(default=False)
+
+
+def rng_state(device: str) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def config_diff(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    now = cfg.to_json()
+    return [f"{k}: checkpoint has {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+
+
+def resume(cfg: TrainConfig, run: RunDir, env: DistEnv, model: torch.nn.Module,
+           optimizer: torch.optim.Optimizer) -> ResumePoint:
+    """Load ``RUN/checkpoints/last.pt`` into model and optimizer (and the RNG) when ``--resume`` asks for it.
+
+    A run directory that already holds a run needs ``--resume``; a checkpoint made with another configuration
+    (beyond `RESUMABLE_CHANGES`) is refused, naming the differences; a mid-epoch checkpoint resumes only with the
+    rank and worker counts it was taken with (the data order depends on them)."""
+    if not cfg.resume:
+        if os.path.exists(run.last):
+            raise LogitcacheError(f"{cfg.out} already holds a run ({run.last}); pass --resume to continue it, or "
+                                  f"choose another --out")
+        return ResumePoint()
+    if not os.path.exists(run.last):
+        return ResumePoint()
+    obj = load_checkpoint(run.last)
+    saved = json.loads(obj["config"])
+    diff = [d for d in config_diff(saved, cfg) if d.split(":")[0] not in RESUMABLE_CHANGES]
+    if diff:
+        raise LogitcacheError(f"{run.last} was made with another configuration; refusing to resume:\n  "
+                              + "\n  ".join(diff))
+    model.load_state_dict(obj["model"])
+    optimizer.load_state_dict(obj["optimizer"])
+    point = ResumePoint(int(obj["epoch"]), int(obj["batches_done"]), int(obj["step"]), None, True)
+    if obj["epoch_complete"]:
+        point.epoch, point.batches_done = point.epoch + 1, 0
+    elif int(obj["world_size"]) != env.world or saved.get("workers") != cfg.workers:
+        raise LogitcacheError(f"{run.last} was taken mid-epoch with {obj['world_size']} rank(s) and "
+                              f"{saved.get('workers')} worker(s); resume it with the same counts (the data "
+                              f"order depends on them)")
+    else:
+        point.rank_state = obj["ranks"][env.rank]
+    torch.set_rng_state(obj["rng"]["torch"])
+    if env.device.startswith("cuda") and "cuda" in obj["rng"]:
+        torch.cuda.set_rng_state(obj["rng"]["cuda"], torch.device(env.device))
+    return point
+
+
+def save(run: RunDir, cfg: TrainConfig, env: DistEnv, model, optimizer, source, epoch: int, batches_done: int,
+         step: int, acc: dict[str, Any], *, complete: bool) -> None:
+    """Checkpoint (every rank calls this; rank 0 writes). Mid-epoch ones carry every rank's running sums and the
+    source's pending state."""
+    mine = {"acc": {k: torch.as_tensor(v, dtype=torch.float64).detach().cpu() for k, v in acc.items()},
+            "pskd": source.state_dict()}
+    ranks = env.all_gather_object(mine)
+    if not env.is_main:
+        return
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {"schedule": cfg.schedule, "step": step},  # the learning rate is a pure function of progress
+        "epoch": epoch,
+        "epoch_complete": complete,
+        "batches_done": batches_done,
+        "step": step,
+        "world_size": env.world,
+        "rng": rng_state(env.device),
+        "config": json.dumps(cfg.to_json(), sort_keys=True),
+        "ranks": ranks if not complete else [],
+    }
+    run.save_checkpoint(state, "last.pt", *([f"epoch-{epoch:04d}.pt"] if complete else []))

@@ -1,0 +1,69 @@
+"""DDP lockstep: every rank runs the same optimizer steps although ranks read whole shards of unequal size.
+
+Before each step the ranks agree (one small all-reduce) on the number of samples in this step over all ranks; a
+rank that has run out repeats its last batch with weight 0 and frozen batch-norm statistics, so learning rate,
+momentum and weights stay equal, and each rank's loss is weighted by ``n_rank · world / n_all`` so the gradient
+is the exact mean over the global batch. After each epoch the ranks compare a checksum of their weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from logitcache.data.shards import ShardDataset
+from logitcache.data.split import split_shards
+from logitcache.errors import LogitcacheError
+from logitcache.runtime.dist import DistEnv
+
+
+def planned_steps(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, workers: int) -> int:
+    """Steps of an epoch when nothing is skipped: the most batches any rank's DataLoader yields (lockstep)."""
+    order = ShardDataset(manifest, shards, rank=0, world_size=world, shuffle_seed=seed, epoch=epoch).shard_order()
+    nw = max(workers, 1)
+    return max(
+        sum(math.ceil(sum(manifest.shards[s].num_samples for s in split_shards(order, r, world, w, nw)) / batch_size)
+            for w in range(nw))
+        for r in range(world)
+    )
+
+
+def agree_on_step(env: DistEnv, n: int, has_batch: bool) -> tuple[float, bool]:
+    """``(samples in this step over all ranks, whether any rank still has data)``."""
+    n_all, active = env.all_sum([float(n), float(has_batch)])
+    return n_all, active > 0
+
+
+@contextlib.contextmanager
+def frozen_bn(model: torch.nn.Module, frozen: bool):
+    """Batch-norm running statistics unchanged by the forward passes inside (a lockstep rank's repeat batch)."""
+    if not frozen:
+        yield
+        return
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    return float(sum(p.detach().double().sum() for p in model.state_dict().values() if p.is_floating_point()))
+
+
+def sync_after_epoch(env: DistEnv, model: torch.nn.Module, epoch: int) -> None:
+    """Make batch-norm buffers rank 0's (DDP syncs them at each forward's start, so after the last one they may
+    differ) and check that every rank holds the same weights."""
+    if env.world == 1:
+        return
+    for buffer in model.buffers():
+        env.broadcast_(buffer, 0)
+    sums = env.all_gather_floats(weights_checksum(model))
+    if len(set(sums)) != 1:
+        raise LogitcacheError(f"ranks hold different weights after epoch {epoch}: {sums}")

@@ -1,0 +1,323 @@
+"""Stage 2: train a student — from a cache, online with a teacher, or teacher-free — in one loop.
+
+    views   CachedViews (the cache's views, replayed) | FreshViews (sample_view(view_rng(seed, e, i)))
+    soft    exactly one source per mode (`sources`): the cache's rows, the teacher on the same batch, PS-KD's
+            previous-epoch predictions, or nothing
+    loss    terms = spec.terms(student, target, teacher=..., weak=..., prev_probs=...);  loss = Σ terms
+
+`train` reads top to bottom: set up (`build`), then for each epoch `train_epoch` (the step loop), validation,
+one metrics line and a checkpoint. Determinism: the data order is a pure function of (seed, epoch, rank count,
+worker count) (`replay`), the model is initialised from ``torch.manual_seed(seed)``, and the learning rate is a
+pure function of the progress, so ``--resume`` (`checkpoint`) reaches the same weights as an uninterrupted run on
+the CPU. DDP (torchrun; gloo on CPU, NCCL on GPU) runs in lockstep (`lockstep`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from logitcache.data.manifest import Manifest, load_manifest
+from logitcache.errors import LogitcacheError
+from logitcache.eval.evaluate import evaluate
+from logitcache.losses import LossSpec, get_loss, parse_loss_args
+from logitcache.losses.label_smoothing import label_smoothing
+from logitcache.models.zoo import attach_weak_head, build_model, model_normalization
+from logitcache.replay import collate
+from logitcache.runtime import precision
+from logitcache.runtime.dist import DistEnv, init_distributed
+from logitcache.runtime.provenance import provenance, utc_now
+from logitcache.teacher import Teacher
+from logitcache.train import checkpoint
+from logitcache.train.config import TrainConfig, learning_rate, make_optimizer
+from logitcache.train.lockstep import agree_on_step, frozen_bn, planned_steps, sync_after_epoch
+from logitcache.train.pskd_store import STORE_NAME, PredictionStore
+from logitcache.train.rundir import RunDir
+from logitcache.train.sources import CacheSource, FreshSource, OnlineSource, PSKDSource, open_cache
+from logitcache.views.recipe import get_recipe
+
+#: tests only: SIGKILL the run right before its N+1-th optimizer step (a real kill at a reproducible point)
+KILL_AFTER_STEPS_ENV = "LOGITCACHE_TEST_KILL_AFTER_STEPS"
+#: steps between progress-bar updates (each one syncs with the device once)
+LOG_EVERY = 10
+
+
+@dataclass
+class Setup:
+    """Everything an epoch needs, built once by `build`."""
+
+    manifest: Manifest
+    shards: list[int]
+    spec: LossSpec
+    loss_args: dict[str, Any]
+    model: torch.nn.Module  # what the step calls (DDP / compiled wrapper)
+    raw_model: torch.nn.Module  # the module whose weights are saved
+    optimizer: torch.optim.Optimizer
+    source: FreshSource
+    mean: torch.Tensor
+    std: torch.Tensor
+    val: Manifest | None
+    recipe: Any
+    notes: list[str] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs: int | None = None) -> dict[str, Any]:
+    """Train as ``cfg`` says; returns the last metrics line. ``stop_after_epochs``: end this process after that
+    many epochs (checkpointed), e.g. for time-limited jobs; ``resume=True`` continues."""
+    env = init_distributed(cfg.device)
+    run = RunDir(cfg.out)
+    s, point = build(cfg, env, run)
+    for note in s.notes:
+        log(env, note)
+    if env.is_main:
+        write_run_config(run, cfg, env, s, point, argv)
+    last_line: dict[str, Any] = {}
+    start_epoch = point.epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        train_stats, lr, step = train_epoch(cfg, env, run, s, epoch, point)
+        point = checkpoint.ResumePoint(epoch=epoch + 1, step=step)
+        sync_after_epoch(env, s.raw_model, epoch)
+        val_stats, bins = None, None
+        if s.val is not None:
+            val_stats, bins = evaluate(s.raw_model, s.val, s.recipe, batch_size=cfg.batch_size, workers=cfg.workers,
+                                       device=env.device, skip_bad=cfg.skip_bad,
+                                       normalization=(s.mean.flatten().tolist(), s.std.flatten().tolist()))
+        last_line = {"epoch": epoch, "step": step, "lr": lr, "train": train_stats, "val": val_stats,
+                     "cache_epoch": s.source.cache.cached_epoch(epoch) if isinstance(s.source, CacheSource) else None}
+        if env.is_main:
+            report_epoch(run, env, last_line, bins)
+        checkpoint.save(run, cfg, env, s.raw_model, s.optimizer, s.source, epoch, 0, step, {}, complete=True)
+        if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
+            break
+    if not last_line and run.metrics():  # a --resume of a finished run: nothing left to do
+        log(env, f"all {cfg.epochs} epoch(s) are done already")
+        last_line = run.metrics()[-1]
+    if env.is_main:
+        config = run.read_json("config.json")
+        config["provenance"][-1]["end_time"] = utc_now()
+        config["samples_skipped_per_epoch"] = {str(m["epoch"]): m["train"]["samples_skipped"] for m in run.metrics()}
+        run.write_json("config.json", config)
+    env.close()
+    return last_line
+
+
+def train_epoch(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, epoch: int,
+                point: checkpoint.ResumePoint) -> tuple[dict[str, Any], float, int]:
+    """One epoch of optimizer steps in lockstep; returns ``(train figures summed over ranks, last lr, step)``."""
+    common = dict(shards=s.shards, rank=env.rank, world_size=env.world, skip_bad=cfg.skip_bad,
+                  shuffle_seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, return_items=True)
+    loader = torch.utils.data.DataLoader(
+        s.source.dataset(s.manifest, epoch, **common), batch_size=cfg.batch_size, num_workers=cfg.workers,
+        collate_fn=collate, pin_memory=env.device.startswith("cuda"),
+        generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),  # leaves the global RNG alone
+    )
+    n_steps = planned_steps(s.manifest, s.shards, cfg.seed, epoch, env.world, cfg.batch_size, cfg.workers)
+    # running sums (float64, on the device: no host sync per step): samples, correct, Σ term·n, seconds
+    acc: dict[str, torch.Tensor] = {}
+    seconds, step, i = 0.0, point.step, point.batches_done
+    if point.rank_state is not None:
+        acc = {k: v.to(env.device) for k, v in point.rank_state["acc"].items() if k != "seconds"}
+        seconds = float(point.rank_state["acc"].get("seconds", 0.0))
+    s.raw_model.train()
+    bar = tqdm(total=n_steps, initial=i, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True,
+               disable=not cfg.progress or not env.is_main, leave=False)
+    batches, last_batch = iter(loader), None
+    for _ in range(i):  # a mid-epoch resume: these batches were trained before the checkpoint
+        last_batch = next(batches, None) or last_batch
+    kill_after = int(os.environ.get(KILL_AFTER_STEPS_ENV, "0"))
+    t0 = time.perf_counter()
+    lr = learning_rate(cfg, epoch + i / n_steps, 1.0 / n_steps)
+    while True:
+        if kill_after and step >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        batch = next(batches, None)
+        n = 0 if batch is None else len(batch.target)
+        n_all, active = agree_on_step(env, n, batch is not None)
+        if not active:
+            break
+        repeat = batch is None  # this rank ran out of shards: keep in lockstep with weight 0
+        if repeat and last_batch is None:
+            raise LogitcacheError(f"rank {env.rank} has no samples to keep in lockstep with (all skipped?)")
+        batch = last_batch if repeat else batch
+        last_batch = batch
+        lr = learning_rate(cfg, epoch + i / n_steps, 1.0 / n_steps)
+        terms, logits, loss = optimizer_step(cfg, env, s, batch, epoch, lr, weight=n * env.world / n_all,
+                                             repeat=repeat)
+        step, i = step + 1, i + 1
+        if not repeat:
+            accumulate(acc, terms, logits, batch.target.to(env.device), n, env.device)
+            s.source.record(epoch, batch, logits)
+        bar.update(1)
+        if i % LOG_EVERY == 0 or cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            show_progress(bar, epoch, step, terms, loss, lr, acc, seconds + time.perf_counter() - t0, env.world)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            checkpoint.save(run, cfg, env, s.raw_model, s.optimizer, s.source, epoch, i, step,
+                            {**acc, "seconds": seconds + time.perf_counter() - t0}, complete=False)
+    bar.close()
+    s.source.finish_epoch(epoch)
+    env.barrier()  # next epoch's readers may read units another rank wrote (PS-KD)
+    return epoch_stats(env, acc, seconds + time.perf_counter() - t0, s), lr, step
+
+
+def optimizer_step(cfg: TrainConfig, env: DistEnv, s: Setup, batch, epoch: int, lr: float, *, weight: float,
+                   repeat: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Forward (the student on the view, the soft labels from the run's one source), the weighted backward
+    (``weight`` = this rank's share of the global batch, 0 for a lockstep repeat), clip, step."""
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    target = batch.target.to(env.device, non_blocking=True)
+    x = precision.normalize_on_device(batch.image, s.mean, s.std, env.device)
+    with frozen_bn(s.raw_model, repeat), precision.autocast(env.device):
+        out = s.model(x)
+    logits, weak = (out[0].float(), out[1].float()) if isinstance(out, tuple) else (out.float(), None)
+    terms = s.spec.terms(logits, target, args=s.loss_args, weak=weak, votes=None, epoch=epoch, epochs=cfg.epochs,
+                         ce_weight=cfg.ce_weight, loss_weight=cfg.loss_weight, **s.source.inputs(batch, env.device))
+    if cfg.label_smoothing > 0 and "ce" in terms:
+        ce_weight = s.spec.ce_weight if cfg.ce_weight is None else cfg.ce_weight
+        terms["ce"] = ce_weight * label_smoothing(logits, target, epsilon=cfg.label_smoothing)
+    loss = sum(terms.values())
+    s.optimizer.zero_grad(set_to_none=True)
+    (loss * weight).backward()
+    if cfg.clip_grad:
+        torch.nn.utils.clip_grad_norm_(s.raw_model.parameters(), cfg.clip_grad)
+    s.optimizer.step()
+    return terms, logits, loss
+
+
+def accumulate(acc: dict[str, torch.Tensor], terms, logits, target, n: int, device: str) -> None:
+    """Add one batch to the epoch's running sums (on the device: no host sync)."""
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    for k, v in terms.items():
+        acc[k] = acc.get(k, zero) + v.detach().double() * n
+    acc["n"] = acc.get("n", zero) + n
+    acc["correct"] = acc.get("correct", zero) + (logits.detach().argmax(1) == target).sum()
+
+
+def show_progress(bar, epoch: int, step: int, terms, loss, lr: float, acc, elapsed: float, world: int) -> None:
+    """Every `LOG_EVERY` steps: stop on a non-finite loss, and update the progress bar (one device sync)."""
+    if not math.isfinite(float(loss.detach())):
+        raise LogitcacheError(f"non-finite loss at epoch {epoch} step {step}: "
+                              f"{ {k: float(v.detach()) for k, v in terms.items()} }")
+    seen = float(acc["n"]) if "n" in acc else 0.0
+    bar.set_postfix({**{k: f"{float(v.detach()):.4f}" for k, v in terms.items()}, "lr": f"{lr:.3g}",
+                     "img/s": f"{seen * world / max(elapsed, 1e-9):.0f}"}, refresh=False)
+
+
+def epoch_stats(env: DistEnv, acc, seconds: float, s: Setup) -> dict[str, Any]:
+    """The epoch's training figures, summed over ranks."""
+    term_names = sorted(k for k in acc if k not in ("n", "correct"))
+    sums = env.all_sum([float(acc.get(k, 0.0)) for k in ("n", "correct", *term_names)])
+    seen = sums[0]
+    stats = {k: sums[2 + j] / max(seen, 1) for j, k in enumerate(term_names)}
+    stats.update({
+        "loss": sum(stats.values()), "top1": sums[1] / max(seen, 1), "samples": int(seen),
+        "samples_skipped": int(sum(s.manifest.shards[i].num_samples for i in s.shards) - seen), "seconds": seconds,
+        "images_per_s": seen / seconds if seconds > 0 else float("nan"),
+    })
+    return stats
+
+
+# ------------------------------------------------------------------ set-up and reporting
+def build(cfg: TrainConfig, env: DistEnv, run: RunDir) -> tuple[Setup, checkpoint.ResumePoint]:
+    """Data, loss, recipe, soft-label source, student, optimizer, and the resume point."""
+    spec, loss_args = get_loss(cfg.loss), parse_loss_args(cfg.loss, cfg.loss_args)
+    manifest = load_manifest(cfg.data)
+    shards = list(cfg.shards) if cfg.shards is not None else list(range(len(manifest.shards)))
+    if len(shards) < env.world:
+        raise LogitcacheError(f"{len(shards)} shard(s) cannot feed {env.world} ranks (ranks read whole shards): "
+                              f"use at most {len(shards)} processes, or data with more shards")
+    num_classes, notes = manifest.num_classes, []
+    cache = teacher = None
+    if cfg.cache:
+        cache, recipe, notes = open_cache(cfg, manifest, spec, loss_args)
+    else:
+        recipe = get_recipe(cfg.recipe or "imagenet", cfg.image_size)
+    if cfg.teacher:
+        teacher = Teacher.load(cfg.teacher, cfg.weights, num_classes, recipe.image_size, env.device, cfg.seed)
+        if cfg.weights is None:
+            notes.append(f"teacher {cfg.teacher} has no --weights: randomly initialised from seed {cfg.seed}")
+    if "votes" in spec.needs:
+        notes.append("zipf-ls ranks classes by the student's own logits (votes=None): the models here do not expose "
+                     "per-pixel votes of their last feature map")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.student, num_classes, weights=cfg.init, image_size=recipe.image_size)
+    if "weak" in spec.needs:
+        model = attach_weak_head(model, cfg.student, num_classes, image_size=recipe.image_size)
+    model = precision.prepare_model(model, env.device)
+    mean, std = (torch.tensor(v, device=env.device).view(1, -1, 1, 1) for v in model_normalization(cfg.student))
+    optimizer = make_optimizer(cfg, model)
+    point = checkpoint.resume(cfg, run, env, model, optimizer)
+    if cfg.resume and not point.resumed:
+        notes.append(f"--resume: no checkpoint in {run.checkpoints}; starting from scratch")
+    elif point.resumed:
+        notes.append(f"resuming {run.last}: epoch {point.epoch}, {point.batches_done} batch(es) done, "
+                     f"step {point.step}")
+    if cache is not None:
+        source = CacheSource(cfg, recipe, cache)
+    elif teacher is not None:
+        source = OnlineSource(cfg, recipe, teacher)
+    elif spec.name == "pskd":
+        store = PredictionStore.create(
+            run.file(STORE_NAME), manifest, k=cfg.pskd_topk or num_classes, recipe=recipe, seed=cfg.seed,
+            student=cfg.student, normalization={"mean": mean.flatten().tolist(), "std": std.flatten().tolist()},
+            env=env, fresh=not point.resumed)
+        source = PSKDSource(cfg, recipe, store)
+        if point.rank_state is not None:
+            source.load_state_dict(point.rank_state["pskd"])
+    else:
+        source = FreshSource(cfg, recipe)
+    wrapped = model
+    if env.world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device] if env.device.startswith("cuda") else None)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    val = load_manifest(cfg.val) if cfg.val else None
+    return Setup(manifest, shards, spec, loss_args, wrapped, model, optimizer, source, mean, std, val, recipe,
+                 notes), point
+
+
+def write_run_config(run: RunDir, cfg: TrainConfig, env: DistEnv, s: Setup, point: checkpoint.ResumePoint,
+                     argv: list[str] | None) -> None:
+    """RUN/config.json: the config, what it resolved to, and one provenance entry per (re)start."""
+    os.makedirs(run.checkpoints, exist_ok=True)
+    config = run.read_json("config.json") if point.resumed and os.path.exists(run.file("config.json")) else {}
+    config.update(cfg.to_json())
+    config["resolved"] = {
+        "mode": cfg.mode, "loss_args": s.loss_args,
+        "ce_weight": s.spec.ce_weight if cfg.ce_weight is None else cfg.ce_weight,
+        "loss_weight": s.spec.loss_weight if cfg.loss_weight is None else cfg.loss_weight,
+        "recipe": s.recipe.to_json(), "num_classes": s.manifest.num_classes, "world_size": env.world,
+        "device": env.device, "student_parameters": sum(p.numel() for p in s.raw_model.parameters()),
+        "normalization": {"mean": s.mean.flatten().tolist(), "std": s.std.flatten().tolist()},
+        "cache": s.source.describe(),
+        "zipf_votes": "logits" if "votes" in s.spec.needs else None,
+        "notes": [n for n in s.notes if not n.startswith(("resuming ", "--resume"))],
+    }
+    resumed_from = {"epoch": point.epoch, "batches": point.batches_done} if point.resumed else None
+    config["provenance"] = [*config.get("provenance", []), {**provenance(argv), "resumed_from": resumed_from}]
+    run.write_json("config.json", config)
+    run.keep_metrics_before(point.epoch)
+
+
+def report_epoch(run: RunDir, env: DistEnv, line: dict[str, Any], bins) -> None:
+    run.append_metrics(line)
+    if bins is not None:
+        run.write_json("val_reliability.json", bins.to_dict())
+    t, v = line["train"], line["val"]
+    val_text = "" if v is None else f"; val top1 {v['top1']:.4f} nll {v['nll']:.4f} ece {v['ece']:.4f} (n={v['n']})"
+    log(env, f"epoch {line['epoch']}: loss {t['loss']:.4f} top1 {t['top1']:.4f} {t['images_per_s']:.0f} img/s, "
+             f"{t['samples_skipped']} skipped{val_text}")
+
+
+def log(env: DistEnv, msg: str) -> None:
+    if env.is_main:
+        tqdm.write(f"logitcache train: {msg}", file=sys.stderr)
