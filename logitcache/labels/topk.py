@@ -186,18 +186,21 @@ class TopKLogits:
         )
 
     def to(self, device, non_blocking: bool = False) -> TopKLogits:
-        def mv(t: Tensor) -> Tensor:
-            return t.to(device, non_blocking=non_blocking)
+        """The rows on ``device``; ``non_blocking=True`` from pinned memory (`pin_memory`) does not make the host
+        wait for the copy."""
+        return TopKLogits._trusted(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()),
+                                   self.temperatures, self.num_classes)
 
-        return TopKLogits(
-            mv(self.indices),
-            mv(self.logits),
-            mv(self.target),
-            mv(self.target_logprob),
-            mv(self.lse),
-            self.temperatures,
-            self.num_classes,
-        )
+    def pin_memory(self) -> TopKLogits:
+        """The rows in page-locked host memory. A DataLoader with ``pin_memory=True`` calls this on every batch
+        (as on a tensor), so the copy to the GPU can be ``non_blocking``."""
+        return TopKLogits._trusted(*(t.pin_memory() for t in self._tensors()), self.temperatures, self.num_classes)
+
+    def is_pinned(self) -> bool:
+        return all(t.is_pinned() for t in self._tensors())
+
+    def _tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return self.indices, self.logits, self.target, self.target_logprob, self.lse
 
     # ------------------------------------------------------------------ helpers
     def _temperature_column(self, temperature: float) -> int:

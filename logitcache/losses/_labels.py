@@ -36,8 +36,8 @@ def check_target(target: Tensor, n: int, c: int) -> None:
     if target.dim() == 1 and not target.is_floating_point():
         if target.shape[0] != n:
             raise ValueError(f"target has {target.shape[0]} labels for {n} rows of logits")
-        if n and (int(target.min()) < 0 or int(target.max()) >= c):
-            raise ValueError(f"hard labels must lie in [0, {c}), got range [{int(target.min())}, {int(target.max())}]")
+        if n:
+            _check_label_range(target, c)
     elif target.dim() == 2 and target.is_floating_point():
         if tuple(target.shape) != (n, c):
             raise ValueError(f"score labels must be shaped {(n, c)}, got {tuple(target.shape)}")
@@ -45,6 +45,18 @@ def check_target(target: Tensor, n: int, c: int) -> None:
         raise ValueError(
             f"target must be (N,) int64 class indices or (N, C) float scores, got {tuple(target.shape)} {target.dtype}"
         )
+
+
+def _check_label_range(target: Tensor, c: int) -> None:
+    """Every hard label in [0, c), checked without reading the labels back to the host: on a GPU this is a
+    device-side assert (reading ``target.min()`` would make every training step wait for the device); on the CPU
+    it raises at once, as a ValueError naming the range."""
+    ok = ((target >= 0) & (target < c)).all()
+    try:
+        torch._assert_async(ok, f"hard labels must lie in [0, {c})")
+    except RuntimeError:
+        lo, hi = int(target.min()), int(target.max())
+        raise ValueError(f"hard labels must lie in [0, {c}), got range [{lo}, {hi}]") from None
 
 
 def check_temperature(temperature: float) -> float:
@@ -119,4 +131,4 @@ def dense_teacher_log_probs(teacher: Tensor | TopKLogits, temperature: float, li
             raise ValueError(f"teacher TopKLogits covers {(len(teacher), teacher.num_classes)}, student is {(n, c)}")
     elif tuple(teacher.shape) != (n, c):
         raise ValueError(f"teacher logits shaped {tuple(teacher.shape)} do not match student logits {(n, c)}")
-    return teacher_log_probs(teacher, temperature).to(device=like.device, dtype=like.dtype)
+    return teacher_log_probs(teacher, temperature).to(device=like.device, dtype=like.dtype, non_blocking=True)

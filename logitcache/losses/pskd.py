@@ -35,6 +35,6 @@ def pskd(student: Tensor, target: Tensor, prev_probs: Tensor | None, *, alpha_t:
     else:
         if tuple(prev_probs.shape) != (n, c):
             raise ValueError(f"prev_probs shaped {tuple(prev_probs.shape)} do not match student logits {(n, c)}")
-        prev = prev_probs.detach().to(device=s.device, dtype=s.dtype)
+        prev = prev_probs.detach().to(device=s.device, dtype=s.dtype, non_blocking=True)
     soft = (1.0 - alpha_t) * y + alpha_t * prev
     return -(soft * torch.log_softmax(s, dim=1)).sum(dim=1).mean()

@@ -1,15 +1,19 @@
 """DDP lockstep: every rank runs the same optimizer steps although ranks read whole shards of unequal size.
 
-Before each step the ranks agree (one small all-reduce) on the number of samples in this step over all ranks; a
-rank that has run out repeats its last batch with weight 0 and frozen batch-norm statistics, so learning rate,
-momentum and weights stay equal, and each rank's loss is weighted by ``n_rank · world / n_all`` so the gradient
-is the exact mean over the global batch. After each epoch the ranks compare a checksum of their weights.
+Each step's global sample count is known before the epoch (`plan_epoch`): shard order, split and sample counts
+come from the manifest (less the samples a cache's markers say the dump skipped), and the DataLoader's batch
+sizes follow from them (`loader_batch_sizes`), so the ranks agree without talking — no collective, no host
+sync per step. Only with ``--skip-bad``, where a sample may fail to decode, are the counts unknown; then the
+ranks agree before each step (`agree_on_step`, one small all-reduce). A rank that has run out repeats its last
+batch with weight 0 and frozen batch-norm statistics, so learning rate, momentum and weights stay equal, and
+each rank's loss is weighted by ``n_rank · world / n_all`` so the gradient is the exact mean over the global
+batch. After each epoch the ranks compare a checksum of their weights.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+from dataclasses import dataclass
 
 import torch
 
@@ -19,19 +23,61 @@ from logitcache.errors import LogitcacheError
 from logitcache.runtime.dist import DistEnv
 
 
-def planned_steps(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, workers: int) -> int:
-    """Steps of an epoch when nothing is skipped: the most batches any rank's DataLoader yields (lockstep)."""
+def loader_batch_sizes(worker_counts: list[int], batch_size: int) -> list[int]:
+    """Sizes of the batches ``DataLoader(IterableDataset, batch_size, num_workers=len(worker_counts))`` yields, in
+    order, when worker w yields ``worker_counts[w]`` samples: each worker batches its own samples (its last batch
+    partial) and the loader takes one batch from each worker that still has one, in worker order, round after
+    round (its in-order round robin). One count stands for ``num_workers=0``."""
+    per = [[min(batch_size, n - j * batch_size) for j in range(-(-n // batch_size))] for n in worker_counts]
+    return [p[r] for r in range(max((len(p) for p in per), default=0)) for p in per if r < len(p)]
+
+
+@dataclass(frozen=True)
+class LockstepPlan:
+    """An epoch's steps, known before it starts: every rank's batch sizes, in order."""
+
+    sizes: tuple[tuple[int, ...], ...]  # per rank
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of the epoch: the most batches any rank has (the others repeat with weight 0)."""
+        return max(len(s) for s in self.sizes)
+
+    def batch_size(self, rank: int, step: int) -> int:
+        """Samples rank ``rank`` trains on at ``step``; 0 once it has run out (it repeats its last batch)."""
+        mine = self.sizes[rank]
+        return mine[step] if step < len(mine) else 0
+
+    def total(self, step: int) -> int:
+        """Samples all ranks together train on at ``step``."""
+        return sum(s[step] for s in self.sizes if step < len(s))
+
+
+def plan_epoch(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, workers: int,
+               skipped: dict[int, int] | None = None) -> LockstepPlan:
+    """The lockstep plan of an epoch in which every sample decodes: the shard order and split of `ShardDataset`
+    / `split_shards`, ``num_samples − skipped[shard]`` samples per shard (``skipped``: the samples a cache's
+    markers say the dump left out; replay leaves them out too)."""
+    skipped = skipped or {}
     order = ShardDataset(manifest, shards, rank=0, world_size=world, shuffle_seed=seed, epoch=epoch).shard_order()
     nw = max(workers, 1)
-    return max(
-        sum(math.ceil(sum(manifest.shards[s].num_samples for s in split_shards(order, r, world, w, nw)) / batch_size)
-            for w in range(nw))
-        for r in range(world)
-    )
+
+    def samples(rank: int, worker: int) -> int:
+        return sum(manifest.shards[s].num_samples - skipped.get(s, 0)
+                   for s in split_shards(order, rank, world, worker, nw))
+
+    return LockstepPlan(tuple(tuple(loader_batch_sizes([samples(r, w) for w in range(nw)], batch_size))
+                              for r in range(world)))
+
+
+def planned_steps(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, workers: int) -> int:
+    """Steps of an epoch when nothing is skipped: the most batches any rank's DataLoader yields (lockstep)."""
+    return plan_epoch(manifest, shards, seed, epoch, world, batch_size, workers).steps
 
 
 def agree_on_step(env: DistEnv, n: int, has_batch: bool) -> tuple[float, bool]:
-    """``(samples in this step over all ranks, whether any rank still has data)``."""
+    """``(samples in this step over all ranks, whether any rank still has data)``: the per-step agreement, for
+    epochs whose counts are not known in advance (``--skip-bad``)."""
     n_all, active = env.all_sum([float(n), float(has_batch)])
     return n_all, active > 0
 

@@ -36,9 +36,9 @@ from logitcache.runtime import precision
 from logitcache.runtime.dist import DistEnv, init_distributed
 from logitcache.runtime.provenance import provenance, utc_now
 from logitcache.teacher import Teacher
-from logitcache.train import checkpoint
+from logitcache.train import checkpoint, syncs
 from logitcache.train.config import TrainConfig, learning_rate, make_optimizer
-from logitcache.train.lockstep import agree_on_step, frozen_bn, planned_steps, sync_after_epoch
+from logitcache.train.lockstep import agree_on_step, frozen_bn, plan_epoch, planned_steps, sync_after_epoch
 from logitcache.train.pskd_store import STORE_NAME, PredictionStore
 from logitcache.train.rundir import RunDir
 from logitcache.train.sources import CacheSource, FreshSource, OnlineSource, PSKDSource, open_cache
@@ -120,6 +120,10 @@ def train_epoch(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, epoch: in
         generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),  # leaves the global RNG alone
     )
     n_steps = planned_steps(s.manifest, s.shards, cfg.seed, epoch, env.world, cfg.batch_size, cfg.workers)
+    # every rank's batch sizes, known before the epoch unless a sample may fail to decode (--skip-bad): then the
+    # ranks agree before each step instead (one all-reduce per step)
+    plan = None if cfg.skip_bad else plan_epoch(s.manifest, s.shards, cfg.seed, epoch, env.world, cfg.batch_size,
+                                                cfg.workers, s.source.skipped(epoch))
     # running sums (float64, on the device: no host sync per step): samples, correct, Σ term·n, seconds
     acc: dict[str, torch.Tensor] = {}
     seconds, step, i = 0.0, point.step, point.batches_done
@@ -135,14 +139,23 @@ def train_epoch(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, epoch: in
     kill_after = int(os.environ.get(KILL_AFTER_STEPS_ENV, "0"))
     t0 = time.perf_counter()
     lr = learning_rate(cfg, epoch + i / n_steps, 1.0 / n_steps)
-    while True:
+    while plan is None or i < plan.steps:
         if kill_after and step >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
-        batch = next(batches, None)
+        syncs.mark("data")
+        batch = next(batches, None) if plan is None or plan.batch_size(env.rank, i) else None
+        syncs.mark("step")  # from here to the display: no host-device sync (tests/test_hot_path.py counts them)
         n = 0 if batch is None else len(batch.target)
-        n_all, active = agree_on_step(env, n, batch is not None)
-        if not active:
-            break
+        if plan is None:
+            n_all, active = agree_on_step(env, n, batch is not None)
+            if not active:
+                break
+        else:
+            n_all = plan.total(i)
+            if n != plan.batch_size(env.rank, i):
+                raise LogitcacheError(f"rank {env.rank}, epoch {epoch}, step {i}: the data gave a batch of {n} "
+                                      f"sample(s) where the plan (from the manifest and the cache's markers) "
+                                      f"expects {plan.batch_size(env.rank, i)}")
         repeat = batch is None  # this rank ran out of shards: keep in lockstep with weight 0
         if repeat and last_batch is None:
             raise LogitcacheError(f"rank {env.rank} has no samples to keep in lockstep with (all skipped?)")
@@ -153,14 +166,20 @@ def train_epoch(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, epoch: in
                                              repeat=repeat)
         step, i = step + 1, i + 1
         if not repeat:
-            accumulate(acc, terms, logits, batch.target.to(env.device), n, env.device)
+            accumulate(acc, terms, logits, batch.target.to(env.device, non_blocking=True), n, env.device)
             s.source.record(epoch, batch, logits)
         bar.update(1)
         if i % LOG_EVERY == 0 or cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            syncs.mark("display")  # the one place a step may wait for the device: every LOG_EVERY steps
             show_progress(bar, epoch, step, terms, loss, lr, acc, seconds + time.perf_counter() - t0, env.world)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             checkpoint.save(run, cfg, env, s.raw_model, s.optimizer, s.source, epoch, i, step,
                             {**acc, "seconds": seconds + time.perf_counter() - t0}, complete=False)
+    syncs.mark("data")
+    if plan is not None and next(batches, None) is not None:
+        raise LogitcacheError(f"rank {env.rank}, epoch {epoch}: the data holds more batches than the plan (from the "
+                              f"manifest and the cache's markers) of {len(plan.sizes[env.rank])}")
+    syncs.mark(None)
     bar.close()
     s.source.finish_epoch(epoch)
     env.barrier()  # next epoch's readers may read units another rank wrote (PS-KD)

@@ -45,6 +45,10 @@ class FreshSource:
         """The loss's extra inputs for this batch (``teacher=`` / ``prev_probs=``)."""
         return {}
 
+    def skipped(self, epoch: int) -> dict[int, int]:
+        """Samples per shard that epoch ``epoch``'s data leaves out although they decode (none here)."""
+        return {}
+
     def record(self, epoch: int, batch, logits: torch.Tensor) -> None:
         """Called after each step with the student's logits (PS-KD keeps them)."""
 
@@ -86,7 +90,7 @@ class PSKDSource(FreshSource):
         return self.store.source(epoch)
 
     def inputs(self, batch, device: str) -> dict[str, Any]:
-        return {} if batch.soft is None else {"prev_probs": batch.soft.to(device).probs(1.0)}
+        return {} if batch.soft is None else {"prev_probs": batch.soft.to(device, non_blocking=True).probs(1.0)}
 
     def record(self, epoch: int, batch, logits: torch.Tensor) -> None:
         self.store.record(epoch, batch.index, logits, batch.target, batch.view)
@@ -115,8 +119,14 @@ class CacheSource(FreshSource):
             warnings.simplefilter("ignore", CycledViewsWarning)
             return CachedViews(manifest, self.cache, recipe=self.recipe, epoch=epoch, **common)
 
+    def skipped(self, epoch: int) -> dict[int, int]:
+        """The samples the dump skipped (its markers list them): replay leaves them out."""
+        markers = self.cache.markers()
+        e = self.cache.cached_epoch(epoch)
+        return {s: len(m.skipped) for (ue, s), m in markers.items() if ue == e and m.skipped}
+
     def inputs(self, batch, device: str) -> dict[str, Any]:
-        return {"teacher": batch.soft.to(device)}  # the cache's rows for exactly these views
+        return {"teacher": batch.soft.to(device, non_blocking=True)}  # the cache's rows for exactly these views
 
     def describe(self) -> dict[str, Any]:
         m = self.cache.meta

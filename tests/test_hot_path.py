@@ -1,0 +1,200 @@
+"""Issue 14 items 3 and 4: a training step without host–device syncs, and costs that stay flat.
+
+- `TopKLogits.pin_memory` is what a DataLoader with ``pin_memory=True`` calls on the rows (checked without a GPU
+  by standing in for the accelerator and for ``Tensor.pin_memory``; for real where CUDA exists);
+- the lockstep plan (every rank's batch sizes, from the manifest) is what the DataLoader yields, so the ranks
+  need no per-step agreement;
+- `SyncCounter` counts 0 syncs per step for CE and cached NKD (and does count a sync when there is one);
+- the dump's batches (hence its bytes) are those of decoding the shard once per epoch, skipped samples included.
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from _data_helpers import imagenet_like_samples
+
+from logitcache.data.manifest import load_manifest
+from logitcache.data.shards import iter_shard
+from logitcache.data.write import write_shards
+from logitcache.dump import DumpConfig, UnitViews, _collate, dump
+from logitcache.labels.topk import TopKLogits
+from logitcache.replay import FreshViews, collate
+from logitcache.train import syncs
+from logitcache.train.config import TrainConfig
+from logitcache.train.lockstep import loader_batch_sizes, plan_epoch
+from logitcache.train.loop import train
+from logitcache.views.recipe import apply_view, get_recipe, sample_view
+from logitcache.views.rng import view_rng
+
+SEED = 3
+
+
+# ------------------------------------------------------------------ pinned rows
+def _rows(n: int, seed: int = 0) -> TopKLogits:
+    g = torch.Generator().manual_seed(seed)
+    return TopKLogits.from_logits(torch.randn(n, 10, generator=g), torch.randint(0, 10, (n,), generator=g), 3,
+                                  (1.0, 4.0))
+
+
+def test_a_dataloader_with_pin_memory_pins_the_topk_rows(monkeypatch):
+    """DataLoader(pin_memory=True) calls `TopKLogits.pin_memory` on every batch, which pins each of its tensors.
+    Without a GPU the accelerator and ``Tensor.pin_memory`` are stood in for: the fake records what it pinned."""
+    pinned: set[int] = set()
+
+    def fake_pin(self, *args, **kwargs):
+        out = self.clone()
+        pinned.add(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    rows = _rows(6)
+    items = [(torch.zeros(3, 4, 4, dtype=torch.uint8), rows[i], int(rows.target[i])) for i in range(6)]
+    loader = torch.utils.data.DataLoader(items, batch_size=4, collate_fn=collate, pin_memory=True)
+    images, soft, target = next(iter(loader))
+    assert isinstance(soft, TopKLogits) and len(soft) == 4
+    assert {t.data_ptr() for t in soft._tensors()} <= pinned  # every tensor of the rows went through pin_memory
+    assert images.data_ptr() in pinned and target.data_ptr() in pinned
+    assert torch.equal(soft.logits, rows.logits[:4]) and soft.temperatures == rows.temperatures
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real pinned memory needs CUDA (the test above stands in)")
+def test_topk_rows_pin_and_copy_without_blocking_on_cuda():
+    rows = _rows(4).pin_memory()
+    assert rows.is_pinned()
+    on_gpu = rows.to("cuda", non_blocking=True)
+    assert torch.equal(on_gpu.cpu().logits, rows.logits)
+
+
+# ------------------------------------------------------------------ the lockstep plan
+class _Counted(torch.utils.data.IterableDataset):
+    """Worker w yields counts[w] items, sleeping a little at random so the workers race."""
+
+    def __init__(self, counts):
+        self.counts = counts
+
+    def __iter__(self):
+        import time
+
+        info = torch.utils.data.get_worker_info()
+        w = info.id if info is not None else 0
+        rng = random.Random(w)
+        for i in range(self.counts[w]):
+            time.sleep(rng.random() * 0.002)
+            yield w, i
+
+
+@pytest.mark.parametrize("counts,batch,workers", [([7], 3, 0), ([9, 2, 0], 4, 3), ([5, 13], 2, 2), ([1, 4, 4], 1, 3)])
+def test_loader_batch_sizes_are_what_the_dataloader_yields(counts, batch, workers):
+    loader = torch.utils.data.DataLoader(_Counted(counts), batch_size=batch, num_workers=workers,
+                                         collate_fn=lambda b: b)
+    assert [len(b) for b in loader] == loader_batch_sizes(counts, batch)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_epoch_plan_is_every_ranks_batches(imagenet_shards, workers):
+    """3 shards of 8 on 2 ranks: each rank's DataLoader yields exactly the batch sizes of the plan, which the
+    ranks then need not agree on step by step."""
+    manifest = load_manifest(imagenet_shards)
+    recipe = get_recipe("imagenet", 32)
+    plan = plan_epoch(manifest, [0, 1, 2], SEED, 1, 2, 3, workers)
+    for rank in range(2):
+        views = FreshViews(manifest, seed=SEED, epoch=1, recipe=recipe, rank=rank, world_size=2, shuffle_seed=SEED)
+        loader = torch.utils.data.DataLoader(views, batch_size=3, num_workers=workers, collate_fn=collate)
+        assert [len(b[-1]) for b in loader] == list(plan.sizes[rank])
+    assert sum(plan.total(i) for i in range(plan.steps)) == 24
+    skipped = plan_epoch(manifest, [0, 1, 2], SEED, 1, 2, 3, workers, skipped={0: 2, 2: 1})
+    assert sum(skipped.total(i) for i in range(skipped.steps)) == 21
+
+
+# ------------------------------------------------------------------ syncs per step
+def test_the_sync_counter_sees_syncs_in_the_step_and_not_elsewhere():
+    x = torch.randn(4, 3)
+    with syncs.SyncCounter() as counter:
+        syncs.mark("step")
+        y = (x * 2).sum()  # no sync
+        float(y)  # one (counted once although __float__ calls item)
+        _ = x[x > 0]  # boolean mask: one
+        x.to("cpu")  # a blocking copy: one
+        x.to("cpu", non_blocking=True)  # none
+        syncs.mark("data")
+        y.item()  # not counted: the loader's time
+        syncs.mark("display")
+        y.item()
+        syncs.mark(None)
+    assert counter.counts == {"Tensor.__float__": 1, "Tensor.__getitem__": 1, "Tensor.to": 1}
+    assert counter.other == {"display:Tensor.item": 1} and counter.steps == 1
+    y.item()  # patches are gone
+    assert counter.total == 3
+
+
+@pytest.fixture(scope="module")
+def small_cache(small_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hot_path_cache") / "cache.zarr"
+    dump(DumpConfig(data=str(small_shards), out=str(out), teacher="smallcnn", recipe="small", epochs=1, topk=5,
+                    seed=SEED, batch_size=8, progress=False))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ce", "nkd-cached"])
+def test_no_host_device_sync_per_step_for_ce_and_cached_nkd(small_shards, small_cache, tmp_path, mode):
+    """The real loop, a test-sized run: 0 syncs in the step (the hot path); the display and checkpoints every
+    N steps do sync, and the counter sees them (so it is live)."""
+    kw = dict(loss="ce", recipe="small") if mode == "ce" else dict(loss="nkd", cache=str(small_cache))
+    cfg = TrainConfig(data=str(small_shards), out=str(tmp_path / "run"), student="smallcnn", epochs=1, batch_size=5,
+                      lr=0.05, seed=SEED, progress=False, checkpoint_every=2, **kw)
+    with syncs.SyncCounter() as counter:
+        line = train(cfg)
+    assert line["train"]["samples"] == 24
+    assert counter.steps == 5  # 24 samples in batches of 5
+    assert counter.total == 0, counter.counts
+    assert counter.other, "the display/checkpoint syncs every N steps should have been seen"
+
+
+# ------------------------------------------------------------------ the dump's batches
+def _batches_decoding_per_epoch(manifest, pending, recipe, seed, batch_size):
+    """The batches of the former dump, which kept one buffer per pending epoch: batch j of epoch e is the j-th run
+    of ``batch_size`` samples that decode; then a (possibly empty) last batch per epoch ends the unit."""
+    out = []
+    for shard in sorted(pending):
+        samples = list(iter_shard(manifest, shard, skip_bad=True))
+        per_epoch = {e: [] for e in pending[shard]}
+        for sample in samples:
+            _, h, w = sample.image.shape
+            for e in pending[shard]:
+                params = sample_view(view_rng(seed, e, sample.index), h, w, recipe)
+                per_epoch[e].append((sample.offset, apply_view(sample.image, params, recipe), sample.label,
+                                     params.to_array(), f"{sample.url}:{sample.key}"))
+        n_full = len(samples) // batch_size
+        for j in range(n_full):
+            for e in pending[shard]:
+                out.append((_collate(e, shard, per_epoch[e][j * batch_size:(j + 1) * batch_size]), False))
+        for e in pending[shard]:
+            out.append((_collate(e, shard, per_epoch[e][n_full * batch_size:], recipe), True))
+    return out
+
+
+def test_dump_batches_do_not_depend_on_the_number_of_epochs_held(tmp_path):
+    """Decoding a chunk and emitting its batch for each epoch in turn gives the very batches (offsets, pixels,
+    view params, unit ends, skipped samples) of one buffer per epoch, so the cache's bytes are unchanged."""
+    samples = list(imagenet_like_samples(19, num_classes=10))
+    samples[4] = (samples[4][0], {"jpg": b"not a jpeg", "cls": b"3"})
+    samples[12] = (samples[12][0], {"jpg": b"\xff\xd8broken", "cls": b"1"})
+    write_shards(iter(samples), tmp_path / "data", class_names=[str(i) for i in range(10)], samples_per_shard=8)
+    manifest = load_manifest(tmp_path / "data")
+    recipe = get_recipe("imagenet", 24)
+    pending = {0: [0, 1, 2], 1: [1, 2], 2: [0, 1, 2]}
+    new = list(UnitViews(manifest, pending, recipe, SEED, 3, skip_bad=True))
+    old = _batches_decoding_per_epoch(manifest, pending, recipe, SEED, 3)
+    assert len(new) == len(old)
+    for got, (want, end) in zip(new, old, strict=True):
+        assert (got.epoch, got.shard, got.end_of_unit) == (want.epoch, want.shard, end)
+        assert torch.equal(got.offsets, want.offsets) and torch.equal(got.images, want.images)
+        assert torch.equal(got.view_params, want.view_params) and got.sample_ids == want.sample_ids
+    ends = [b for b in new if b.end_of_unit]
+    assert [b.skipped for b in ends if b.shard == 0] == [(4,)] * 3
+    assert [b.skipped for b in ends if b.shard == 1] == [(4,)] * 2
+    assert np.array_equal(np.unique([len(b.offsets) for b in new if not b.end_of_unit]), [3])
