@@ -29,6 +29,7 @@ from tqdm import tqdm
 from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
 from logitcache.cache.schema import UnitRows
+from logitcache.cache.store import write_unit_indexes
 from logitcache.cache.verify import verify_cache
 from logitcache.cache.writer import CacheWriter
 from logitcache.data.manifest import ShardCheck, file_size, load_manifest
@@ -255,6 +256,7 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     bar.close()
     env.barrier()
     if env.is_main:
+        write_unit_indexes(writer.objects, writer.group)  # readers then read one object per epoch, not its markers
         writer.add_provenance({**prov, "end_time": utc_now(), "units_written": units.written,
                                "samples_skipped": units.samples_skipped})
     env.barrier()
@@ -400,6 +402,8 @@ def forget_damaged_units(url: str, group: str) -> list[tuple[int, int]]:
         return []
     report = verify_cache(url, group)
     damaged = [u for u in report.bad_units() if u in reader.markers(refresh=True)]
+    for e in sorted({e for e, _ in damaged}):  # an index must never list a unit being redone
+        reader.objects.delete(schema.unit_index_key(group, e))
     for e, s in damaged:
         reader.objects.delete(schema.unit_marker_key(group, e, s))
     return damaged

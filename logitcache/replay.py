@@ -295,10 +295,12 @@ class CachedViews(_Views):
                          skip_bad=skip_bad, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer,
                          return_items=return_items)
         self._say_if_cycling()
+        self.reader.epoch_markers(self.cached_epoch)  # read here, once: DataLoader workers get them with the reader
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self._say_if_cycling()
+        self.reader.epoch_markers(self.cached_epoch)
 
     @property
     def cached_epoch(self) -> int:

@@ -15,6 +15,18 @@ machine (no network latency, but a Python HTTP server per request), so it unders
 of real S3 (tens of ms to the first byte) and overstates its per-request CPU cost.
 
     .venv/bin/python pipelines/bench_reader.py [--shards 16] [--shard-size 1000] [--epochs 2] [--json]
+
+GETs per training epoch (issue 14, ``--only gets``): an ImageNet-shaped cache — --gets-shards 1,281 shards x
+--gets-epochs 10 cached epochs, tiny units (2 samples of 28 px each, so the count, not the bytes, is measured) —
+on a moto S3 server in this process that counts every request it answers (server side, so DataLoader workers'
+requests count too). One training epoch through `CachedViews` + DataLoader, from a fresh reader, with 0 and with
+4 workers: the requests it costs, next to the units it reads (5 chunk objects each). Claims: 4 workers cost the
+same as 0 (within 1%), and the requests are the units' chunks plus a constant (opening the cache and one unit
+index object per epoch; without the index, the fallback lists the markers and reads the epoch's). The units'
+chunk objects and markers are copies of one real unit (their bytes do not matter to the count), the unit
+indexes are the dump's (`write_unit_indexes`).
+
+    .venv/bin/python pipelines/bench_reader.py --only gets     # about a minute; the GET table only
 """
 
 from __future__ import annotations
@@ -137,6 +149,179 @@ def best_rate(fn, repeats: int) -> float:
     return best
 
 
+# ------------------------------------------------------------------ GETs per epoch at ImageNet shape
+class CountingS3:
+    """moto's S3 app on 127.0.0.1 in a thread of this process, counting the requests it answers by kind."""
+
+    def __init__(self):
+        import logging
+        import threading
+        from collections import Counter
+
+        from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        app = DomainDispatcherApplication(create_backend_app)
+
+        def counted(environ, start_response):
+            method, qs = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", "")
+            path = environ.get("PATH_INFO", "").strip("/")
+            kind = "LIST" if method == "GET" and ("/" not in path or "list-type" in qs) else method
+            with self._lock:
+                self.counts[kind] += 1
+            return app(environ, start_response)
+
+        self._server = make_server("127.0.0.1", 0, counted, threaded=True, request_handler=MotoRequestHandler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.counts.clear()
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+def imagenet_shaped_cache(tmp: str, shards: int, epochs: int, per_shard: int = 2) -> tuple[str, dict[str, bytes]]:
+    """Data shards (``per_shard`` 28 px PNGs each) on local disk, and the objects of a cache over them:
+    ``shards x epochs`` units, each a copy of one real unit, with markers and the dump's unit indexes."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from logitcache.cache.store import read_markers
+    from logitcache.data.manifest import load_manifest
+    from logitcache.data.write import write_shards
+    from logitcache.views.recipe import get_recipe, sample_view
+    from logitcache.views.rng import view_rng
+
+    rng = np.random.default_rng(0)
+
+    def samples():
+        for i in range(shards * per_shard):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
+            yield f"s{i:07d}", {"png": buf.getvalue(), "cls": str(i % 10).encode()}
+
+    data = os.path.join(tmp, "data")
+    write_shards(samples(), data, class_names=[str(c) for c in range(10)], samples_per_shard=per_shard)
+    manifest = load_manifest(data)
+    recipe = get_recipe("small", 28)
+    root = schema.RootMeta(manifest.fingerprint, 10, shards, tuple(s.num_samples for s in manifest.shards))
+    meta = schema.GroupMeta(
+        teacher="synthetic", weights=None, weights_digest="-", num_classes=10,
+        normalization={"mean": [0.5] * 3, "std": [0.5] * 3}, recipe=recipe.to_json(),
+        param_fields=tuple(recipe.param_fields), k=3, temperatures=(1.0,), seed=0, epochs=epochs)
+    local = os.path.join(tmp, "template.zarr")
+    writer = CacheWriter.create_or_open(local, "synthetic", meta, root, manifest.to_json())
+    g = torch.Generator().manual_seed(0)
+    tk = TopKLogits.from_logits(torch.randn(per_shard, 10, generator=g), torch.arange(per_shard) % 10, 3, (1.0,))
+    views = np.stack([sample_view(view_rng(0, 0, i), 28, 28, recipe).to_array() for i in range(per_shard)])
+    template = writer.write_unit(0, 0, np.arange(per_shard), UnitRows.from_topk(tk, views, "float16"), per_shard,
+                                 {"views": float(per_shard)})
+    objects: dict[str, bytes] = {}
+    for dirpath, _, files in os.walk(local):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            with open(path, "rb") as fh:
+                objects[os.path.relpath(path, local)] = fh.read()
+    ndim = {name: len(writer._arrays[name].shape) for name in schema.ARRAY_NAMES}
+    chunks = {name: objects[schema.chunk_key("synthetic", name, 0, 0, ndim[name])] for name in schema.ARRAY_NAMES}
+    per_epoch: dict[int, list] = {}
+    for e in range(epochs):
+        for s in range(shards):
+            for name in schema.ARRAY_NAMES:
+                objects[schema.chunk_key("synthetic", name, e, s, ndim[name])] = chunks[name]
+            m = schema.UnitMarker(e, s, per_shard, template.chunks, template.stats, ())
+            objects[schema.unit_marker_key("synthetic", e, s)] = m.to_bytes()
+            per_epoch.setdefault(e, []).append(m)
+    for e, markers in per_epoch.items():
+        objects[schema.unit_index_key("synthetic", e)] = schema.unit_index_bytes(e, markers)
+    assert len(read_markers(writer.objects, "synthetic")) == 1  # the template; the rest exist only in S3
+    return data, objects
+
+
+def gets_per_epoch(args) -> dict:
+    """Requests for one training epoch, 0 vs 4 workers, with and without the unit indexes (see the docstring)."""
+    import s3fs
+    import torch
+    from moto.s3.models import s3_backends
+
+    from logitcache.replay import CachedViews, collate
+
+    server = CountingS3()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL_S3=server.endpoint, AWS_EC2_METADATA_DISABLED="true")
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(k, None)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            data, objects = imagenet_shaped_cache(tmp, args.gets_shards, args.gets_epochs)
+            backend = s3_backends["123456789012"]["aws"]
+            backend.create_bucket(BUCKET, "us-east-1")
+            for key, value in objects.items():
+                backend.put_object(BUCKET, f"cache.zarr/{key}", value)
+            setup_s = time.perf_counter() - t0
+            url = f"s3://{BUCKET}/cache.zarr"
+            rows = []
+            for index, workers in ((True, 0), (True, 4), (False, 0), (False, 4)):
+                if not index:
+                    for e in range(args.gets_epochs):
+                        backend.delete_object(BUCKET, f"cache.zarr/{schema.unit_index_key('synthetic', e)}")
+                s3fs.S3FileSystem.clear_instance_cache()
+                server.reset()
+                views = CachedViews(data, url, epoch=0, shuffle_seed=0)  # a fresh reader: opening counts too
+                loader = torch.utils.data.DataLoader(views, batch_size=64, num_workers=workers, collate_fn=collate,
+                                                     multiprocessing_context="fork" if workers else None)
+                samples = sum(len(b[-1]) for b in loader)
+                counts = server.snapshot()
+                units = args.gets_shards
+                rows.append({"unit_index": index, "workers": workers, "samples": samples, "units_read": units,
+                             "chunk_objects": units * len(schema.ARRAY_NAMES), "requests": counts,
+                             "gets": counts.get("GET", 0), "total": sum(counts.values()),
+                             "get_overhead": counts.get("GET", 0) - units * len(schema.ARRAY_NAMES)})
+    finally:
+        server.stop()
+    by = {(r["unit_index"], r["workers"]): r for r in rows}
+    return {"shards": args.gets_shards, "cached_epochs": args.gets_epochs, "objects": len(objects),
+            "setup_seconds": setup_s, "rows": rows,
+            "gets_ratio_4_over_0_workers": by[(True, 4)]["gets"] / by[(True, 0)]["gets"],
+            "requests_ratio_4_over_0_workers": by[(True, 4)]["total"] / by[(True, 0)]["total"],
+            "gets_ratio_4_over_0_workers_without_index": by[(False, 4)]["gets"] / by[(False, 0)]["gets"]}
+
+
+def print_gets(g: dict) -> None:
+    n_arrays = len(schema.ARRAY_NAMES)
+    print(f"GETs per training epoch: {g['shards']} shards x {g['cached_epochs']} cached epochs ({g['objects']:,} "
+          f"objects on moto S3); one epoch reads {g['shards']} units = {g['shards'] * n_arrays:,} chunk objects")
+    print(f"{'unit index':>10s} {'workers':>7s} {'GET':>7s} {'GET - chunks':>12s} {'LIST':>5s} {'HEAD':>6s} "
+          f"{'all requests':>12s}")
+    for r in g["rows"]:
+        c = r["requests"]
+        print(f"{'yes' if r['unit_index'] else 'no':>10s} {r['workers']:7d} {r['gets']:7,d} {r['get_overhead']:12,d} "
+              f"{c.get('LIST', 0):5d} {c.get('HEAD', 0):6,d} {r['total']:12,d}")
+    ratio = g["gets_ratio_4_over_0_workers"]
+    overhead = max(r["get_overhead"] for r in g["rows"] if r["unit_index"])
+    verdict = "OK" if abs(ratio - 1) <= 0.01 else "NOT MET"
+    print(f"GETs, 4 workers / 0 workers = {ratio:.4f} (claim: within 1%: {verdict}); all requests "
+          f"{g['requests_ratio_4_over_0_workers']:.4f}")
+    print(f"GETs beyond the units' chunk objects: at most {overhead} (claim: a constant — opening the cache and one "
+          f"unit index — not a multiple of shards, epochs or workers: {'OK' if overhead <= 16 else 'NOT MET'}); "
+          f"s3fs sends a HEAD before each GET")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=16)
@@ -145,6 +330,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=8, help="concurrent unit reads in the prefetch pattern")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gets-shards", type=int, default=1281, help="shards of the ImageNet-shaped cache (GETs)")
+    ap.add_argument("--gets-epochs", type=int, default=10, help="cached epochs of the ImageNet-shaped cache (GETs)")
+    ap.add_argument("--only", choices=("gets", "throughput"), default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -152,6 +340,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    gets = gets_per_epoch(args) if args.only in (None, "gets") else None
+    if args.only == "gets":
+        print(json.dumps({"gets_per_epoch": gets}, indent=1)) if args.json else print_gets(gets)
+        return
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
     server, endpoint = start_moto()
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -186,6 +381,7 @@ def main() -> None:
                   "teacher": teacher, "s3": f"moto server (own process) at {endpoint}",
                   "cpu": platform.processor() or "?", "torch_threads": 1},
         "views_per_s": results,
+        "gets_per_epoch": gets,
     }
     if args.json:
         print(json.dumps(report, indent=1))
@@ -197,6 +393,9 @@ def main() -> None:
     print(f"{'pattern':10s} {'local views/s':>14s} {'S3 (moto) views/s':>18s} {'local/S3':>9s}")
     for name, r in results.items():
         print(f"{name:10s} {r['local']:14,.0f} {r['s3']:18,.0f} {r['local_over_s3']:9.2f}")
+    if gets is not None:
+        print()
+        print_gets(gets)
 
 
 if __name__ == "__main__":

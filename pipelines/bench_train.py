@@ -17,6 +17,12 @@ Issue 6's figures, each a ratio of two figures measured in this run on this mach
     Fraction of the ideal reached = measured ratio ÷ ideal, target >= 0.90. The ideal leaves data loading
     out; the data-inclusive ideal ``(t_data + t_teacher + t_student) / (t_data + t_student)`` is printed too,
     with t_data = the DataLoader alone per batch, because on a 2-core machine decoding JPEGs is not free.
+(c) host–device synchronisations per training step (issue 14): one more epoch of each run under
+    `logitcache.train.syncs.SyncCounter`, which counts every call that makes the host wait for the device
+    (``item``/``float``/``bool``/``tolist``/``cpu``/``numpy``, blocking copies, boolean-mask indexing,
+    ``nonzero``, ``torch.cuda.synchronize``, ``torch.distributed`` collectives) made in the step's hot path,
+    and separately those of the progress display every LOG_EVERY steps. Target: 0 per step for CE and cached
+    NKD. The calls are counted whatever the device, so the CPU figure is the one a GPU run would show.
 
 Every training figure comes from the real loop, ``logitcache.train.train(TrainConfig(...))``, one epoch per run
 (its ``train.seconds`` / ``train.images_per_s``: the epoch's loop, data loading included, no validation),
@@ -27,6 +33,7 @@ the JSON. Teachers are randomly initialised (seeded): compute cost does not depe
     .venv/bin/python pipelines/bench_train.py                 # a few minutes on 2 cores; table on stdout
     .venv/bin/python pipelines/bench_train.py --json          # JSON summary on stdout, the table on stderr
     .venv/bin/python pipelines/bench_train.py --smoke         # seconds: tiny sizes, checks the script runs
+    .venv/bin/python pipelines/bench_train.py --syncs-only    # only (c), the step profile: tens of seconds
 """
 
 from __future__ import annotations
@@ -58,12 +65,15 @@ from logitcache.models.zoo import build_model, model_normalization
 from logitcache.replay import CachedViews, FreshViews, collate
 from logitcache.teacher import Teacher
 from logitcache.train.config import TrainConfig, make_optimizer
-from logitcache.train.loop import train
+from logitcache.train.loop import LOG_EVERY, train
+from logitcache.train.syncs import SyncCounter
 from logitcache.views.recipe import get_recipe
 
 FASHION_MNIST_SRC = "/usr/share/datasets/fashion-mnist/"
 TARGET_THROUGHPUT_RATIO = 0.95
 TARGET_FRACTION_OF_IDEAL = 0.90
+#: the runs whose step must not wait for the device (issue 14)
+ZERO_SYNC_RUNS = ("ce", "nkd_cached")
 
 
 # ------------------------------------------------------------------ data
@@ -123,6 +133,18 @@ def train_epoch(runs_dir: Path, name: str, **kw) -> dict:
             "samples": line["train"]["samples"]}
 
 
+def sync_profile(runs_dir: Path, name: str, **kw) -> dict:
+    """One epoch of the real loop under `SyncCounter`: syncs per step in the hot path (by call) and at the
+    display every LOG_EVERY steps."""
+    out = runs_dir / f"{name}-{len(list(runs_dir.glob(name + '-*')))}"
+    with SyncCounter() as counter:
+        train(TrainConfig(out=str(out), epochs=1, progress=False, **kw))
+    steps = max(counter.steps, 1)
+    return {"steps": counter.steps, "hot_path_syncs": counter.total, "hot_path_per_step": counter.total / steps,
+            "hot_path_by_call": dict(counter.counts), "display_syncs": sum(counter.other.values()),
+            "display_per_step": sum(counter.other.values()) / steps, "display_by_call": dict(counter.other)}
+
+
 def loader_seconds_per_batch(dataset, batch_size: int, workers: int) -> float:
     """The DataLoader alone (decode, view, cache rows, collate), as the loop builds it: seconds per batch."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
@@ -172,7 +194,7 @@ def step_times(student: str, teacher: str, num_classes: int, image_size: int, ba
 # ------------------------------------------------------------------ the two settings
 def bench_setting(name: str, tmp: Path, *, data: str, source: str, student: str, teacher: str, recipe: str,
                   image_size: int, batch: int, topk: int, workers: int, rounds: int, online: bool,
-                  step_repeats: int, log) -> dict:
+                  step_repeats: int, log, syncs_only: bool = False) -> dict:
     manifest = load_manifest(data)
     cache = str(tmp / f"{name}-cache")
     t0 = time.perf_counter()
@@ -192,6 +214,14 @@ def bench_setting(name: str, tmp: Path, *, data: str, source: str, student: str,
     log(f"[{name}] {source}; {manifest.num_samples} images in {len(manifest.shards)} shards; student {student}, "
         f"teacher {teacher}, {recipe} recipe at {image_size} px, batch {batch}, workers {workers}; "
         f"dump {dump_s:.1f} s")
+    profile = {kind: sync_profile(runs, f"syncs-{kind}", **{**common, **kw}) for kind, kw in kinds.items()}
+    for kind, p in profile.items():
+        log(f"[{name}] {kind:<11} {p['hot_path_per_step']:.2f} syncs/step in the hot path over {p['steps']} steps "
+            f"{p['hot_path_by_call'] or ''}; display every {LOG_EVERY} steps: {p['display_per_step']:.2f}/step")
+    if syncs_only:
+        return {"source": source, "images": manifest.num_samples, "student": student, "teacher": teacher,
+                "recipe": recipe, "image_size": image_size, "batch_size": batch, "workers": workers,
+                "sync_profile": profile}
     for kind, kw in kinds.items():  # untimed warm-up on one shard: allocator, oneDNN primitives, page cache
         train_epoch(runs, f"warmup-{kind}", **{**common, **kw, "shards": (0,)})
     results: dict[str, list[dict]] = {k: [] for k in kinds}
@@ -210,6 +240,7 @@ def bench_setting(name: str, tmp: Path, *, data: str, source: str, student: str,
         "topk": topk, "dump_seconds": dump_s, "rounds": results, "best": best, "median_seconds": median_s,
         "load_average_after": load_after,
         "throughput_ratio_cached_nkd_over_ce": best["nkd_cached"]["images_per_s"] / best["ce"]["images_per_s"],
+        "sync_profile": profile,
     }
     # the DataLoader alone, as the loop builds it (what part of a step is data, not model)
     recipe_obj = get_recipe(recipe, image_size)
@@ -233,7 +264,16 @@ def bench_setting(name: str, tmp: Path, *, data: str, source: str, student: str,
     return out
 
 
+def report_syncs(name: str, s: dict, log) -> None:
+    log(f"  (c) host-device syncs per step ({name}): "
+        + ", ".join(f"{k} {p['hot_path_per_step']:.2f} in the hot path ({p['steps']} steps) + "
+                    f"{p['display_per_step']:.2f} at the display" for k, p in s["sync_profile"].items())
+        + f"  (target 0 in the hot path for {', '.join(ZERO_SYNC_RUNS)}: "
+        + ("OK" if all(s["sync_profile"][k]["hot_path_syncs"] == 0 for k in ZERO_SYNC_RUNS) else "NOT MET") + ")")
+
+
 def report(name: str, s: dict, log) -> None:
+    report_syncs(name, s, log)
     b = s["best"]
     log(f"\n== {name}: {s['student']} <- {s['teacher']}, {s['recipe']} {s['image_size']} px, batch {s['batch_size']},"
         f" {s['images']} images ({s['source']})")
@@ -268,6 +308,15 @@ def headline_rows(summary: dict) -> dict:
         s = summary.get(name)
         if s is None:
             continue
+        for kind in ZERO_SYNC_RUNS:
+            p = s["sync_profile"][kind]
+            rows[f"syncs_per_step_{kind}_{name}"] = {
+                "what": f"host-device syncs per step, {kind} ({s['student']}, {s['image_size']} px)",
+                "detail": f"{p['hot_path_syncs']} in the hot path over {p['steps']} steps; {p['display_syncs']} at "
+                          f"the display every {LOG_EVERY} steps",
+                "ratio": p["hot_path_per_step"], "target": "0"}
+        if "best" not in s:
+            continue
         b = s["best"]
         rows[f"cached_nkd_over_ce_{name}"] = {
             "what": f"cached NKD / CE train throughput ({s['student']}, {s['image_size']} px)",
@@ -301,8 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--only", choices=("small", "imagenet"), default=None, help="run one setting")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs")
+    parser.add_argument("--syncs-only", action="store_true",
+                        help="only the step profile (c), on 1,024 small and 64 imagenet images")
     parser.add_argument("--json", dest="as_json", action="store_true", help="JSON summary on stdout only")
     args = parser.parse_args(argv)
+    if args.syncs_only:
+        args.small_images, args.imagenet_images = min(args.small_images, 1024), min(args.imagenet_images, 64)
     if args.smoke:
         args.small_images, args.imagenet_images, args.rounds = 256, 16, 1
         args.small_batch, args.imagenet_batch, args.image_size = 64, 8, 64
@@ -332,17 +385,18 @@ def main(argv: list[str] | None = None) -> int:
             summary["small"] = bench_setting(
                 "small", tmp, data=str(data), source=source, student="smallcnn", teacher="smallcnn_wide",
                 recipe="small", image_size=28, batch=args.small_batch, topk=5, workers=args.workers,
-                rounds=args.rounds, online=False, step_repeats=8, log=log)
+                rounds=args.rounds, online=False, step_repeats=8, log=log, syncs_only=args.syncs_only)
         if args.only in (None, "imagenet"):
             data = tmp / "imagenet"
             source = write_imagenet_data(data, args.imagenet_images, per_shard=max(args.imagenet_images // 4, 1))
             summary["imagenet"] = bench_setting(
                 "imagenet", tmp, data=str(data), source=source, student="resnet18", teacher="resnet34",
                 recipe="imagenet", image_size=args.image_size, batch=args.imagenet_batch, topk=10,
-                workers=args.workers, rounds=args.rounds, online=True, step_repeats=8, log=log)
+                workers=args.workers, rounds=args.rounds, online=True, step_repeats=8, log=log,
+                syncs_only=args.syncs_only)
     for name in ("small", "imagenet"):
         if name in summary:
-            report(name, summary[name], log)
+            (report_syncs if args.syncs_only else report)(name, summary[name], log)
     summary.update(headline_rows(summary))
     summary["seconds"] = time.perf_counter() - started
     log(f"\ntotal {summary['seconds']:.0f} s")

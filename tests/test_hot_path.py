@@ -198,3 +198,139 @@ def test_dump_batches_do_not_depend_on_the_number_of_epochs_held(tmp_path):
     assert [b.skipped for b in ends if b.shard == 0] == [(4,)] * 3
     assert [b.skipped for b in ends if b.shard == 1] == [(4,)] * 2
     assert np.array_equal(np.unique([len(b.offsets) for b in new if not b.end_of_unit]), [3])
+
+
+# ------------------------------------------------------------------ reads that stay flat
+def _count_object_reads(monkeypatch, log_path):
+    """Log every ObjectStore read (key, pid) to a file: DataLoader workers are forked after the patch, so their
+    reads land in the same file."""
+    import os
+
+    from logitcache.cache.store import ObjectStore
+
+    def log(keys):
+        with open(log_path, "a") as f:
+            for k in keys:
+                f.write(f"{os.getpid()} {k}\n")
+
+    get, get_many, listing = ObjectStore.get, ObjectStore.get_many, ObjectStore.list
+
+    def counted_get(self, key):
+        log([key])
+        return get(self, key)
+
+    def counted_get_many(self, keys):
+        log(keys)
+        return get_many(self, keys)
+
+    def counted_list(self, prefix):
+        log([f"LIST {prefix}"])
+        return listing(self, prefix)
+
+    monkeypatch.setattr(ObjectStore, "get", counted_get)
+    monkeypatch.setattr(ObjectStore, "get_many", counted_get_many)
+    monkeypatch.setattr(ObjectStore, "list", counted_list)
+
+    def reads():
+        if not log_path.exists():
+            return []
+        return [tuple(line.split(" ", 1)) for line in log_path.read_text().splitlines()]
+
+    return reads
+
+
+@pytest.mark.parametrize("index", [True, False])
+def test_markers_are_read_once_by_the_reader_and_handed_to_its_workers(small_shards, tmp_path, monkeypatch, index):
+    """Two training epochs over a 2-epoch cache with 2 DataLoader workers: the parent reads each cached epoch's
+    markers once (one unit index object, or the epoch's markers when there is no index) and the workers read
+    no marker, no index and no metadata object at all."""
+    import os
+    import shutil
+
+    from logitcache.cache import schema
+    from logitcache.cache.reader import CacheReader
+    from logitcache.replay import CachedViews
+
+    cache = tmp_path / "cache.zarr"
+    dump(DumpConfig(data=str(small_shards), out=str(cache), teacher="smallcnn", recipe="small", epochs=2, topk=3,
+                    seed=SEED, batch_size=8, progress=False))
+    group = CacheReader(str(cache)).group
+    assert sorted(os.listdir(cache / group / schema.UNIT_INDEX_DIR)) == ["e00000.json", "e00001.json"]
+    if not index:
+        shutil.rmtree(cache / group / schema.UNIT_INDEX_DIR)
+    reads = _count_object_reads(monkeypatch, tmp_path / "reads.log")
+    reader = CacheReader(str(cache))
+    n = 0
+    for epoch in range(2):
+        views = CachedViews(small_shards, reader, epoch=epoch, shuffle_seed=SEED)
+        for batch in torch.utils.data.DataLoader(views, batch_size=5, num_workers=2, collate_fn=collate):
+            n += len(batch[-1])
+    assert n == 48
+    got = reads()
+    parent = str(os.getpid())
+    assert [k for pid, k in got if pid != parent] == []  # the workers read nothing through the object store
+    marker_reads = [k for _, k in got if f"/{schema.UNITS_DIR}/" in k]
+    index_reads = [k for _, k in got if f"/{schema.UNIT_INDEX_DIR}/" in k]
+    assert len(index_reads) == 2  # one per cached epoch (found or not)
+    assert len(marker_reads) == (0 if index else 2 * 2)  # without an index: the epoch's 2 markers, once
+
+
+def test_pskd_reads_one_marker_per_shard_and_epoch(imagenet_shards, tmp_path, monkeypatch):
+    """PS-KD's data stage reads the marker of each unit it uses (one GET per shard and epoch, O(shards)), never
+    a listing of all markers per shard (O(shards²))."""
+    from logitcache.cache import schema
+
+    reads = _count_object_reads(monkeypatch, tmp_path / "reads.log")
+    cfg = TrainConfig(data=str(imagenet_shards), out=str(tmp_path / "run"), student="smallcnn", loss="pskd",
+                      recipe="imagenet", image_size=32, epochs=3, batch_size=4, lr=0.05, seed=SEED, progress=False)
+    train(cfg)
+    got = [k for _, k in reads()]
+    marker_reads = [k for k in got if f"pskd/{schema.UNITS_DIR}/" in k and not k.startswith("LIST")]
+    assert len(marker_reads) == 2 * 3  # epochs 1 and 2 each read the 3 units of the previous epoch
+    assert not [k for k in got if k.startswith("LIST") and schema.UNITS_DIR in k]
+
+
+def test_pskd_store_errors_reach_the_training_thread(imagenet_shards, tmp_path):
+    """The store writes on a background thread: a failing write is raised in the training thread (by the next
+    record, state_dict or finish_epoch), never lost."""
+    from logitcache.train.pskd_store import PredictionStore
+
+    manifest = load_manifest(imagenet_shards)
+    store = PredictionStore.create(str(tmp_path / "pskd.zarr"), manifest, k=5, recipe=get_recipe("imagenet", 32),
+                                   seed=SEED, student="smallcnn", normalization={"mean": [0.5] * 3, "std": [0.5] * 3})
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    store.writer.write_unit = broken
+    n = manifest.shards[0].num_samples  # a whole shard: its unit is written (and fails) on the writer thread
+    store.record(0, torch.arange(n), torch.randn(n, manifest.num_classes), torch.zeros(n, dtype=torch.long),
+                 torch.zeros(n, 4, dtype=torch.int16))
+    with pytest.raises(OSError, match="No space left"):
+        store.finish_epoch(0)
+
+
+def test_the_dump_writes_a_unit_index_that_verify_checks(small_shards, tmp_path):
+    from logitcache.cache import schema
+    from logitcache.cache.reader import CacheReader
+    from logitcache.cache.store import read_epoch_markers
+    from logitcache.cache.verify import verify_cache
+
+    cache = str(tmp_path / "cache.zarr")
+    cfg = DumpConfig(data=str(small_shards), out=cache, teacher="smallcnn", recipe="small", epochs=2, topk=3,
+                     seed=SEED, batch_size=8, progress=False)
+    dump(cfg)
+    reader = CacheReader(cache)
+    markers = reader.markers(refresh=True)
+    for e in range(2):
+        assert read_epoch_markers(reader.objects, reader.group, e) == {s: m for (ue, s), m in markers.items()
+                                                                      if ue == e}
+    assert verify_cache(cache).ok
+    key = schema.unit_index_key(reader.group, 1)
+    doctored = reader.objects.get(key).replace(b'"length":12', b'"length":11', 1)
+    reader.objects.put(key, doctored)
+    report = verify_cache(cache)
+    assert not report.ok and any("unit index" in p["where"] and "differs from its marker" in p["what"]
+                                 for p in report.problems)
+    dump(cfg)  # nothing left to do but the index: rewritten from the markers
+    assert verify_cache(cache).ok

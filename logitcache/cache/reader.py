@@ -16,6 +16,12 @@ before stays valid and a rerun completes the rest.
 Fork safety: zarr's sync API runs an asyncio loop on a background thread, and a DataLoader worker forked after
 the parent touched zarr can hang on it. `CacheReader` therefore opens its store lazily, on first use, in
 each process (it re-opens when it notices it runs in a new PID), and pickles without open handles.
+
+Costs: what a reader has read and checked — root and group metadata, the group list, the markers of the epochs
+it read — travels with it (forked or pickled) into DataLoader workers, which then only open the arrays. An
+epoch's markers are read once per reader: from the epoch's unit index (one object, written by the dump) when
+there is one, else from the markers (`read_epoch_markers`). A training epoch over a cache therefore costs its
+units' chunk GETs plus a constant, whatever the number of workers or cached epochs.
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ from logitcache.cache.schema import GroupMeta, RootMeta, UnitMarker, UnitRows
 from logitcache.cache.store import (
     ObjectStore,
     _check_group_name,
-    _checked_arrays,
+    _checked_array_metadata,
+    _open_checked_arrays,
     _open_zarr_root,
     list_groups,
+    read_epoch_markers,
+    read_marker,
     read_markers,
     read_root_meta,
 )
@@ -49,7 +58,8 @@ class CacheReader:
 
     def __init__(self, url: str, group: str | None = None, *, storage_options: dict[str, Any] | None = None):
         self.url, self._group_arg, self.storage_options = url, group, storage_options
-        self._state: dict[str, Any] | None = None
+        self._facts: dict[str, Any] | None = None  # read and checked once; travels to workers
+        self._state: dict[str, Any] | None = None  # this process's handles
         self._pid: int | None = None
 
     def __getstate__(self):
@@ -57,6 +67,7 @@ class CacheReader:
             "url": self.url,
             "_group_arg": self._group_arg,
             "storage_options": self.storage_options,
+            "_facts": self._facts,
             "_state": None,
             "_pid": None,
         }
@@ -65,33 +76,29 @@ class CacheReader:
     def _open(self) -> dict[str, Any]:
         if self._state is not None and self._pid == os.getpid():
             return self._state
-        try:
-            zroot = _open_zarr_root(self.url, self.storage_options, mode="r")
-        except FileNotFoundError as e:
-            raise CacheError(f"no cache at {self.url} (or not a zarr v3 store)") from e
-        root = read_root_meta(zroot, self.url)
         objects = ObjectStore(self.url, self.storage_options)
-        groups = list_groups(objects)
-        group = self._group_arg if self._group_arg is None else _check_group_name(self._group_arg, self.url)
-        if group is None:
-            if len(groups) != 1:
-                raise CacheError(f"{self.url} holds teacher groups {groups}: choose one with --group")
-            group = groups[0]
-        if group not in groups:
-            raise CacheError(f"{self.url} has no teacher group '{group}' (it has {groups})")
-        g = zroot[group]
-        meta = GroupMeta.from_json(g.attrs[schema.ATTRS_KEY])
-        self._state = {
-            "root": root,
-            "groups": groups,
-            "group": group,
-            "zgroup": g,
-            "meta": meta,
-            "arrays": _checked_arrays(g, objects, group, meta, self.url),
-            "objects": objects,
-            "markers": None,
-            "first_index": None,
-        }
+        facts = self._facts
+        if facts is None:
+            try:
+                zroot = _open_zarr_root(self.url, self.storage_options, mode="r")
+            except FileNotFoundError as e:
+                raise CacheError(f"no cache at {self.url} (or not a zarr v3 store)") from e
+            root = read_root_meta(zroot, self.url)
+            groups = list_groups(objects)
+            group = self._group_arg if self._group_arg is None else _check_group_name(self._group_arg, self.url)
+            if group is None:
+                if len(groups) != 1:
+                    raise CacheError(f"{self.url} holds teacher groups {groups}: choose one with --group")
+                group = groups[0]
+            if group not in groups:
+                raise CacheError(f"{self.url} has no teacher group '{group}' (it has {groups})")
+            meta = GroupMeta.from_json(zroot[group].attrs[schema.ATTRS_KEY])
+            facts = {"root": root, "groups": groups, "group": group, "meta": meta, "markers": None,
+                     "epoch_markers": {}, "arrays": _checked_array_metadata(objects, group, meta, self.url)}
+        # in a DataLoader worker the facts came checked from the process that made the reader: no request here
+        arrays = _open_checked_arrays(self.url, self.storage_options, facts["group"], facts["arrays"])
+        self._facts = facts
+        self._state = {**facts, "arrays": arrays, "objects": objects, "first_index": None}
         self._pid = os.getpid()
         return self._state
 
@@ -122,21 +129,44 @@ class CacheReader:
         return json.loads(data)
 
     def markers(self, *, refresh: bool = False) -> dict[tuple[int, int], UnitMarker]:
+        """Every unit marker of the group, listed afresh with ``refresh`` (what `verify` and the dump trust)."""
         st = self._open()
-        if st["markers"] is None or refresh:
-            st["markers"] = read_markers(st["objects"], st["group"])
-        return st["markers"]
+        if self._facts["markers"] is None or refresh:
+            self._facts["markers"] = read_markers(st["objects"], st["group"])
+        return self._facts["markers"]
+
+    def epoch_markers(self, epoch: int) -> dict[int, UnitMarker]:
+        """shard -> marker of cached epoch ``epoch``'s finished units, read once per reader (one GET of the
+        epoch's unit index when the dump wrote one) and handed to DataLoader workers with it."""
+        st = self._open()
+        known = self._facts["epoch_markers"]
+        if epoch not in known:
+            known[epoch] = read_epoch_markers(st["objects"], st["group"], epoch)
+        return known[epoch]
+
+    def unit_marker(self, epoch: int, shard: int, *, fresh: bool = False) -> UnitMarker | None:
+        """The marker of unit (epoch, shard), None when it is unfinished. ``fresh``: read it now (one GET; for
+        units rewritten while the reader lives, such as PS-KD's slots), else from `epoch_markers`, reading
+        the one marker when the epoch's index lacks it (a unit finished since)."""
+        st = self._open()
+        if not fresh:
+            m = self.epoch_markers(epoch).get(shard)
+            if m is not None:
+                return m
+        m = read_marker(st["objects"], st["group"], epoch, shard)
+        if m is not None and not fresh:
+            self._facts["epoch_markers"][epoch][shard] = m
+        return m
 
     def cached_epoch(self, epoch: int) -> int:
         """The cached epoch whose views training epoch ``epoch`` replays (views cycle past the cached epochs)."""
         return epoch % self.meta.epochs
 
-    def read_unit(self, epoch: int, shard: int) -> UnitRows:
-        """All rows of a finished unit (its length from the marker). Unfinished units are an error."""
+    def read_unit(self, epoch: int, shard: int, marker: UnitMarker | None = None) -> UnitRows:
+        """All rows of a finished unit (its length from its marker: ``marker``, else `unit_marker`). Unfinished
+        units are an error."""
         st = self._open()
-        marker = self.markers().get((epoch, shard))
-        if marker is None:
-            marker = self.markers(refresh=True).get((epoch, shard))
+        marker = marker or self.unit_marker(epoch, shard)
         if marker is None:
             raise CacheError(
                 f"{self.url} group '{st['group']}': unit (epoch {epoch}, shard {shard}) is unfinished "
@@ -189,9 +219,9 @@ class UnitTable:
     """The soft-label rows of one (epoch, shard) unit as tensors, read and converted once per shard; one
     `TopKLogits` row per offset (the data supplies each row's target)."""
 
-    def __init__(self, reader: CacheReader, epoch: int, shard: int):
-        unit = reader.read_unit(epoch, shard)  # an unfinished unit raises CacheError naming it
-        self.marker = reader.markers()[(epoch, shard)]
+    def __init__(self, reader: CacheReader, epoch: int, shard: int, marker: UnitMarker | None = None):
+        self.marker = marker or reader.unit_marker(epoch, shard)
+        unit = reader.read_unit(epoch, shard, self.marker)  # an unfinished unit raises CacheError naming it
         self.rows = unit.topk(reader.meta)  # shape checks once per unit (single rows skip them)
         self.view_params = unit.view_params
         self.skipped = frozenset(self.marker.skipped)

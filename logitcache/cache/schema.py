@@ -36,6 +36,7 @@ FORMAT_VERSION = (1, 0)
 ATTRS_KEY = "logitcache"
 DATASET_MANIFEST_KEY = "dataset_manifest.json"
 UNITS_DIR = "units"
+UNIT_INDEX_DIR = "unit_index"
 
 # ------------------------------------------------------------------ arrays
 # name -> (dtype, trailing shape key, codec). Trailing shape keys: "k" (top-k), "R" (temperatures), "P" (view
@@ -286,15 +287,25 @@ class UnitMarker:
     stats: dict[str, float]
     skipped: tuple[int, ...] = ()
 
-    def to_bytes(self) -> bytes:
+    def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["skipped"] = list(self.skipped)
-        return json.dumps(d, sort_keys=True, indent=1).encode()
+        return d
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True, indent=1).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str = "") -> UnitMarker:
         try:
             d = json.loads(data)
+        except ValueError as e:
+            raise CacheError(f"unit marker {where} is malformed: {e}") from e
+        return cls.from_json(d, where=where)
+
+    @classmethod
+    def from_json(cls, d: Any, *, where: str = "") -> UnitMarker:
+        try:
             return cls(
                 epoch=int(d["epoch"]),
                 shard=int(d["shard"]),
@@ -303,8 +314,39 @@ class UnitMarker:
                 stats={str(k): float(v) for k, v in d["stats"].items()},
                 skipped=tuple(int(x) for x in d.get("skipped", ())),
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CacheError(f"unit marker {where} is malformed: {e}") from e
+
+
+# ------------------------------------------------------------------ unit index (one object per cached epoch)
+def unit_index_key(group: str, epoch: int) -> str:
+    """The epoch's unit index: a copy of all its finished units' markers in one object, written by the dump so a
+    reader needs one GET for an epoch instead of one per unit. Optional: without it, readers list the markers."""
+    return f"{group}/{UNIT_INDEX_DIR}/e{epoch:05d}.json"
+
+
+def unit_index_bytes(epoch: int, markers: list[UnitMarker]) -> bytes:
+    entries = [m.to_json() for m in sorted(markers, key=lambda m: m.shard)]
+    return json.dumps({"epoch": epoch, "markers": entries}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_unit_index(data: bytes, epoch: int, *, where: str = "") -> dict[int, UnitMarker]:
+    """shard -> marker of a unit index; `CacheError` for a malformed one, or one that lists a unit of another
+    epoch or a unit twice."""
+    try:
+        d = json.loads(data)
+        entries, stated = d["markers"], int(d["epoch"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CacheError(f"unit index {where} is malformed: {e}") from e
+    if stated != epoch or not isinstance(entries, list):
+        raise CacheError(f"unit index {where} is not the unit index of epoch {epoch}")
+    out: dict[int, UnitMarker] = {}
+    for entry in entries:
+        m = UnitMarker.from_json(entry, where=where)
+        if m.epoch != epoch or m.shard in out:
+            raise CacheError(f"unit index {where} lists unit (epoch {m.epoch}, shard {m.shard}) wrongly or twice")
+        out[m.shard] = m
+    return out
 
 
 def zarr_array_kwargs(spec: ArraySpec, meta: GroupMeta, root: RootMeta) -> dict[str, Any]:

@@ -37,9 +37,14 @@ class ObjectStore:
             raise CacheError(f"unsafe object key {key!r} under {self.url}: refusing to touch it")
         return f"{self.root}/{key}" if key else self.root
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, *, fresh: bool = False) -> bytes | None:
+        """The object's bytes, None when it does not exist. ``fresh``: forget what the filesystem cached about
+        the path first (an object-store filesystem answers "not found" from a listing it cached earlier)."""
+        path = self.path(key)
+        if fresh:
+            self.fs.invalidate_cache(path)
         try:
-            return self.fs.cat_file(self.path(key))
+            return self.fs.cat_file(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
 
@@ -107,6 +112,12 @@ def _open_zarr_root(url: str, storage_options: dict[str, Any] | None, *, mode: s
 
 def _checked_arrays(zgroup, objects: ObjectStore, group: str, meta: GroupMeta, url: str) -> dict[str, Any]:
     """The group's arrays, each opened only after its zarr.json passed `schema.array_metadata_problems`."""
+    checked = _checked_array_metadata(objects, group, meta, url)
+    return {spec.name: zgroup[spec.name] for spec in ARRAYS if spec.name in checked}
+
+
+def _checked_array_metadata(objects: ObjectStore, group: str, meta: GroupMeta, url: str) -> dict[str, dict]:
+    """Each array's zarr.json, parsed and checked against the schema (`schema.array_metadata_problems`)."""
     out = {}
     for spec in ARRAYS:
         key = f"{group}/{spec.name}/zarr.json"
@@ -120,8 +131,19 @@ def _checked_arrays(zgroup, objects: ObjectStore, group: str, meta: GroupMeta, u
         problems = schema.array_metadata_problems(spec, d, meta)
         if problems:
             raise CacheError(f"{url}: refusing array {group}/{spec.name}: " + "; ".join(problems))
-        out[spec.name] = zgroup[spec.name]
+        out[spec.name] = d
     return out
+
+
+def _open_checked_arrays(url: str, storage_options: dict[str, Any] | None, group: str,
+                         metadata: dict[str, dict]) -> dict[str, Any]:
+    """Read-only zarr arrays built from metadata `_checked_array_metadata` returned: zarr parses exactly what
+    was checked, and opening costs no request (DataLoader workers open them this way)."""
+    import zarr
+    from zarr.storage import StorePath
+
+    store = _zarr_store(url, storage_options, read_only=True)
+    return {name: zarr.Array.from_dict(StorePath(store, f"{group}/{name}"), d) for name, d in metadata.items()}
 
 
 def _check_group_name(group: str, url: str) -> str:
@@ -194,3 +216,76 @@ def read_markers(objects: ObjectStore, group: str) -> dict[tuple[int, int], Unit
     return out
 
 
+def read_marker(objects: ObjectStore, group: str, epoch: int, shard: int) -> UnitMarker | None:
+    """One unit's marker (one GET), None when the unit is unfinished."""
+    key = schema.unit_marker_key(group, epoch, shard)
+    data = objects.get(key, fresh=True)
+    if data is None:
+        return None
+    m = UnitMarker.from_bytes(data, where=key)
+    if (m.epoch, m.shard) != (epoch, shard):
+        raise CacheError(f"unit marker {key} says it is unit (epoch {m.epoch}, shard {m.shard}); refusing it")
+    return m
+
+
+def read_epoch_markers(objects: ObjectStore, group: str, epoch: int) -> dict[int, UnitMarker]:
+    """shard -> marker of the finished units of cached epoch ``epoch``: from the epoch's unit index when the dump
+    wrote one (one GET), else from the markers themselves (a listing and one GET per unit of the epoch)."""
+    key = schema.unit_index_key(group, epoch)
+    data = objects.get(key)
+    if data is not None:
+        return schema.parse_unit_index(data, epoch, where=key)
+    prefix = f"e{epoch:05d}-"
+    keys = [k for k in objects.list(f"{group}/{schema.UNITS_DIR}")
+            if k.rsplit("/", 1)[-1].startswith(prefix) and k.endswith(".json")]
+    out = {}
+    for k, data in sorted(objects.get_many(keys).items()):
+        m = UnitMarker.from_bytes(data, where=k)
+        if schema.unit_marker_key(group, m.epoch, m.shard) != k:
+            raise CacheError(f"unit marker {k} says it is unit (epoch {m.epoch}, shard {m.shard}); refusing it")
+        out[m.shard] = m
+    return out
+
+
+def write_unit_indexes(objects: ObjectStore, group: str) -> list[int]:
+    """Write (or rewrite when stale) every epoch's unit index from the markers, reading each back to check it;
+    returns the epochs written. One process calls this once all units it waited for are finished."""
+    by_epoch: dict[int, list[UnitMarker]] = {}
+    for (e, _), m in read_markers(objects, group).items():
+        by_epoch.setdefault(e, []).append(m)
+    written = []
+    for e, markers in sorted(by_epoch.items()):
+        key, data = schema.unit_index_key(group, e), schema.unit_index_bytes(e, markers)
+        if objects.get(key) == data:
+            continue
+        objects.put(key, data)
+        back = objects.get(key)
+        if back is None or schema.parse_unit_index(back, e, where=key) != {m.shard: m for m in markers}:
+            raise CacheError(f"{objects.url}: unit index {key} did not read back as written")
+        written.append(e)
+    return written
+
+
+def unit_index_problems(objects: ObjectStore, group: str,
+                        markers: dict[tuple[int, int], UnitMarker]) -> list[str]:
+    """Where the unit indexes disagree with the markers (`verify`): an entry for a unit without that marker,
+    or an entry that differs from its marker. An index may lack units finished after it was written."""
+    problems = []
+    for key in objects.list(f"{group}/{schema.UNIT_INDEX_DIR}"):
+        name = key.rsplit("/", 1)[-1]
+        if not (name.startswith("e") and name.endswith(".json") and name[1:-5].isdigit()):
+            continue
+        epoch = int(name[1:-5])
+        data = objects.get(key)
+        if data is None:
+            continue
+        try:
+            entries = schema.parse_unit_index(data, epoch, where=key)
+        except CacheError as e:
+            problems.append(str(e))
+            continue
+        for shard, m in sorted(entries.items()):
+            if markers.get((epoch, shard)) != m:
+                what = "has no marker" if (epoch, shard) not in markers else "differs from its marker"
+                problems.append(f"unit index {key}: unit (epoch {epoch}, shard {shard}) {what}")
+    return problems

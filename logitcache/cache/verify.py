@@ -19,7 +19,7 @@ import torch
 
 from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
-from logitcache.cache.store import ObjectStore, _open_zarr_root, list_groups, sha256_hex
+from logitcache.cache.store import ObjectStore, _open_zarr_root, list_groups, sha256_hex, unit_index_problems
 from logitcache.data.manifest import load_manifest, verify_shards
 from logitcache.data.shards import iter_shard
 from logitcache.errors import CacheError
@@ -116,12 +116,14 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
                 intact = False
         if intact and check_values:
             try:
-                rows = reader.read_unit(e, s)
+                rows = reader.read_unit(e, s, marker)
             except Exception as err:  # a crc32c failure or undecodable chunk
                 report.add(where, f"chunks do not decode: {type(err).__name__}: {err}", epoch=e, shard=s)
                 continue
             for what in _value_problems(rows, marker, meta):
                 report.add(where, what, epoch=e, shard=s)
+    for what in unit_index_problems(objects, reader.group, markers):  # readers trust the index: it must agree
+        report.add("unit index", f"{what} (a dump of this group rewrites the index)")
     if data is not None:
         for what, shard in _data_problems(url, root, data, storage_options):
             report.add(f"data {data}" + (f" shard {shard}" if shard else ""), what)

@@ -17,14 +17,23 @@ A unit is written as soon as all rows of its shard have been seen this epoch, an
 written at the epoch's end (with its missing rows — samples skipped as corrupt — listed as skipped). Rows
 awaiting their unit travel in mid-epoch checkpoints (`state_dict`), so a resumed run writes the same units.
 Ranks own whole shards, so they never write the same unit; rank 0 creates the store.
+
+Off the training thread: `record` only queues the batch (on a GPU after starting a non-blocking copy of the
+logits to pinned host memory); a writer thread waits for that copy, groups the rows by shard and writes the
+units, in the order they were queued (so the bytes are those of writing them in line). The queue is bounded
+(the training thread waits when the writer falls behind, never for the device), and the writer's first error is
+raised in the training thread by the next `record`, `state_dict` or `finish_epoch`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import queue
 import shutil
+import threading
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -43,6 +52,8 @@ from logitcache.views.recipe import Recipe
 GROUP = "pskd"  # the one teacher group of RUN/pskd.zarr
 SLOTS = 2
 STORE_NAME = "pskd.zarr"
+#: batches the writer thread may lag behind the training thread
+QUEUE_BATCHES = 8
 
 
 def slot(epoch: int) -> int:
@@ -58,6 +69,7 @@ class PredictionStore:
         self._first = np.array([s.first_index for s in manifest.shards], dtype=np.int64)
         self._pending: dict[int, list[tuple[np.ndarray, torch.Tensor, torch.Tensor, np.ndarray]]] = defaultdict(list)
         self._pending_epoch: int | None = None
+        self._writer: BackgroundWriter | None = None
 
     @classmethod
     def create(
@@ -103,10 +115,27 @@ class PredictionStore:
     # ---------------------------------------------------------------- writing (the training loop)
     def record(self, epoch: int, index: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
                view: torch.Tensor) -> None:
-        """Keep this batch's predictions (``logits`` (N, C), detached); write each shard whose rows are all in."""
+        """Keep this batch's predictions (``logits`` (N, C)); each shard whose rows are all in is written. Returns
+        at once: the writer thread does the rest (on a GPU the logits' copy to the host does not block)."""
         if self._pending_epoch not in (None, epoch):
             raise RuntimeError(f"pskd store: epoch {self._pending_epoch} was not finished before epoch {epoch}")
         self._pending_epoch = epoch
+        logits, copied = logits.detach(), None
+        if logits.device.type == "cuda":
+            host = torch.empty(logits.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(logits, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            logits = host
+        if self._writer is None:
+            self._writer = BackgroundWriter(self._record_now, name="logitcache-pskd-store")
+        self._writer.put(epoch, index, logits, target, view, copied)
+
+    def _record_now(self, epoch: int, index: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                    view: torch.Tensor, copied) -> None:
+        """The writer thread's part of `record`."""
+        if copied is not None:
+            copied.synchronize()  # this thread waits for the device-to-host copy; the training thread does not
         gi = index.cpu().numpy().astype(np.int64)
         shards = np.searchsorted(self._first, gi, side="right") - 1
         logits, target, view = logits.detach().float().cpu(), target.cpu(), view.cpu().numpy()
@@ -119,6 +148,7 @@ class PredictionStore:
 
     def finish_epoch(self, epoch: int) -> None:
         """Write the units still open (shards with skipped samples); call on every rank at the epoch's end."""
+        self._drain(close=True)
         for s in sorted(self._pending):
             self._write(epoch, s)
         self._pending_epoch = None
@@ -142,8 +172,17 @@ class PredictionStore:
                                {"train_epoch": float(epoch), "views": float(len(offsets))}, skipped)
 
     # ---------------------------------------------------------------- checkpoints
+    def _drain(self, *, close: bool = False) -> None:
+        """Wait until the writer thread has done everything queued (and end it with ``close``); raise its error."""
+        if self._writer is not None:
+            writer = self._writer
+            if close:
+                self._writer = None
+            writer.close() if close else writer.flush()
+
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         """Rows awaiting their unit, as tensors (weights_only-loadable)."""
+        self._drain()
         out: dict[str, torch.Tensor | int] = {"epoch": -1 if self._pending_epoch is None else self._pending_epoch}
         for s, parts in self._pending.items():
             out[f"{s}/offsets"] = torch.from_numpy(np.concatenate([p[0] for p in parts]))
@@ -153,6 +192,7 @@ class PredictionStore:
         return out
 
     def load_state_dict(self, state: dict) -> None:
+        self._drain()
         self._pending.clear()
         epoch = int(state.get("epoch", -1))
         self._pending_epoch = None if epoch < 0 else epoch
@@ -161,6 +201,48 @@ class PredictionStore:
                 s = key.split("/")[0]
                 self._pending[int(s)].append((state[f"{s}/offsets"].numpy(), state[f"{s}/logits"],
                                               state[f"{s}/target"], state[f"{s}/view"].numpy()))
+
+
+class BackgroundWriter:
+    """One thread that runs ``fn(*item)`` for queued items, in order. The queue holds at most `QUEUE_BATCHES`
+    items (`put` waits when it is full); the first error is kept, later items are dropped, and `put`, `flush`
+    and `close` raise it in the calling thread."""
+
+    def __init__(self, fn: Callable[..., None], *, name: str, maxsize: int = QUEUE_BATCHES):
+        self._fn, self._queue = fn, queue.Queue(maxsize)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:  # after an error keep draining, so that put() never waits forever
+                    self._fn(*item)
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def put(self, *item) -> None:
+        self._raise()
+        self._queue.put(item)
+
+    def flush(self) -> None:
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 class PreviousPredictions(RowSource):
@@ -172,8 +254,9 @@ class PreviousPredictions(RowSource):
         self.train_epoch = train_epoch
 
     def table(self, shard: int) -> UnitTable:
-        self.reader.markers(refresh=True)  # the slots are rewritten every other epoch: never trust old markers
-        t = super().table(shard)
+        # the slots are rewritten every other epoch: read this unit's marker now (one GET per shard and epoch,
+        # never a listing of all markers per shard)
+        t = UnitTable(self.reader, self.unit_epoch, shard, self.reader.unit_marker(self.unit_epoch, shard, fresh=True))
         got = t.marker.stats.get("train_epoch")
         if got is None or not math.isclose(got, self.train_epoch):
             raise CacheError(f"{t.where} holds train_epoch={got}, expected {self.train_epoch}: it is stale (an "

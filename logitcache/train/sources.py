@@ -121,9 +121,8 @@ class CacheSource(FreshSource):
 
     def skipped(self, epoch: int) -> dict[int, int]:
         """The samples the dump skipped (its markers list them): replay leaves them out."""
-        markers = self.cache.markers()
-        e = self.cache.cached_epoch(epoch)
-        return {s: len(m.skipped) for (ue, s), m in markers.items() if ue == e and m.skipped}
+        markers = self.cache.epoch_markers(self.cache.cached_epoch(epoch))
+        return {s: len(m.skipped) for s, m in markers.items() if m.skipped}
 
     def inputs(self, batch, device: str) -> dict[str, Any]:
         return {"teacher": batch.soft.to(device, non_blocking=True)}  # the cache's rows for exactly these views
