@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""`CacheWriter`: creates or extends a teacher group and writes units — each unit's chunks first (read back and
+hashed), its completion marker last — so a crash leaves the unit unfinished, never half-certified.
+
+Faults: an `OSError` while writing (disk full, permission denied, a failing object store) becomes
+`CacheWriteError` naming the unit and the object; every unit finished before stays valid and a rerun completes
+the rest. `write_empty_chunks` is a runtime option of zarr, not stored metadata: the writer sets it itself."""
 
 from __future__ import annotations
 
