@@ -6,7 +6,9 @@ bench_data.py), then times, best of --repeats interleaved rounds:
     shards folder --workers 1 / --workers N    read, sniff, tar and sha256 every image (write_image_folder)
     shards scan   --workers 1 / --workers N    read, sha256 and key-digest every shard (build_manifest)
 
-and checks that the outputs are identical whatever the worker count. Prints images/s and the speed-ups.
+and checks that the outputs are identical whatever the worker count. Prints images/s, the speed-ups, the CPU
+time per image (this process + its worker processes: parallel work should not cost more CPU) and the load
+average: on a machine whose cores are busy with other work, N workers cannot run N times faster.
 
     .venv/bin/python pipelines/bench_convert.py                  # table
     .venv/bin/python pipelines/bench_convert.py --json           # JSON summary on stdout only
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -69,25 +72,35 @@ def main(argv=None) -> int:
     results = {name: fn() for name, fn in contenders.items()}  # warm-up (page cache), and the outputs
     same_folder = results["folder, 1 worker"] == results[f"folder, {args.workers} workers"]
     same_scan = results["scan, 1 worker"] == results[f"scan, {args.workers} workers"]
+    def cpu_seconds() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
     best: dict[str, float] = {}
+    cpu_ms: dict[str, float] = {}
     for _ in range(args.repeats):
         for name, fn in contenders.items():
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), cpu_seconds()
             fn()
             best[name] = max(best.get(name, 0.0), args.images / (time.perf_counter() - start))
+            cpu = (cpu_seconds() - cpu0) * 1e3 / args.images
+            cpu_ms[name] = min(cpu_ms.get(name, cpu), cpu)
     summary = {
         "images": args.images, "megabytes": round(total_mb, 1), "workers": args.workers,
         "cpu_count": os.cpu_count(), "images_per_s": {k: round(v, 1) for k, v in best.items()},
         "speedup_folder": best[f"folder, {args.workers} workers"] / best["folder, 1 worker"],
         "speedup_scan": best[f"scan, {args.workers} workers"] / best["scan, 1 worker"],
         "same_output_folder": same_folder, "same_output_scan": same_scan,
+        "cpu_ms_per_image": {k: round(v, 3) for k, v in cpu_ms.items()},
+        "load_average_1min": os.getloadavg()[0],
         "machine": {"python": platform.python_version(), "processor": platform.processor()},
     }
     for name, v in best.items():
-        print(f"{name:22s} {v:8.1f} images/s  ({v * total_mb / args.images:6.1f} MB/s)", file=log)
+        print(f"{name:22s} {v:8.1f} images/s  ({v * total_mb / args.images:6.1f} MB/s)  "
+              f"CPU {cpu_ms[name]:.3f} ms/image", file=log)
     print(f"speed-up at {args.workers} workers: folder {summary['speedup_folder']:.2f}x, scan "
           f"{summary['speedup_scan']:.2f}x; same output: folder {same_folder}, scan {same_scan} "
-          f"({os.cpu_count()} CPUs)", file=log)
+          f"({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})", file=log)
     if args.json:
         print(json.dumps(summary, indent=1, sort_keys=True))
     tmp.cleanup()
