@@ -5,6 +5,16 @@ compresses and writes units. Runs alternate (bare, dump, bare, dump, ...) and th
 
     .venv/bin/python pipelines/bench_dump.py [--teacher resnet34 --image-size 112 --views 1024] [--json]
 
+Peak memory vs --epochs (issue 14, ``--rss``): the same dump at ``--epochs`` 1, 10 and 100 over the same
+shards (--rss-views ImageNet-sized JPEGs in one shard, the imagenet recipe at --rss-image-size, batch
+--rss-batch-size, 0 loader workers so everything runs in one process), each in a child process whose peak RSS
+(``ru_maxrss`` from ``wait4``) is read when it ends. Claim: the largest ≤ 1.15 × the smallest. The dump decodes a
+chunk of batch-size samples and emits that chunk's batch for each epoch in turn, so it holds one chunk of
+decoded images and one batch of views whatever the number of epochs; what grows is the teacher rows of a
+shard's pending units (epochs × shard length rows, ~150 bytes each at k = 10).
+
+    .venv/bin/python pipelines/bench_dump.py --rss             # about 4 minutes on 2 busy cores
+
 The dump also pays fixed costs once per run (importing zarr, creating the cache, provenance, the summary:
 about 0.15 s here), which amortise over a real dump; with 256 views (2 s) they alone read as +7%, so the
 default is 1,024 views in units of 256.
@@ -65,6 +75,39 @@ def bare_inference(cfg) -> float:
     return time.perf_counter() - t0
 
 
+def dump_peak_rss(data: str, out: str, epochs: int, args) -> tuple[float, float]:
+    """Peak RSS (MiB) and wall seconds of one `logitcache dump` in a child process (its ru_maxrss from wait4)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "logitcache.cli", "dump", "--data", data, "--out", out, "--teacher", args.rss_teacher,
+           "--recipe", "imagenet", "--image-size", str(args.rss_image_size), "--epochs", str(epochs),
+           "--batch-size", str(args.rss_batch_size), "--workers", "0", "--topk", str(args.topk), "--json"]
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"dump --epochs {epochs} failed:\n{err.read().decode(errors='replace')[-3000:]}")
+    return usage.ru_maxrss / 1024, seconds  # Linux reports KiB
+
+
+def rss_vs_epochs(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        make_shards(f"{tmp}/shards", args.rss_views, args.rss_views)
+        rows = []
+        for e in args.rss_epochs:
+            rss, seconds = dump_peak_rss(f"{tmp}/shards", f"{tmp}/cache-e{e}.zarr", e, args)
+            rows.append({"epochs": e, "peak_rss_mib": rss, "seconds": seconds, "views": e * args.rss_views})
+    peaks = [r["peak_rss_mib"] for r in rows]
+    return {"benchmark": "dump_peak_rss_vs_epochs", "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+            "teacher": args.rss_teacher, "image_size": args.rss_image_size, "batch_size": args.rss_batch_size,
+            "samples": args.rss_views, "workers": 0, "rows": rows, "largest_over_smallest": max(peaks) / min(peaks)}
+
+
 def main(argv=None) -> dict:
     from logitcache.dump import DumpConfig, dump
 
@@ -77,8 +120,27 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--topk", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rss", action="store_true", help="only the peak-RSS-vs-epochs figure (see above)")
+    ap.add_argument("--rss-epochs", type=lambda v: [int(x) for x in v.split(",")], default=[1, 10, 100])
+    ap.add_argument("--rss-views", type=int, default=128, help="samples in the one shard of the RSS figure")
+    ap.add_argument("--rss-image-size", type=int, default=112)
+    ap.add_argument("--rss-batch-size", type=int, default=128)
+    ap.add_argument("--rss-teacher", default="smallcnn", help="the figure is memory, not compute: a cheap teacher")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.rss:
+        result = rss_vs_epochs(args)
+        if args.json:
+            print(json.dumps(result, indent=1))
+            return result
+        print(f"dump peak RSS vs --epochs: {args.rss_views} ImageNet-sized JPEGs in one shard, imagenet recipe at "
+              f"{args.rss_image_size} px, batch {args.rss_batch_size}, teacher {args.rss_teacher}, 0 workers")
+        for r in result["rows"]:
+            print(f"  --epochs {r['epochs']:4d}: {r['views']:6d} views, peak RSS {r['peak_rss_mib']:7.0f} MiB "
+                  f"({r['seconds']:.0f} s)")
+        ratio = result["largest_over_smallest"]
+        print(f"largest / smallest peak RSS = {ratio:.3f}  (claim: <= 1.15: {'OK' if ratio <= 1.15 else 'NOT MET'})")
+        return result
     with tempfile.TemporaryDirectory() as tmp:
         make_shards(f"{tmp}/shards", args.views, args.per_shard)
         times = {"bare": [], "dump": []}
