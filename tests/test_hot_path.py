@@ -334,3 +334,41 @@ def test_the_dump_writes_a_unit_index_that_verify_checks(small_shards, tmp_path)
                                  for p in report.problems)
     dump(cfg)  # nothing left to do but the index: rewritten from the markers
     assert verify_cache(cache).ok
+
+
+_COUNT_SYNCS_UNDER_TORCHRUN = """
+import json, os, sys
+from logitcache.train.config import TrainConfig
+from logitcache.train.loop import train
+from logitcache.train.syncs import SyncCounter
+
+data, out = sys.argv[1], sys.argv[2]
+cfg = TrainConfig(data=data, out=out, student="smallcnn", loss="ce", recipe="imagenet", image_size=32, epochs=1,
+                  batch_size=4, lr=0.05, seed=3, progress=False)
+with SyncCounter() as counter:
+    train(cfg)
+with open(os.path.join(out, f"syncs-{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"steps": counter.steps, "counts": dict(counter.counts), "other": dict(counter.other)}, f)
+"""
+
+
+def test_no_collective_per_step_on_two_gloo_ranks(imagenet_shards, tmp_path):
+    """torchrun, 2 ranks on gloo, 3 shards of 8 (16 vs 8 samples: rank 1 repeats its last batch): the ranks keep
+    in lockstep from the plan, with no collective and no other sync in any step."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "count_syncs.py"
+    script.write_text(_COUNT_SYNCS_UNDER_TORCHRUN)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(imagenet_shards), str(out)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((out / f"syncs-{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 4  # 16 samples in batches of 4; rank 1 repeats twice
+    assert [r["counts"] for r in ranks] == [{}, {}]
