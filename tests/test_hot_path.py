@@ -215,9 +215,9 @@ def _count_object_reads(monkeypatch, log_path):
 
     get, get_many, listing = ObjectStore.get, ObjectStore.get_many, ObjectStore.list
 
-    def counted_get(self, key):
+    def counted_get(self, key, **kwargs):
         log([key])
-        return get(self, key)
+        return get(self, key, **kwargs)
 
     def counted_get_many(self, keys):
         log(keys)
