@@ -59,3 +59,20 @@ def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
+
+
+def workers_option(help: str = "DataLoader workers per process"):
+    """``--workers``; when not given, `resolve_workers` derives it from the cores (`runtime.dist.default_workers`)."""
+    return click.option("--workers", default=None, type=click.IntRange(min=0),
+                        help=f"{help} [default: min(8, cores available / processes on this machine - 1)]")
+
+
+def resolve_workers(workers: int | None) -> int:
+    from logitcache.runtime.dist import default_workers  # lazy: `logitcache --help` stays fast
+
+    return default_workers() if workers is None else workers
+
+
+def teacher_precision_option(help: str):
+    return click.option("--teacher-precision", "teacher_precision", default=None,
+                        type=click.Choice(["fp32", "bf16", "fp16"]), help=help)
