@@ -17,9 +17,21 @@ def reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except LogitcacheError as e:
-            raise click.ClickException(f"{type(e).__name__}: {e}") from e
+            raise click.ClickException(f"{type(e).__name__}: {worker_message(e)}") from e
 
     return wrapper
+
+
+def worker_message(e: Exception) -> str:
+    """``e``'s message; for an error raised in a DataLoader worker (torch re-raises it in the main process with
+    the worker's traceback as its message), the original message alone, so the user sees no traceback."""
+    import re
+
+    msg = str(e)
+    if "Original Traceback (most recent call last):" not in msg:
+        return msg
+    starts = list(re.finditer(rf"(?m)^(?:[\w.]+\.)?{re.escape(type(e).__name__)}: ", msg))
+    return msg[starts[-1].end():].rstrip() if starts else msg.rstrip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------- shared options (one vocabulary)
