@@ -13,8 +13,8 @@ Steps, each a real CLI command (printed before it runs) over synthetic ImageNet-
 Then prints the GPU's name and a table, with the ratios dump / bare teacher and cached NKD / CE (throughputs
 of each run's last epoch, so compilation and warm-up are left out), and writes it as JSON to --out/gpu_check.json.
 
---cpu-smoke: 16 images of about 64x48 px at 32 px, resnet18 teacher/student, no --compile (a CPU compile takes
-minutes here; --compile forces it), 2 epochs. It checks that every step runs, not any speed.
+--cpu-smoke: 8 images of about 64x48 px at 32 px, resnet18 teacher and student, one epoch, no --compile (a CPU
+compile of resnet18 takes minutes; --compile forces it). It checks that every step runs, not any speed.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ def main(argv=None) -> None:
         sys.exit("gpu_check: no CUDA device here; run with --cpu-smoke to check the steps on the CPU")
     device = "cpu" if smoke else "cuda"
     gpu = "CPU (smoke)" if smoke else torch.cuda.get_device_name(0)
-    n = args.images or (16 if smoke else 4096)
-    per_shard = 8 if smoke else 256
+    n = args.images or (8 if smoke else 4096)
+    per_shard = 4 if smoke else 256
     size = (64, 48) if smoke else (500, 375)
     image_size = 32 if smoke else 224
     batch = 8 if smoke else args.batch_size
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
 
     common = ["--recipe", "imagenet", "--image-size", str(image_size), "--device", device, "--batch-size",
               str(batch), *workers]
-    dump_epochs = 2
+    dump_epochs = 1 if smoke else 2
     for prec in ("bf16", "fp32"):
         steps[f"bare_teacher_{prec}_img_s"] = bare_teacher(teacher, image_size, batch, prec, device,
                                                            seconds=1.0 if smoke else 10.0)
@@ -171,7 +171,7 @@ def main(argv=None) -> None:
                             "--json"])
         steps[f"dump_{prec}_img_s"] = summary["views_written"] / summary["seconds"]  # the dump's own clock
         steps[f"dump_{prec}_s"] = summary["seconds"]
-        rc = cli_json(["verify", cache, "--group", prec, "--data", str(data), "--recompute", "32" if smoke else "256",
+        rc = cli_json(["verify", cache, "--group", prec, "--data", str(data), "--recompute", "8" if smoke else "256",
                        "--teacher", teacher, "--device", device, "--json"])
         steps[f"verify_{prec}"] = {"ok": rc["ok"], **{k: rc["recompute"][k] for k in (
             "views", "tolerance", "max_abs_logprob_diff", "teacher_precision")}}
@@ -179,7 +179,7 @@ def main(argv=None) -> None:
             sys.exit(f"gpu_check: verify --recompute failed for group {prec}: {json.dumps(rc['recompute'])[:2000]}")
     steps["bf16_vs_fp32"] = precision_error(cache, "bf16", "fp32")
 
-    epochs = ["--epochs", "2"]
+    epochs = ["--epochs", "1" if smoke else "2"]  # on a GPU the second epoch's speed: no compile, warm caches
     runs = {
         "ce": ["--loss", "ce"],
         "nkd_cached": ["--loss", "nkd", "--cache", cache, "--group", "bf16"],
