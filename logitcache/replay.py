@@ -41,14 +41,14 @@ import numpy as np
 import torch
 
 from logitcache.cache.reader import CacheReader
+from logitcache.cache.verify import check_replay
 from logitcache.data.manifest import Manifest, load_manifest
 from logitcache.data.shards import ShardDataset, iter_shard, shuffle_buffer
 from logitcache.data.split import split_shards
 from logitcache.errors import CacheError, CacheMismatchError
 from logitcache.labels.topk import TopKLogits
-from logitcache.views.params import ViewParams
-from logitcache.views.recipe import Recipe, apply_view, get_recipe, sample_view
-from logitcache.views.rng import view_rng
+from logitcache.views.mixing import UnitMixer, mixed_targets
+from logitcache.views.recipe import Recipe, get_recipe
 
 #: samples a worker holds back to shuffle across shard boundaries (pass shuffle_buffer= to change it)
 DEFAULT_SHUFFLE_BUFFER = 1000
@@ -62,6 +62,8 @@ class ReplayItem(NamedTuple):
     target: int
     index: int  # global sample index
     view: np.ndarray  # int16 (P,) the view's params, in Recipe.param_fields order
+    partner_target: int = -1  # mixing recipes: the label of the view mixed in (= target when not mixed)
+    lam: float = 1.0  # the weight of `target` in the mixed label (1.0 when not mixed)
 
 
 # ------------------------------------------------------------------ collate
@@ -289,6 +291,13 @@ class _Views(torch.utils.data.IterableDataset):
     def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
         raise NotImplementedError
 
+    def _target(self, item: ReplayItem):
+        """The public target: the label, or for mixing recipes the (C,) float32 mixed label (no smoothing)."""
+        if not self.recipe.mixes:
+            return item.target
+        return mixed_targets(torch.tensor([item.target]), torch.tensor([item.partner_target]),
+                             torch.tensor([item.lam]), self.manifest.num_classes)[0]
+
     def _public(self, item: ReplayItem) -> tuple:
         raise NotImplementedError
 
@@ -311,6 +320,10 @@ class CachedViews(_Views):
     order; an int shuffles shards per epoch and samples through a ``shuffle_buffer``-sample buffer.
     ``skip_bad``: leave out samples whose bytes do not decode. ``return_index``: yield
     ``(image, row, target, global_index)``. The reader opens lazily in each DataLoader worker.
+    Mixing recipes (``deit``, ``tv-v2``): the image is the mixed view the teacher saw and ``target`` is the
+    (C,) float32 mixed label ``λ·y + (1-λ)·y_partner`` (add label smoothing yourself). ``check_pixels``: before
+    the first use of a cache in this process, replay the views whose pixel digest one unit's marker records and
+    refuse (`ReplayMismatchError`, naming library versions) when they differ.
     """
 
     def __init__(
@@ -330,11 +343,14 @@ class CachedViews(_Views):
         return_index: bool = False,
         return_items: bool = False,
         storage_options: dict[str, Any] | None = None,
+        check_pixels: bool = True,
     ):
         self.reader = cache if isinstance(cache, CacheReader) else CacheReader(
             str(cache), group, storage_options=storage_options)
         manifest = load_manifest(data)
         recipe = check_cache_matches(self.reader, manifest, recipe)
+        if check_pixels:
+            check_replay(self.reader, manifest, recipe, once=True)
         self.cached_epochs = self.reader.meta.epochs
         self.return_index = return_index
         super().__init__(manifest, epoch=epoch, recipe=recipe, shards=shards, rank=rank, world_size=world_size,
@@ -364,17 +380,26 @@ class CachedViews(_Views):
 
     def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
         table = UnitTable(self.reader, self.cached_epoch, shard)
+        # the stored params, mixed with the stored partner (UnitMixer: the dump's own code path)
+        mixer = UnitMixer(self.recipe, seed=self.reader.meta.seed, epoch=self.cached_epoch, shard=shard,
+                          stored=table.view_params)
+
+        def items(views) -> Iterator[ReplayItem]:
+            for v in views:
+                s = v.sample
+                yield ReplayItem(v.image, table.row(s.offset, s.label), s.label, s.index, v.params, v.partner_label,
+                                 v.lam)
+
         for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
             if sample.offset in table.skipped:
                 continue  # skipped by the dump: no teacher row exists, and padding must never become a label
-            view = table.view_params[sample.offset]
-            image = apply_view(sample.image, ViewParams.from_array(self.recipe, view), self.recipe)
-            yield ReplayItem(image, table.row(sample.offset, sample.label), sample.label, sample.index, view)
+            yield from items(mixer.push(sample))
+        yield from items(mixer.finish())
 
     def _public(self, item: ReplayItem) -> tuple:
         if self.return_index:
-            return item.image, item.soft, item.target, item.index
-        return item.image, item.soft, item.target
+            return item.image, item.soft, self._target(item), item.index
+        return item.image, item.soft, self._target(item)
 
 
 class FreshViews(_Views):
@@ -413,16 +438,22 @@ class FreshViews(_Views):
 
     def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
         table = self.rows.table(shard) if self.rows is not None else None
+        mixer = UnitMixer(self.recipe, seed=self.seed, epoch=self.epoch, shard=shard)  # draws, as the dump does
+
+        def items(views) -> Iterator[ReplayItem]:
+            for v in views:
+                s = v.sample
+                soft = table.row(s.offset, s.label) if table is not None else None
+                yield ReplayItem(v.image, soft, s.label, s.index, v.params, v.partner_label, v.lam)
+
         for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
-            _, h, w = sample.image.shape
-            params = sample_view(view_rng(self.seed, self.epoch, sample.index), h, w, self.recipe)
-            image = apply_view(sample.image, params, self.recipe)
-            soft = table.row(sample.offset, sample.label) if table is not None else None
-            yield ReplayItem(image, soft, sample.label, sample.index, params.to_array())
+            yield from items(mixer.push(sample))
+        yield from items(mixer.finish())
 
     def _public(self, item: ReplayItem) -> tuple:
         head = (item.image,) if item.soft is None else (item.image, item.soft)
-        return (*head, item.target, item.index) if self.return_index else (*head, item.target)
+        target = self._target(item)
+        return (*head, target, item.index) if self.return_index else (*head, target)
 
 
 __all__ = [

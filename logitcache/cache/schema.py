@@ -276,6 +276,10 @@ class UnitMarker:
     ``chunks`` maps array name -> sha256 of that unit's stored chunk object (compressed bytes), so `verify`
     catches deleted or replaced chunks; ``stats`` feed `info` (teacher accuracy, top-k mass) without a scan;
     ``skipped`` lists offsets of samples that were skipped as corrupt (their rows are padding).
+    ``replay`` (optional; absent in caches written before it): ``{"offsets": [...], "sha256": ..., "versions":
+    {...}}``, the sha256 of the uint8 pixels of the unit's first finished views at those offsets and the library
+    versions that made them (`logitcache.views.digest`); readers recompute it to prove their pixels are the
+    teacher's.
     """
 
     epoch: int
@@ -284,10 +288,13 @@ class UnitMarker:
     chunks: dict[str, str]
     stats: dict[str, float]
     skipped: tuple[int, ...] = ()
+    replay: dict[str, Any] | None = None
 
     def to_bytes(self) -> bytes:
         d = dataclasses.asdict(self)
         d["skipped"] = list(self.skipped)
+        if self.replay is None:
+            del d["replay"]
         return json.dumps(d, sort_keys=True, indent=1).encode()
 
     @classmethod
@@ -301,9 +308,19 @@ class UnitMarker:
                 chunks={str(k): str(v) for k, v in d["chunks"].items()},
                 stats={str(k): float(v) for k, v in d["stats"].items()},
                 skipped=tuple(int(x) for x in d.get("skipped", ())),
+                replay=_replay_record(d.get("replay")),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise CacheError(f"unit marker {where} is malformed: {e}") from e
+
+
+def _replay_record(d: Any) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict) or not isinstance(d.get("sha256"), str) or not isinstance(d.get("offsets"), list):
+        raise TypeError(f"replay entry {d!r} is not {{offsets, sha256, versions}}")
+    return {"offsets": [int(o) for o in d["offsets"]], "sha256": d["sha256"],
+            "versions": {str(k): str(v) for k, v in dict(d.get("versions", {})).items()}}
 
 
 def zarr_array_kwargs(spec: ArraySpec, meta: GroupMeta, root: RootMeta) -> dict[str, Any]:
