@@ -404,10 +404,18 @@ def test_webdataset_stage_refuses_other_data(small_shards, small_cache, imagenet
         list(stage(iter([{**raw[0], "__url__": "elsewhere/other.tar"}])))
 
 
-def test_shard_dataset_reads_through_webdatasets_worker_split(small_shards):
+def _index(sample):
+    return sample.index
+
+
+def test_shard_dataset_reads_through_webdatasets_worker_split(small_shards, monkeypatch):
     ds = ShardDataset(small_shards, rank=0, world_size=1)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=lambda s: s.index)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=_index)
     assert sorted(loader) == list(range(load_manifest(small_shards).num_samples))
+    monkeypatch.setenv("WORKER", "0")  # would make every worker read worker 0's shards
+    monkeypatch.setenv("NUM_WORKERS", "1")
+    with pytest.raises(DataError, match="contradict this DataLoader worker"):
+        list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=_index))
 
 
 # ------------------------------------------------------------------ installing next to the user's torch
