@@ -16,9 +16,11 @@ import torch
 from logitcache.cache import verify as verify_mod
 from logitcache.cache.reader import CacheReader
 from logitcache.cache.verify import recompute_views, verify_cache
+from logitcache.data.manifest import load_manifest
+from logitcache.data.tar import tarfile_samples
 from logitcache.dump import DumpConfig, dump
 from logitcache.errors import CacheMismatchError, ReplayMismatchError
-from logitcache.replay import CachedViews, FreshViews, collate
+from logitcache.replay import CachedViews, FreshViews, cached_views_stage, collate
 from logitcache.train.config import TrainConfig
 from logitcache.train.loop import train
 from logitcache.views import digest as digest_mod
@@ -173,3 +175,19 @@ def test_a_cache_of_another_recipe_version_is_refused(small_shards, deit_cache, 
     with pytest.raises(CacheMismatchError, match="mixup_alpha"):
         CachedViews(small_shards, str(deit_cache), epoch=0,
                     recipe=recipe_mod.Recipe.from_json({**get_recipe("deit", 28).to_json(), "mixup_alpha": 0.5}))
+
+
+def test_webdataset_stage_replays_the_mixed_views(small_shards, deit_cache):
+    wds = pytest.importorskip("webdataset", reason="the stage is for webdataset pipelines (ecosystem extra)")
+
+    m = load_manifest(small_shards)
+    stage = cached_views_stage(small_shards, deit_cache, epoch=0)
+    pipeline = wds.DataPipeline(wds.SimpleShardList([m.shard_url(i) for i in range(len(m.shards))][::-1]),
+                                tarfile_samples, stage, wds.to_tuple("image", "soft", "target", "index"))
+    ours = {int(i): (img, t) for img, _, t, i in pipeline}
+    ref = CachedViews(small_shards, str(deit_cache), epoch=0, return_index=True)
+    n = 0
+    for img, _, t, i in ref:
+        assert torch.equal(ours[int(i)][0], img) and torch.equal(ours[int(i)][1], t)
+        n += 1
+    assert n == len(ours) == 24
