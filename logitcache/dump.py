@@ -40,8 +40,9 @@ from logitcache.runtime.dist import PREFETCH_BATCHES, DistEnv, init_distributed
 from logitcache.runtime.precision import check_teacher_precision
 from logitcache.runtime.provenance import provenance, utc_now
 from logitcache.teacher import Teacher
-from logitcache.views.recipe import apply_view, get_recipe, sample_view
-from logitcache.views.rng import view_rng
+from logitcache.views.digest import DigestBuilder
+from logitcache.views.mixing import UnitMixer
+from logitcache.views.recipe import get_recipe
 
 #: tests only: SIGKILL the dump right before its N+1-th batch (a real kill, mid-run, at a reproducible point)
 KILL_AFTER_BATCHES_ENV = "LOGITCACHE_TEST_KILL_AFTER_BATCHES"
@@ -100,6 +101,7 @@ class ViewBatch:
     end_of_unit: bool = False
     unit_length: int = 0
     skipped: tuple[int, ...] = ()
+    replay: dict | None = None  # the end-of-unit batch carries the unit's replay digest (views/digest.py)
 
 
 class UnitViews(torch.utils.data.IterableDataset):
@@ -122,22 +124,31 @@ class UnitViews(torch.utils.data.IterableDataset):
 
     def _shard_batches(self, shard: int, epochs: list[int]) -> Iterator[ViewBatch]:
         buffers: dict[int, list] = {e: [] for e in epochs}
+        # the views of each unit, in offset order (mixing recipes finish a block of them at a time, each view
+        # mixed with a partner of the same unit), and the digest of the unit's first views for its marker
+        mixers = {e: UnitMixer(self.recipe, seed=self.seed, epoch=e, shard=shard) for e in epochs}
+        digests = {e: DigestBuilder() for e in epochs}
         seen: set[int] = set()
-        for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
-            seen.add(sample.offset)
-            _, h, w = sample.image.shape
-            for e in epochs:
-                params = sample_view(view_rng(self.seed, e, sample.index), h, w, self.recipe)
-                x = apply_view(sample.image, params, self.recipe)
-                buffers[e].append((sample.offset, x, sample.label, params.to_array(), f"{sample.url}:{sample.key}"))
+
+        def add(e: int, views) -> Iterator[ViewBatch]:
+            for v in views:
+                digests[e].add(v.sample.offset, v.image)
+                buffers[e].append((v.sample.offset, v.image, v.sample.label, v.params, v.sample.where))
                 if len(buffers[e]) == self.batch_size:
                     yield _collate(e, shard, buffers[e])
                     buffers[e] = []
+
+        for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
+            seen.add(sample.offset)
+            for e in epochs:
+                yield from add(e, mixers[e].push(sample))
         length = self.manifest.shards[shard].num_samples
         skipped = tuple(sorted(set(range(length)) - seen))
         for e in epochs:  # the unit's last batch (possibly empty) carries its length and what was skipped
+            yield from add(e, mixers[e].finish())
             yield dataclasses.replace(
-                _collate(e, shard, buffers[e], self.recipe), end_of_unit=True, unit_length=length, skipped=skipped
+                _collate(e, shard, buffers[e], self.recipe), end_of_unit=True, unit_length=length, skipped=skipped,
+                replay=digests[e].record(),
             )
 
 
@@ -347,31 +358,15 @@ def forget_damaged_units(url: str, group: str) -> list[tuple[int, int]]:
 def _write_unit(writer, batch: ViewBatch, parts: list, value_dtype: str) -> None:
     if parts:
         offsets = torch.cat([p[0] for p in parts]).numpy()
-        view = torch.cat([p[1] for p in parts]).numpy()
         tk = TopKLogits.cat([p[2] for p in parts])
-        lse1 = tk.lse[:, tk.temperatures.index(1.0)]
-        rows = UnitRows(
-            topk_indices=tk.indices.numpy(),
-            topk_logprobs=(tk.logits - lse1[:, None]).numpy().astype(value_dtype),
-            target_logprob=tk.target_logprob.numpy().astype(np.float32),
-            lse=tk.lse.numpy().astype(np.float32),
-            view_params=view.astype(np.int16),
-        )
+        rows = UnitRows.from_topk(tk, torch.cat([p[1] for p in parts]).numpy(), value_dtype)
         correct = float((tk.indices[:, 0] == tk.target).sum())
         mass = float(tk.topk_mass(1.0).double().sum())
     else:
-        meta = writer.meta
-        offsets = np.zeros(0, dtype=np.int64)
-        rows = UnitRows(
-            np.zeros((0, meta.k)),
-            np.zeros((0, meta.k)),
-            np.zeros(0),
-            np.zeros((0, len(meta.temperatures))),
-            np.zeros((0, len(meta.param_fields))),
-        )
-        correct = mass = 0.0
+        offsets, rows, correct, mass = np.zeros(0, dtype=np.int64), UnitRows.empty(writer.meta), 0.0, 0.0
     stats = {"views": float(len(offsets)), "teacher_correct": correct, "topk_mass_sum": mass}
-    writer.write_unit(batch.epoch, batch.shard, offsets, rows, batch.unit_length, stats, batch.skipped)
+    writer.write_unit(batch.epoch, batch.shard, offsets, rows, batch.unit_length, stats, batch.skipped,
+                      replay=batch.replay)
 
 
 def summarize(reader, written: int, already: int, skipped: int, seconds: float) -> DumpSummary:

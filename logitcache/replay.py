@@ -2,8 +2,9 @@
 
     shards ─► shard order from (shuffle_seed, epoch) ─► whole shards split over ranks, then DataLoader workers
       ─► per shard: read the unit (cached_epoch(e), shard) ONCE  (CacheReader.read_unit)
-      ─► per sample:  params = ViewParams.from_array(recipe, unit.view_params[offset])   # what the dump drew
-                      image  = apply_view(sample.image, params, recipe)                  # the teacher's pixels
+      ─► per sample:  params = unit.view_params[offset]                                  # what the dump drew
+                      image  = UnitMixer(stored=params): apply_view, and for mixing recipes
+                               the mix with the stored partner of the same unit          # the teacher's pixels
                       row    = the unit's TopKLogits row at `offset`                       # its soft labels
       ─► shuffle buffer seeded by (shuffle_seed, epoch, rank, worker) ─► `collate`
 
@@ -34,21 +35,22 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from logitcache.cache.reader import CacheReader
-from logitcache.data.manifest import Manifest, load_manifest
+from logitcache.cache.reader import CacheReader, UnitTable
+from logitcache.cache.verify import check_replay
+from logitcache.data.decode import decode_sample
+from logitcache.data.manifest import Manifest, ShardCheck, load_manifest
 from logitcache.data.shards import ShardDataset, iter_shard, shuffle_buffer
 from logitcache.data.split import split_shards
-from logitcache.errors import CacheError, CacheMismatchError
+from logitcache.errors import BadSampleError, CacheError, CacheMismatchError, DataError
 from logitcache.labels.topk import TopKLogits
-from logitcache.views.params import ViewParams
-from logitcache.views.recipe import Recipe, apply_view, get_recipe, sample_view
-from logitcache.views.rng import view_rng
+from logitcache.views.mixing import UnitMixer, mixed_targets
+from logitcache.views.recipe import Recipe, get_recipe
 
 #: samples a worker holds back to shuffle across shard boundaries (pass shuffle_buffer= to change it)
 DEFAULT_SHUFFLE_BUFFER = 1000
@@ -62,6 +64,8 @@ class ReplayItem(NamedTuple):
     target: int
     index: int  # global sample index
     view: np.ndarray  # int16 (P,) the view's params, in Recipe.param_fields order
+    partner_target: int = -1  # mixing recipes: the label of the view mixed in (= target when not mixed)
+    lam: float = 1.0  # the weight of `target` in the mixed label (1.0 when not mixed)
 
 
 # ------------------------------------------------------------------ collate
@@ -161,61 +165,15 @@ def _short(v: Any) -> str:
 
 
 # ------------------------------------------------------------------ rows of one unit
-class UnitTable:
-    """The soft-label rows of one (epoch, shard) unit as tensors, read once per shard; rows by offset."""
-
-    def __init__(self, reader: CacheReader, epoch: int, shard: int):
-        meta = reader.meta
-        unit = reader.read_unit(epoch, shard)  # an unfinished unit raises CacheError naming it
-        marker = reader.markers()[(epoch, shard)]
-        lse = torch.from_numpy(unit.lse.astype(np.float32))
-        logprobs = torch.from_numpy(unit.topk_logprobs.astype(np.float32))
-        self.indices = torch.from_numpy(unit.topk_indices.astype(np.int64))
-        self.logits = logprobs + lse[:, meta.temperatures.index(1.0), None]
-        self.target_logprob = torch.from_numpy(unit.target_logprob.astype(np.float32))
-        self.lse = lse
-        self.view_params = unit.view_params
-        self.temperatures, self.num_classes = meta.temperatures, meta.num_classes
-        n = len(unit.topk_indices)
-        TopKLogits(self.indices, self.logits, torch.zeros(n, dtype=torch.int64), self.target_logprob, self.lse,
-                   self.temperatures, self.num_classes)  # shape checks once per unit (rows skip them)
-        self.skipped = frozenset(marker.skipped)
-        self.marker = marker
-        self.where = f"{reader.url} group '{reader.group}' unit (epoch {epoch}, shard {shard})"
-
-    def __len__(self) -> int:
-        return self.indices.shape[0]
-
-    def row(self, offset: int, target: int) -> TopKLogits:
-        if offset in self.skipped or offset >= len(self):
-            raise CacheError(f"{self.where} has no row for offset {offset} (skipped when it was written)")
-        o = slice(offset, offset + 1)
-        return TopKLogits._trusted(  # the unit's arrays were checked as a whole in __init__
-            self.indices[o], self.logits[o], torch.tensor([int(target)]), self.target_logprob[o], self.lse[o],
-            self.temperatures, self.num_classes,
-        )
-
-
 class RowSource:
-    """Where a stage takes its soft-label rows: unit ``(unit_epoch, shard)`` of a cache group.
+    """Where a stage takes its soft-label rows: unit ``(unit_epoch, shard)`` of a cache group (PS-KD's store
+    subclasses it to check that a slot holds the epoch it expects)."""
 
-    ``expect_stat``: ``(key, value)`` the unit's marker stats must hold (PS-KD's store checks that a slot holds
-    the previous epoch, not an older one).
-    """
-
-    def __init__(self, reader: CacheReader, unit_epoch: int, *, expect_stat: tuple[str, float] | None = None):
-        self.reader, self.unit_epoch, self.expect_stat = reader, unit_epoch, expect_stat
+    def __init__(self, reader: CacheReader, unit_epoch: int):
+        self.reader, self.unit_epoch = reader, unit_epoch
 
     def table(self, shard: int) -> UnitTable:
-        self.reader.markers(refresh=True)  # units are rewritten between epochs (PS-KD); never trust old markers
-        t = UnitTable(self.reader, self.unit_epoch, shard)
-        if self.expect_stat is not None:
-            key, value = self.expect_stat
-            got = t.marker.stats.get(key)
-            if got is None or not math.isclose(got, value):
-                raise CacheError(f"{t.where} holds {key}={got}, expected {value}: it is stale (an earlier run or "
-                                 f"an interrupted epoch); start the run again")
-        return t
+        return UnitTable(self.reader, self.unit_epoch, shard)
 
 
 # ------------------------------------------------------------------ the stages
@@ -289,6 +247,13 @@ class _Views(torch.utils.data.IterableDataset):
     def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
         raise NotImplementedError
 
+    def _target(self, item: ReplayItem):
+        """The public target: the label, or for mixing recipes the (C,) float32 mixed label (no smoothing)."""
+        if not self.recipe.mixes:
+            return item.target
+        return mixed_targets(torch.tensor([item.target]), torch.tensor([item.partner_target]),
+                             torch.tensor([item.lam]), self.manifest.num_classes)[0]
+
     def _public(self, item: ReplayItem) -> tuple:
         raise NotImplementedError
 
@@ -311,6 +276,10 @@ class CachedViews(_Views):
     order; an int shuffles shards per epoch and samples through a ``shuffle_buffer``-sample buffer.
     ``skip_bad``: leave out samples whose bytes do not decode. ``return_index``: yield
     ``(image, row, target, global_index)``. The reader opens lazily in each DataLoader worker.
+    Mixing recipes (``deit``, ``tv-v2``): the image is the mixed view the teacher saw and ``target`` is the
+    (C,) float32 mixed label ``λ·y + (1-λ)·y_partner`` (add label smoothing yourself). ``check_pixels``: before
+    the first use of a cache in this process, replay the views whose pixel digest one unit's marker records and
+    refuse (`ReplayMismatchError`, naming library versions) when they differ.
     """
 
     def __init__(
@@ -330,11 +299,14 @@ class CachedViews(_Views):
         return_index: bool = False,
         return_items: bool = False,
         storage_options: dict[str, Any] | None = None,
+        check_pixels: bool = True,
     ):
         self.reader = cache if isinstance(cache, CacheReader) else CacheReader(
             str(cache), group, storage_options=storage_options)
         manifest = load_manifest(data)
         recipe = check_cache_matches(self.reader, manifest, recipe)
+        if check_pixels:
+            check_replay(self.reader, manifest, recipe, once=True)
         self.cached_epochs = self.reader.meta.epochs
         self.return_index = return_index
         super().__init__(manifest, epoch=epoch, recipe=recipe, shards=shards, rank=rank, world_size=world_size,
@@ -364,17 +336,26 @@ class CachedViews(_Views):
 
     def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
         table = UnitTable(self.reader, self.cached_epoch, shard)
+        # the stored params, mixed with the stored partner (UnitMixer: the dump's own code path)
+        mixer = UnitMixer(self.recipe, seed=self.reader.meta.seed, epoch=self.cached_epoch, shard=shard,
+                          stored=table.view_params)
+
+        def items(views) -> Iterator[ReplayItem]:
+            for v in views:
+                s = v.sample
+                yield ReplayItem(v.image, table.row(s.offset, s.label), s.label, s.index, v.params, v.partner_label,
+                                 v.lam)
+
         for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
             if sample.offset in table.skipped:
                 continue  # skipped by the dump: no teacher row exists, and padding must never become a label
-            view = table.view_params[sample.offset]
-            image = apply_view(sample.image, ViewParams.from_array(self.recipe, view), self.recipe)
-            yield ReplayItem(image, table.row(sample.offset, sample.label), sample.label, sample.index, view)
+            yield from items(mixer.push(sample))
+        yield from items(mixer.finish())
 
     def _public(self, item: ReplayItem) -> tuple:
         if self.return_index:
-            return item.image, item.soft, item.target, item.index
-        return item.image, item.soft, item.target
+            return item.image, item.soft, self._target(item), item.index
+        return item.image, item.soft, self._target(item)
 
 
 class FreshViews(_Views):
@@ -413,26 +394,157 @@ class FreshViews(_Views):
 
     def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
         table = self.rows.table(shard) if self.rows is not None else None
+        mixer = UnitMixer(self.recipe, seed=self.seed, epoch=self.epoch, shard=shard)  # draws, as the dump does
+
+        def items(views) -> Iterator[ReplayItem]:
+            for v in views:
+                s = v.sample
+                soft = table.row(s.offset, s.label) if table is not None else None
+                yield ReplayItem(v.image, soft, s.label, s.index, v.params, v.partner_label, v.lam)
+
         for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
-            _, h, w = sample.image.shape
-            params = sample_view(view_rng(self.seed, self.epoch, sample.index), h, w, self.recipe)
-            image = apply_view(sample.image, params, self.recipe)
-            soft = table.row(sample.offset, sample.label) if table is not None else None
-            yield ReplayItem(image, soft, sample.label, sample.index, params.to_array())
+            yield from items(mixer.push(sample))
+        yield from items(mixer.finish())
 
     def _public(self, item: ReplayItem) -> tuple:
         head = (item.image,) if item.soft is None else (item.image, item.soft)
-        return (*head, item.target, item.index) if self.return_index else (*head, item.target)
+        target = self._target(item)
+        return (*head, target, item.index) if self.return_index else (*head, target)
+
+
+# ------------------------------------------------------------------ a webdataset stage for your own pipeline
+class CachedViewsStage:
+    """A webdataset pipeline stage that attaches cached views to raw samples: for each sample of ``data``'s shards
+    (``{"__key__", "__url__", ext: bytes}``, as ``webdataset.tarfile_to_samples()`` or our `tarfile_samples`
+    yield them), it adds ``image`` (uint8 (3, S, S): the view cached for epoch ``epoch mod E``, replayed pixel
+    for pixel), ``soft`` (that view's `TopKLogits` row), ``target`` and ``index`` (the global sample index).
+
+    Checked as `CachedViews` checks: the cache must have been made from ``data`` (dataset fingerprint) with the
+    recipe replayed; each shard's samples must come in order, complete, with the manifest's keys (count and key
+    digest, checked when the shard ends). Put it right after the tar reader, before any shuffle or filter (it
+    counts each shard's samples to know their offsets); shards may come in any order and be split over nodes and
+    workers (``split_by_node``, ``split_by_worker``). Samples the dump skipped have no row and are dropped;
+    samples whose bytes do not decode raise `BadSampleError` (``skip_bad=True``: dropped). ``set_epoch(e)``
+    moves to another epoch; the cache opens lazily in each DataLoader worker. Mixing recipes (``deit``,
+    ``tv-v2``): each view is mixed with its stored partner of the same shard (so samples leave the stage a block of
+    16 late) and ``target`` is the (C,) float mixed label.
+    """
+
+    def __init__(self, data, cache, *, epoch: int, group: str | None = None, recipe: Recipe | None = None,
+                 skip_bad: bool = False, storage_options: dict[str, Any] | None = None):
+        self.reader = cache if isinstance(cache, CacheReader) else CacheReader(
+            str(cache), group, storage_options=storage_options)
+        self.manifest = load_manifest(data)
+        self.recipe = check_cache_matches(self.reader, self.manifest, recipe)
+        check_replay(self.reader, self.manifest, self.recipe, once=True)
+        self.cached_epochs, self.skip_bad = self.reader.meta.epochs, skip_bad
+        self.epoch = 0
+        self.set_epoch(epoch)
+        self._by_url: dict[str, int] = {}
+        names: dict[str, list[int]] = {}
+        for i, info in enumerate(self.manifest.shards):
+            self._by_url[self.manifest.shard_url(i)] = i
+            self._by_url[info.name] = i
+            names.setdefault(info.name.rsplit("/", 1)[-1], []).append(i)
+        for base, shards in names.items():  # a copy elsewhere is recognised by its file name, when unique
+            if len(shards) == 1:
+                self._by_url.setdefault(base, shards[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+        if epoch >= self.cached_epochs:
+            warnings.warn(f"cache {self.reader.url} holds {self.cached_epochs} epoch(s) of views; epoch {epoch} "
+                          f"replays cached epoch {epoch % self.cached_epochs}", CycledViewsWarning, stacklevel=2)
+
+    def shard_of(self, url: str) -> int:
+        """The manifest's shard index of a sample's ``__url__`` (full URL, manifest name, or a unique file name)."""
+        for candidate in (url, url.rsplit("/", 1)[-1]):
+            if candidate in self._by_url:
+                return self._by_url[candidate]
+        raise DataError(f"{url}: not a shard of the dataset {self.manifest.base_url or ''} (its manifest names "
+                        f"{len(self.manifest.shards)} shards, e.g. {self.manifest.shards[0].name})")
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        url, shard, check, table, offset, mixer = None, -1, None, None, 0, None
+        for sample in src:
+            if sample.get("__url__") != url:
+                if mixer is not None:
+                    yield from self._finish(mixer.finish())
+                if check is not None:
+                    check.finish()
+                url = sample.get("__url__")
+                if url is None:
+                    raise DataError(f"sample {sample.get('__key__')!r} has no __url__: put this stage right after "
+                                    "the tar reader (tarfile_to_samples)")
+                shard = self.shard_of(url)
+                check = ShardCheck(self.manifest.shards[shard], url)
+                table = UnitTable(self.reader, self.epoch % self.cached_epochs, shard)
+                # the dump's own path: stored params, mixing recipes mix with the stored partner of the unit
+                mixer = UnitMixer(self.recipe, seed=self.reader.meta.seed, epoch=self.epoch % self.cached_epochs,
+                                  shard=shard, stored=table.view_params)
+                offset = -1
+            offset += 1
+            check.add_key(sample["__key__"])
+            if offset in table.skipped:
+                continue  # the dump skipped it: no teacher row
+            try:
+                image, label = decode_sample(sample, self.manifest.num_classes, label_key=self.manifest.label_key)
+            except BadSampleError:
+                if self.skip_bad:
+                    continue
+                raise
+            index = self.manifest.shards[shard].first_index + offset
+            yield from self._finish(mixer.push(_StageSample(offset, index, image, label, url, sample, table)))
+        if mixer is not None:
+            yield from self._finish(mixer.finish())
+        if check is not None:
+            check.finish()
+
+    def _finish(self, views) -> Iterator[dict[str, Any]]:
+        for v in views:
+            s = v.sample
+            s.raw["image"] = v.image
+            s.raw["soft"] = s.table.row(s.offset, s.label)
+            s.raw["target"] = s.label if not self.recipe.mixes else mixed_targets(
+                torch.tensor([s.label]), torch.tensor([v.partner_label]), torch.tensor([v.lam]),
+                self.manifest.num_classes)[0]
+            s.raw["index"] = s.index
+            yield s.raw
+
+
+class _StageSample(NamedTuple):
+    """A webdataset sample as `UnitMixer` takes it (offset, index, image, label, where) plus the dict itself."""
+
+    offset: int
+    index: int
+    image: torch.Tensor
+    label: int
+    url: str
+    raw: dict[str, Any]
+    table: UnitTable
+
+    @property
+    def where(self) -> str:
+        return f"{self.url}:{self.raw.get('__key__')}"
+
+
+def cached_views_stage(data, cache, *, epoch: int, group: str | None = None, **kwargs) -> CachedViewsStage:
+    """The webdataset stage of `CachedViewsStage` (a callable ``stage(samples) -> samples``); see there."""
+    return CachedViewsStage(data, cache, epoch=epoch, group=group, **kwargs)
 
 
 __all__ = [
     "DEFAULT_SHUFFLE_BUFFER",
     "CachedViews",
+    "CachedViewsStage",
     "CycledViewsWarning",
     "FreshViews",
     "ReplayItem",
     "RowSource",
     "UnitTable",
+    "cached_views_stage",
     "check_cache_matches",
     "collate",
 ]

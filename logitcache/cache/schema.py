@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from logitcache.errors import CacheError
+from logitcache.labels.topk import TopKLogits
 
 FORMAT_NAME = "logitcache-cache"
 #: bump the major on any change an old reader would misread; the minor for additions old readers can ignore
@@ -34,7 +36,6 @@ FORMAT_VERSION = (1, 0)
 ATTRS_KEY = "logitcache"
 DATASET_MANIFEST_KEY = "dataset_manifest.json"
 UNITS_DIR = "units"
-PREV_PROBS_GROUP_PREFIX = "pskd"  # PS-KD's per-sample predictions use the same layout (see train)
 
 # ------------------------------------------------------------------ arrays
 # name -> (dtype, trailing shape key, codec). Trailing shape keys: "k" (top-k), "R" (temperatures), "P" (view
@@ -297,6 +298,10 @@ class UnitMarker:
     ``chunks`` maps array name -> sha256 of that unit's stored chunk object (compressed bytes), so `verify`
     catches deleted or replaced chunks; ``stats`` feed `info` (teacher accuracy, top-k mass) without a scan;
     ``skipped`` lists offsets of samples that were skipped as corrupt (their rows are padding).
+    ``replay`` (optional; absent in caches written before it): ``{"offsets": [...], "sha256": ..., "versions":
+    {...}}``, the sha256 of the uint8 pixels of the unit's first finished views at those offsets and the library
+    versions that made them (`logitcache.views.digest`); readers recompute it to prove their pixels are the
+    teacher's.
     """
 
     epoch: int
@@ -305,10 +310,13 @@ class UnitMarker:
     chunks: dict[str, str]
     stats: dict[str, float]
     skipped: tuple[int, ...] = ()
+    replay: dict[str, Any] | None = None
 
     def to_bytes(self) -> bytes:
         d = dataclasses.asdict(self)
         d["skipped"] = list(self.skipped)
+        if self.replay is None:
+            del d["replay"]
         return json.dumps(d, sort_keys=True, indent=1).encode()
 
     @classmethod
@@ -322,9 +330,19 @@ class UnitMarker:
                 chunks={str(k): str(v) for k, v in d["chunks"].items()},
                 stats={str(k): float(v) for k, v in d["stats"].items()},
                 skipped=tuple(int(x) for x in d.get("skipped", ())),
+                replay=_replay_record(d.get("replay")),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise CacheError(f"unit marker {where} is malformed: {e}") from e
+
+
+def _replay_record(d: Any) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict) or not isinstance(d.get("sha256"), str) or not isinstance(d.get("offsets"), list):
+        raise TypeError(f"replay entry {d!r} is not {{offsets, sha256, versions}}")
+    return {"offsets": [int(o) for o in d["offsets"]], "sha256": d["sha256"],
+            "versions": {str(k): str(v) for k, v in dict(d.get("versions", {})).items()}}
 
 
 def zarr_array_kwargs(spec: ArraySpec, meta: GroupMeta, root: RootMeta) -> dict[str, Any]:
@@ -368,5 +386,45 @@ class UnitRows:
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in ARRAY_NAMES}
+
+    @classmethod
+    def from_topk(cls, topk: TopKLogits, view_params: np.ndarray, value_dtype: str) -> UnitRows:
+        """The stored form of a unit's rows: top-k log-probabilities at T = 1 (``z − lse₁``, where float16 is most
+        precise) in ``value_dtype``, the exact target log-probability and the log-partitions in float32."""
+        lse1 = topk.lse[:, topk.temperatures.index(1.0)]
+        return cls(
+            topk_indices=topk.indices.numpy(),
+            topk_logprobs=(topk.logits - lse1[:, None]).numpy().astype(value_dtype),
+            target_logprob=topk.target_logprob.numpy().astype(np.float32),
+            lse=topk.lse.numpy().astype(np.float32),
+            view_params=np.asarray(view_params).astype(np.int16),
+        )
+
+    @classmethod
+    def empty(cls, meta: GroupMeta) -> UnitRows:
+        """The rows of a unit without views (every sample of its shard skipped)."""
+        return cls(np.zeros((0, meta.k)), np.zeros((0, meta.k)), np.zeros(0), np.zeros((0, len(meta.temperatures))),
+                   np.zeros((0, len(meta.param_fields))))
+
+    def topk(self, meta: GroupMeta, targets=None) -> TopKLogits:
+        """THE conversion of stored rows back into `TopKLogits` (every reader goes through here). ``targets``:
+        the labels from the data (default zeros, for callers that set each row's target themselves)."""
+        lse = torch.from_numpy(self.lse.astype(np.float32))
+        logprobs = torch.from_numpy(self.topk_logprobs.astype(np.float32))
+        n = len(self)
+        target = torch.zeros(n, dtype=torch.int64) if targets is None else torch.as_tensor(
+            np.asarray(targets), dtype=torch.int64)
+        return TopKLogits(
+            indices=torch.from_numpy(self.topk_indices.astype(np.int64)),
+            logits=logprobs + lse[:, meta.temperatures.index(1.0), None],
+            target=target,
+            target_logprob=torch.from_numpy(self.target_logprob.astype(np.float32)),
+            lse=lse, temperatures=meta.temperatures, num_classes=meta.num_classes,
+        )
+
+    def select(self, offsets) -> UnitRows:
+        """The rows at ``offsets``."""
+        o = np.asarray(offsets)
+        return UnitRows(**{name: getattr(self, name)[o] for name in ARRAY_NAMES})
 
 

@@ -22,14 +22,17 @@ from logitcache.cache.reader import CacheReader
 from logitcache.cache.store import ObjectStore, _open_zarr_root, list_groups, sha256_hex
 from logitcache.data.manifest import load_manifest, verify_shards
 from logitcache.data.shards import iter_shard
-from logitcache.errors import CacheError
+from logitcache.errors import CacheError, ReplayMismatchError
 from logitcache.runtime import precision
 from logitcache.teacher import Teacher
-from logitcache.views.params import ViewParams
-from logitcache.views.recipe import Recipe, apply_view
+from logitcache.views import digest as replay_digest
+from logitcache.views.mixing import UnitMixer
+from logitcache.views.recipe import Recipe
 
 # fp16 log-probs are rounded: allow their half-ulp near 0 when checking "<= 0" and "mass <= 1"
 LOGPROB_SLACK = 1e-3
+#: units whose replay digest `verify --data` recomputes (spread over the cache)
+REPLAY_UNITS_CHECKED = 4
 
 
 def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -72,6 +75,7 @@ class VerifyReport:
     units_checked: int = 0
     problems: list[dict[str, Any]] = field(default_factory=list)
     recompute: dict[str, Any] | None = None
+    replay_units_checked: int = 0
 
     @property
     def ok(self) -> bool:
@@ -86,7 +90,7 @@ class VerifyReport:
     def to_json(self) -> dict[str, Any]:
         return {"cache": self.cache, "group": self.group, "ok": self.ok, "units_checked": self.units_checked,
                 "problems": self.problems, "bad_units": [list(u) for u in self.bad_units()],
-                "recompute": self.recompute}
+                "recompute": self.recompute, "replay_units_checked": self.replay_units_checked}
 
 
 def verify_cache(url: str, group: str | None = None, *, data: str | None = None, check_values: bool = True,
@@ -126,8 +130,18 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
             for what in _value_problems(rows, marker, meta):
                 report.add(where, what, epoch=e, shard=s)
     if data is not None:
-        for what, shard in _data_problems(url, root, data, storage_options):
+        data_problems = _data_problems(url, root, data, storage_options)
+        for what, shard in data_problems:
             report.add(f"data {data}" + (f" shard {shard}" if shard else ""), what)
+        if not data_problems:  # the same bytes: do they still become the teacher's pixels here?
+            with_digest = [u for u in sorted(markers) if markers[u].replay is not None]
+            step = max(1, len(with_digest) // REPLAY_UNITS_CHECKED)
+            sample = with_digest[::step][:REPLAY_UNITS_CHECKED]
+            try:
+                report.replay_units_checked = check_replay(reader, data, Recipe.from_json(meta.recipe),
+                                                           units=sample)
+            except ReplayMismatchError as e:
+                report.add("replay", str(e))
     return report
 
 
@@ -221,14 +235,27 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
         wanted.setdefault(s, {}).setdefault(o, []).append(e)
     views, labels, where, keys = [], [], [], []
     for s, offsets in sorted(wanted.items()):
-        units = {e: reader.read_unit(e, s) for es in offsets.values() for e in es}
-        for sample in iter_shard(manifest, s):
-            for e in offsets.get(sample.offset, ()):
-                params = ViewParams.from_array(recipe, units[e].view_params[sample.offset])
-                views.append(apply_view(sample.image, params, recipe))
-                labels.append(sample.label)
-                where.append((e, s, sample.offset))
-                keys.append(sample.where)
+        epochs = sorted({e for es in offsets.values() for e in es})
+        units = {e: reader.read_unit(e, s) for e in epochs}
+        # the dump's own path: stored params, and for mixing recipes the stored partner of the same unit
+        mixers = {e: UnitMixer(recipe, seed=meta.seed, epoch=e, shard=s, stored=units[e].view_params)
+                  for e in epochs}
+        skipped = {e: set(markers[(e, s)].skipped) for e in epochs}
+
+        def keep(e, finished, s=s, offsets=offsets):
+            for v in finished:
+                if e in offsets.get(v.sample.offset, ()):
+                    views.append(v.image)
+                    labels.append(v.sample.label)
+                    where.append((e, s, v.sample.offset))
+                    keys.append(v.sample.where)
+
+        for sample in iter_shard(manifest, s, skip_bad=True):
+            for e in epochs:
+                if sample.offset not in skipped[e]:
+                    keep(e, mixers[e].push(sample))
+        for e in epochs:
+            keep(e, mixers[e].finish())
     worst, mismatches = 0.0, []
     with torch.inference_mode():
         for i in range(0, len(views), 64):
@@ -252,3 +279,34 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
             "cache_teacher_precision": meta.teacher_precision, "teacher_precision": teacher_precision,
             "mismatches": mismatches, "weights_digest_cache": meta.weights_digest,
             "weights_digest_given": digest, "weights_digest_equal": digest == meta.weights_digest}
+
+
+_REPLAY_CHECKED: set[tuple[str, str]] = set()
+
+
+def check_replay(reader: CacheReader, manifest, recipe: Recipe, *, units: list[tuple[int, int]] | None = None,
+                 limit: int = 1, once: bool = False) -> int:
+    """Replay the views whose pixel digest the markers of ``units`` record (default: the first ``limit`` finished
+    units that record one) and refuse (`ReplayMismatchError`, naming the library versions recorded and found)
+    when the pixels differ. ``once``: only the first call per cache group in this process checks. Returns the
+    number of units checked (0 for caches written before digests existed)."""
+    key = (reader.url, reader.group)
+    if once and key in _REPLAY_CHECKED:
+        return 0
+    manifest = load_manifest(manifest)
+    markers = reader.markers()
+    todo = units if units is not None else [u for u in sorted(markers) if markers[u].replay is not None][:limit]
+    checked = 0
+    for e, s in todo:
+        marker = markers.get((e, s))
+        if marker is None or marker.replay is None:
+            continue
+        stored = reader.read_unit(e, s).view_params
+        samples = (x for x in iter_shard(manifest, s, skip_bad=True) if x.offset not in set(marker.skipped))
+        found = replay_digest.recompute(samples, recipe, marker.replay, seed=reader.meta.seed, epoch=e, shard=s,
+                                        stored=stored)
+        replay_digest.check(marker.replay, found, f"cache {reader.url} group '{reader.group}' unit (epoch {e}, "
+                                                  f"shard {s})")
+        checked += 1
+    _REPLAY_CHECKED.add(key)
+    return checked

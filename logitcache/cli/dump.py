@@ -24,7 +24,8 @@ from logitcache.cli.options import (
 # ---------------------------------------------------------------- dump / info / verify (stage 1, the cache)
 @click.command()
 @click.option("--teacher", required=True, help="teacher architecture: torchvision name, timm:NAME, or ours")
-@click.option("--weights", default=None, help="torchvision weights name (IMAGENET1K_V1) or a local checkpoint")
+@click.option("--weights", default=None, help="a weights file (.safetensors recommended, or a torch state_dict), a "
+              "torchvision weights name (IMAGENET1K_V1), or for timm:NAME hf-hub:OWNER/REPO or pretrained")
 @data_option()
 @out_option("the cache to create or extend (path or fsspec URL)")
 @click.option("--group", default=None, help="teacher group inside the cache (default: the teacher's name)")
@@ -32,7 +33,8 @@ from logitcache.cli.options import (
 @click.option("--topk", default=10, show_default=True, type=int, help="k: teacher logits kept per view")
 @click.option("--temperatures", default="1", show_default=True, help="temperatures to record, e.g. 1,4 (1 always)")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--recipe", default="imagenet", show_default=True, help="view recipe: imagenet | small")
+@click.option("--recipe", default="imagenet", show_default=True,
+              help="view recipe: imagenet | small | deit | tv-v2")
 @click.option("--image-size", default=None, type=int, help="model input size in px (default: the recipe's)")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @workers_option("DataLoader workers (decoding and views) per process")

@@ -36,7 +36,7 @@ def _json_safe(obj):
 @click.option("--checkpoint", required=True,
               help="our training checkpoint (RUN/checkpoints/last.pt) or a state_dict file; read weights-only")
 @data_option()
-@click.option("--recipe", default=None, help="view recipe whose eval view is used: imagenet | small "
+@click.option("--recipe", default=None, help="view recipe whose eval view is used: imagenet | small | deit | tv-v2 "
               "(default: the checkpoint's, else small for models made for <= 64 px inputs, else imagenet)")
 @click.option("--image-size", default=None, type=int, help="model input size in px (default: the checkpoint's, "
               "else the model's own)")

@@ -33,7 +33,7 @@ from logitcache.cli.options import (
 @click.option("--cache", default=None, help="soft labels (and views) from this cache")
 @click.option("--group", default=None, help="teacher group inside --cache (optional when it holds one)")
 @click.option("--teacher", default=None, help="online KD: run this teacher in the loop on the same views")
-@click.option("--weights", default=None, help="the online teacher's weights (torchvision name or local file)")
+@click.option("--weights", default=None, help="the online teacher's weights (as dump --weights)")
 @click.option("--epochs", default=1, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int, help="per process")
 @click.option("--lr", default=0.1, show_default=True, type=float, help="peak learning rate")
@@ -50,7 +50,8 @@ from logitcache.cli.options import (
 @click.option("--clip-grad", default=None, type=float, help="clip the gradient norm to this value")
 @click.option("--label-smoothing", default=0.0, show_default=True, type=float, help="smooth the CE term's labels")
 @click.option("--recipe", default=None,
-              help="view recipe: imagenet | small (default: the cache's with --cache, else imagenet)")
+              help="view recipe: imagenet | small | deit | tv-v2 (default: the cache's with --cache, else "
+                   "imagenet)")
 @click.option("--image-size", default=None, type=int, help="model input size in px (default: the recipe's)")
 @workers_option("DataLoader workers per process (the data order depends on it: give it to reproduce a run "
                 "on another machine)")

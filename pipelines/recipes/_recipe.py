@@ -43,6 +43,7 @@ class PaperRecipe:
     topk: int = 10
     image_size: int = 224
     notes: tuple[str, ...] = field(default=())
+    view_recipe: str = "imagenet"  # the views' recipe (--recipe): imagenet, deit, tv-v2
 
 
 # the paper trains ResNets and MobileNet for 100 epochs with SGD (lr 0.1 at batch 256, momentum 0.9, wd 1e-4,
@@ -136,6 +137,8 @@ def main(recipe: PaperRecipe, argv=None) -> None:
                     help="processes (GPUs) on this machine: each command runs under torchrun with this many")
     ap.add_argument("--dump-epochs", type=int, default=recipe.dump_epochs,
                     help="cached views per sample; training longer cycles them")
+    ap.add_argument("--teacher-weights", default=recipe.teacher_weights,
+                    help="the teacher's weights: a torchvision weights name or a local file (timm teachers)")
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic data, random weights, 1 epoch (CI)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -151,8 +154,10 @@ def main(recipe: PaperRecipe, argv=None) -> None:
             sys.exit("--data and --val (ImageNet shards) are required, or --smoke")
         data, val = args.data, args.val
         size, device, workers, dump_epochs = recipe.image_size, args.device, args.workers, args.dump_epochs
-        weights = ["--weights", recipe.teacher_weights] if recipe.teacher_weights else []
-    common = ["--recipe", "imagenet", "--image-size", str(size), "--device", device,
+        if recipe.teacher and not args.teacher_weights:
+            sys.exit(f"recipe {recipe.name}: the teacher {recipe.teacher} needs --teacher-weights FILE")
+        weights = ["--weights", args.teacher_weights] if args.teacher_weights else []
+    common = ["--recipe", recipe.view_recipe, "--image-size", str(size), "--device", device,
               *([] if workers is None else ["--workers", str(workers)])]
     nproc = args.nproc_per_node
     print(f"recipe {recipe.name}: {recipe.source}" + "".join(f"\n  note: {n}" for n in recipe.notes))
