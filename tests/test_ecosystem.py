@@ -404,10 +404,18 @@ def test_webdataset_stage_refuses_other_data(small_shards, small_cache, imagenet
         list(stage(iter([{**raw[0], "__url__": "elsewhere/other.tar"}])))
 
 
-def test_shard_dataset_reads_through_webdatasets_worker_split(small_shards):
+def _index(sample):
+    return sample.index
+
+
+def test_shard_dataset_reads_through_webdatasets_worker_split(small_shards, monkeypatch):
     ds = ShardDataset(small_shards, rank=0, world_size=1)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=lambda s: s.index)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=_index)
     assert sorted(loader) == list(range(load_manifest(small_shards).num_samples))
+    monkeypatch.setenv("WORKER", "0")  # would make every worker read worker 0's shards
+    monkeypatch.setenv("NUM_WORKERS", "1")
+    with pytest.raises(DataError, match="contradict this DataLoader worker"):
+        list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=_index))
 
 
 # ------------------------------------------------------------------ installing next to the user's torch
@@ -446,3 +454,16 @@ def test_install_keeps_the_users_torch(tmp_path):
     _fake_dist(site, "torch", "2.9.0+cu128")
     _fake_dist(site, "torchvision", "0.24.0+cu128", ("torch==2.9.0",))
     assert _dry_run_install(venv) == ["logitcache"]
+    # the control: the same project pinning the pair (as before issue 18) wants another torch there
+    pinned = tmp_path / "pinned"
+    pinned.mkdir()
+    (pinned / "logitcache").mkdir()
+    shutil.copy(REPO / "logitcache" / "__init__.py", pinned / "logitcache" / "__init__.py")
+    shutil.copy(REPO / "README.md", pinned / "README.md")
+    text = (REPO / "pyproject.toml").read_text()
+    (pinned / "pyproject.toml").write_text(text.replace('"torch>=2.5,<3"', '"torch==2.14.1"'))
+    assert '"torch==2.14.1"' in (pinned / "pyproject.toml").read_text()
+    res = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--dry-run", "--no-index",
+                          "--no-build-isolation", "-e", str(pinned)], capture_output=True, text=True, timeout=120)
+    # pip would have to fetch torch 2.14.1 to replace 2.9.0 (offline here, it cannot)
+    assert res.returncode != 0 and "depends on torch==2.14.1" in res.stdout + res.stderr
