@@ -296,14 +296,23 @@ def check_replay(reader: CacheReader, manifest, recipe: Recipe, *, units: list[t
     if once and key in _REPLAY_CHECKED:
         return 0
     manifest = load_manifest(manifest)
-    markers = reader.markers()
-    todo = units if units is not None else [u for u in sorted(markers) if markers[u].replay is not None][:limit]
+    if units is not None:
+        markers = {u: reader.unit_marker(*u) for u in units}
+        todo = list(units)
+    else:  # epoch by epoch (one unit index each), not every marker of the group: training calls this at its start
+        markers, todo = {}, []
+        for e in range(reader.meta.epochs):
+            found = reader.epoch_markers(e)
+            markers.update({(e, s): m for s, m in found.items()})
+            todo += [(e, s) for s in sorted(found) if found[s].replay is not None][:limit - len(todo)]
+            if len(todo) >= limit:
+                break
     checked = 0
     for e, s in todo:
         marker = markers.get((e, s))
         if marker is None or marker.replay is None:
             continue
-        stored = reader.read_unit(e, s).view_params
+        stored = reader.read_unit(e, s, marker).view_params
         samples = (x for x in iter_shard(manifest, s, skip_bad=True) if x.offset not in set(marker.skipped))
         found = replay_digest.recompute(samples, recipe, marker.replay, seed=reader.meta.seed, epoch=e, shard=s,
                                         stored=stored)
