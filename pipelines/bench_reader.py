@@ -22,7 +22,8 @@ on a moto S3 server in this process that counts every request it answers (server
 requests count too). One training epoch through `CachedViews` + DataLoader, from a fresh reader, with 0 and with
 4 workers: the requests it costs, next to the units it reads (5 chunk objects each). Claims: 4 workers cost the
 same as 0 (within 1%), and the requests are the units' chunks plus a constant (opening the cache and one unit
-index object per epoch; without the index, the fallback lists the markers and reads the epoch's). The units'
+index object per epoch; with --gets-without-index also a cache without them, where the fallback lists the
+markers and reads the epoch's). The units'
 chunk objects and markers are copies of one real unit (their bytes do not matter to the count), the unit
 indexes are the dump's (`write_unit_indexes`).
 
@@ -276,7 +277,8 @@ def gets_per_epoch(args) -> dict:
             setup_s = time.perf_counter() - t0
             url = f"s3://{BUCKET}/cache.zarr"
             rows = []
-            for index, workers in ((True, 0), (True, 4), (False, 0), (False, 4)):
+            cases = [(True, 0), (True, 4)] + ([(False, 0), (False, 4)] if args.gets_without_index else [])
+            for index, workers in cases:
                 if not index:
                     for e in range(args.gets_epochs):
                         backend.delete_object(BUCKET, f"cache.zarr/{schema.unit_index_key('synthetic', e)}")
@@ -299,7 +301,8 @@ def gets_per_epoch(args) -> dict:
             "setup_seconds": setup_s, "rows": rows,
             "gets_ratio_4_over_0_workers": by[(True, 4)]["gets"] / by[(True, 0)]["gets"],
             "requests_ratio_4_over_0_workers": by[(True, 4)]["total"] / by[(True, 0)]["total"],
-            "gets_ratio_4_over_0_workers_without_index": by[(False, 4)]["gets"] / by[(False, 0)]["gets"]}
+            "gets_ratio_4_over_0_workers_without_index":
+                by[(False, 4)]["gets"] / by[(False, 0)]["gets"] if args.gets_without_index else None}
 
 
 def print_gets(g: dict) -> None:
@@ -332,6 +335,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gets-shards", type=int, default=1281, help="shards of the ImageNet-shaped cache (GETs)")
     ap.add_argument("--gets-epochs", type=int, default=10, help="cached epochs of the ImageNet-shaped cache (GETs)")
+    ap.add_argument("--gets-without-index", action="store_true", help="also count a cache without unit indexes")
     ap.add_argument("--only", choices=("gets", "throughput"), default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

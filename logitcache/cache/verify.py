@@ -305,7 +305,7 @@ def check_replay(reader: CacheReader, manifest, recipe: Recipe, *, units: list[t
             found = reader.epoch_markers(e)
             markers.update({(e, s): m for s, m in found.items()})
             todo += [(e, s) for s in sorted(found) if found[s].replay is not None][:limit - len(todo)]
-            if len(todo) >= limit:
+            if len(todo) >= limit or (found and not todo):  # enough, or a cache from before the digests
                 break
     checked = 0
     for e, s in todo:
