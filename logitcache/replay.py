@@ -168,20 +168,25 @@ class UnitTable:
         meta = reader.meta
         unit = reader.read_unit(epoch, shard)  # an unfinished unit raises CacheError naming it
         marker = reader.markers()[(epoch, shard)]
-        lse = torch.from_numpy(unit.lse.astype(np.float32))
-        logprobs = torch.from_numpy(unit.topk_logprobs.astype(np.float32))
-        self.indices = torch.from_numpy(unit.topk_indices.astype(np.int64))
-        self.logits = logprobs + lse[:, meta.temperatures.index(1.0), None]
-        self.target_logprob = torch.from_numpy(unit.target_logprob.astype(np.float32))
-        self.lse = lse
+        t = reader.unit_tensors(unit)  # THE stored rows -> TopKLogits fields conversion (format 1 or 2)
+        self.indices, self.logits, self.lse = t["indices"], t["logits"], t["lse"]
+        self.target_logprob = t["target_logprob"]
+        self.extra = {k: t.get(k) for k in ("log_rest", "tail_indices", "tail_logprobs")}
+        self.tail = t.get("tail")
         self.view_params = unit.view_params
         self.temperatures, self.num_classes = meta.temperatures, meta.num_classes
-        n = len(unit.topk_indices)
-        TopKLogits(self.indices, self.logits, torch.zeros(n, dtype=torch.int64), self.target_logprob, self.lse,
-                   self.temperatures, self.num_classes)  # shape checks once per unit (rows skip them)
+        n = len(unit)
+        TopKLogits(self.indices, self.logits, torch.zeros(n, dtype=torch.int64),
+                   self.target_logprob, self.lse, self.temperatures, self.num_classes,
+                   **self._tail_kw(slice(None)))  # shape checks once per unit (rows skip them)
         self.skipped = frozenset(marker.skipped)
         self.marker = marker
         self.where = f"{reader.url} group '{reader.group}' unit (epoch {epoch}, shard {shard})"
+
+    def _tail_kw(self, o) -> dict[str, Any]:
+        if self.extra["log_rest"] is None:
+            return {}
+        return {"tail": self.tail, **{k: (None if v is None else v[o]) for k, v in self.extra.items()}}
 
     def __len__(self) -> int:
         return self.indices.shape[0]
@@ -192,7 +197,7 @@ class UnitTable:
         o = slice(offset, offset + 1)
         return TopKLogits._trusted(  # the unit's arrays were checked as a whole in __init__
             self.indices[o], self.logits[o], torch.tensor([int(target)]), self.target_logprob[o], self.lse[o],
-            self.temperatures, self.num_classes,
+            self.temperatures, self.num_classes, **self._tail_kw(o),
         )
 
 

@@ -25,9 +25,10 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 
 from logitcache.cache import schema
-from logitcache.cache.schema import GroupMeta, RootMeta, UnitMarker, UnitRows
+from logitcache.cache.schema import GroupMeta, PackedUnit, RootMeta, UnitMarker, UnitRows
 from logitcache.cache.store import (
     ObjectStore,
     _check_group_name,
@@ -38,6 +39,8 @@ from logitcache.cache.store import (
     read_root_meta,
 )
 from logitcache.errors import CacheError
+from logitcache.labels.codecs import decode_unit
+from logitcache.labels.tails import TailRule, tail_from_settings
 from logitcache.labels.topk import TopKLogits
 
 
@@ -125,11 +128,32 @@ class CacheReader:
             st["markers"] = read_markers(st["objects"], st["group"])
         return st["markers"]
 
+    @property
+    def tail(self) -> TailRule:
+        """The group's tail rule (``prior``: with its class prior, checked against the recorded digest)."""
+        st = self._open()
+        if "tail" not in st:
+            meta, prior = st["meta"], None
+            if meta.tail_name == "prior":
+                if not meta.tail_prior_digest:
+                    raise CacheError(f"{self.url} group '{st['group']}': tail 'prior' but no class prior was "
+                                     f"written (the dump stopped before its calibration pass ended; rerun it)")
+                prior = torch.from_numpy(np.asarray(st["arrays"][schema.TAIL_PRIOR][...], dtype=np.float32))
+            try:
+                st["tail"] = tail_from_settings(meta.tail, prior, meta.tail_prior_digest)
+            except ValueError as e:
+                raise CacheError(f"{self.url} group '{st['group']}': {e}") from e
+        return st["tail"]
+
+    @property
+    def codec_name(self) -> str:
+        return self.meta.codec_name
+
     def cached_epoch(self, epoch: int) -> int:
         """The cached epoch whose views training epoch ``epoch`` replays (views cycle past the cached epochs)."""
         return epoch % self.meta.epochs
 
-    def read_unit(self, epoch: int, shard: int) -> UnitRows:
+    def read_unit(self, epoch: int, shard: int) -> UnitRows | PackedUnit:
         """All rows of a finished unit (its length from the marker). Unfinished units are an error."""
         st = self._open()
         marker = self.markers().get((epoch, shard))
@@ -146,28 +170,41 @@ class CacheReader:
             from concurrent.futures import ThreadPoolExecutor
 
             st["pool"] = ThreadPoolExecutor(len(st["arrays"]), thread_name_prefix="logitcache-read")
-        futures = {name: st["pool"].submit(arr.__getitem__, (epoch, shard)) for name, arr in st["arrays"].items()}
+        if st["meta"].packed:
+            mat = np.asarray(st["arrays"][schema.ROWS][epoch, shard])[:, :n]
+            return PackedUnit(decode_unit(st["meta"].packed_codec(), mat, st["meta"].temperatures))
+        arrays = {name: a for name, a in st["arrays"].items() if name in schema.ARRAY_NAMES}
+        futures = {name: st["pool"].submit(arr.__getitem__, (epoch, shard)) for name, arr in arrays.items()}
         return UnitRows(**{name: np.asarray(f.result())[:n] for name, f in futures.items()})
 
-    def topk_rows(self, rows: UnitRows, offsets, targets) -> Any:
-        """A `TopKLogits` for the given offsets of a unit (targets come from the data)."""
-        import torch
-
-
+    def unit_tensors(self, rows: UnitRows | PackedUnit) -> dict[str, Any]:
+        """THE stored rows -> `TopKLogits` fields conversion (all rows of a unit; ``target`` excepted: it comes
+        from the data)."""
         meta = self.meta
-        offsets = np.asarray(offsets)
-        lse = torch.from_numpy(rows.lse[offsets].astype(np.float32))
-        lse1 = lse[:, meta.temperatures.index(1.0)]
-        logprobs = torch.from_numpy(rows.topk_logprobs[offsets].astype(np.float32))
-        return TopKLogits(
-            indices=torch.from_numpy(rows.topk_indices[offsets].astype(np.int64)),
-            logits=logprobs + lse1[:, None],
-            target=torch.as_tensor(np.asarray(targets), dtype=torch.int64),
-            target_logprob=torch.from_numpy(rows.target_logprob[offsets].astype(np.float32)),
-            lse=lse,
-            temperatures=meta.temperatures,
-            num_classes=meta.num_classes,
-        )
+        if isinstance(rows, PackedUnit):
+            f = rows.fields
+            out = {name: torch.from_numpy(np.ascontiguousarray(f[name])) for name in
+                   ("indices", "logits", "target_logprob", "lse", "log_rest", "tail_indices", "tail_logprobs")
+                   if name in f}
+            out["indices"] = out["indices"].long()
+            if "tail_indices" in out:
+                out["tail_indices"] = out["tail_indices"].long()
+            out["tail"] = self.tail
+            return out
+        lse = torch.from_numpy(rows.lse.astype(np.float32))
+        logprobs = torch.from_numpy(rows.topk_logprobs.astype(np.float32))
+        return {"indices": torch.from_numpy(rows.topk_indices.astype(np.int64)),
+                "logits": logprobs + lse[:, meta.temperatures.index(1.0), None],
+                "target_logprob": torch.from_numpy(rows.target_logprob.astype(np.float32)), "lse": lse}
+
+    def topk_rows(self, rows: UnitRows | PackedUnit, offsets, targets) -> TopKLogits:
+        """A `TopKLogits` for the given offsets of a unit (targets come from the data)."""
+        meta = self.meta
+        t = self.unit_tensors(rows)
+        o = torch.from_numpy(np.asarray(offsets, dtype=np.int64))
+        target = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+        sel = {k: (v[o] if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+        return TopKLogits(target=target, temperatures=meta.temperatures, num_classes=meta.num_classes, **sel)
 
     def locate(self, global_indices) -> tuple[np.ndarray, np.ndarray]:
         """(shard, offset) of global sample indices, from the shard lengths recorded in the cache."""
@@ -186,9 +223,6 @@ class CacheReader:
 
         Reads each touched unit once; rows come back in the order asked for.
         """
-        import torch
-
-
         e = self.cached_epoch(epoch)
         shards, offsets = self.locate(global_indices)
         targets = np.asarray(targets)
@@ -202,3 +236,4 @@ class CacheReader:
         perm = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable"))
         topk = TopKLogits.cat(parts)[perm]
         return topk, np.concatenate(views)[perm.numpy()]
+

@@ -11,6 +11,7 @@ random cached views are recomputed with the given teacher and compared, which ca
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
-from logitcache.cache.store import ObjectStore, _open_zarr_root, list_groups, sha256_hex
+from logitcache.cache.store import ObjectStore, list_groups, sha256_hex
 from logitcache.data.manifest import load_manifest, verify_shards
 from logitcache.data.shards import iter_shard
 from logitcache.errors import CacheError
@@ -49,6 +50,8 @@ def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[
             "teacher": meta.teacher, "weights": meta.weights, "weights_digest": meta.weights_digest,
             "recipe": meta.recipe, "k": meta.k, "temperatures": list(meta.temperatures), "seed": meta.seed,
             "epochs": meta.epochs, "value_dtype": meta.value_dtype, "num_classes": meta.num_classes,
+            "format": ".".join(map(str, r.root_meta.format_version)), "codec": meta.codec_name,
+            "tail": meta.tail_name, **_disk_figures(objects, g, len(markers)),
             "shards": None if meta.shards is None else list(meta.shards), "units_finished": len(markers),
             "units_total": meta.epochs * len(meta.shard_indices(r.root_meta.num_shards)),
             "views": int(views), "bytes": size, "bytes_per_view": size / views if views else None,
@@ -60,6 +63,22 @@ def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[
             "provenance": list(meta.provenance),
         }
     return out
+
+
+def _disk_figures(objects: ObjectStore, group: str, units: int) -> dict[str, Any]:
+    """What a local filesystem allocates for the group (st_blocks, as `du` counts, directories included) and the
+    stored objects per finished unit; None on object stores (they bill logical bytes)."""
+    if not objects.is_local:
+        return {"allocated_bytes": None, "objects_per_unit": None}
+    allocated, files, unit_objects = 0, 0, 0
+    for dirpath, _dirs, names in os.walk(objects.path(group)):
+        allocated += os.stat(dirpath).st_blocks * 512
+        for name in names:
+            allocated += os.stat(os.path.join(dirpath, name)).st_blocks * 512
+            files += 1
+            unit_objects += name != "zarr.json"  # chunks and markers (the prior's one chunk included)
+    return {"allocated_bytes": allocated, "objects": files,
+            "objects_per_unit": unit_objects / units if units else None}
 
 
 @dataclass
@@ -96,16 +115,18 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
         for s in meta.shard_indices(root.num_shards):
             if (e, s) not in markers:
                 report.add(f"unit (epoch {e}, shard {s})", "unfinished: no completion marker", epoch=e, shard=s)
-    zgroup = _open_zarr_root(url, storage_options, mode="r")[reader.group]
-    arrays = {name: zgroup[name] for name in schema.ARRAY_NAMES}
+    if meta.tail_name == "prior":
+        try:
+            reader.tail  # noqa: B018 - loads the class prior and checks its digest
+        except CacheError as err:
+            report.add(f"group {reader.group} class prior", str(err))
     for (e, s), marker in sorted(markers.items()):
         report.units_checked += 1
         where = f"unit (epoch {e}, shard {s})"
         if marker.length != root.shard_lengths[s]:
             report.add(where, f"length {marker.length} != shard length {root.shard_lengths[s]}", epoch=e, shard=s)
         intact = True
-        for name, arr in arrays.items():
-            key = schema.chunk_key(reader.group, name, e, s, arr.ndim)
+        for name, key in schema.unit_chunk_keys(reader.group, meta, e, s).items():
             stored = objects.get(key)
             if stored is None:
                 report.add(where, f"chunk {key} is missing", epoch=e, shard=s, chunk=key)
@@ -120,7 +141,7 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
             except Exception as err:  # a crc32c failure or undecodable chunk
                 report.add(where, f"chunks do not decode: {type(err).__name__}: {err}", epoch=e, shard=s)
                 continue
-            for what in _value_problems(rows, marker, meta):
+            for what in _value_problems(reader.unit_tensors(rows), marker, meta):
                 report.add(where, what, epoch=e, shard=s)
     if data is not None:
         for what, shard in _data_problems(url, root, data, storage_options):
@@ -128,11 +149,17 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
     return report
 
 
-def _value_problems(rows, marker, meta: schema.GroupMeta) -> list[str]:
-    valid = np.ones(len(rows), dtype=bool)
+def _value_problems(t: dict[str, Any], marker, meta: schema.GroupMeta) -> list[str]:
+    """Sanity of a unit's decoded rows (`CacheReader.unit_tensors`), either format."""
+    valid = np.ones(len(t["indices"]), dtype=bool)
     valid[list(marker.skipped)] = False
-    idx, lp = rows.topk_indices[valid], rows.topk_logprobs[valid].astype(np.float32)
-    tlp, lse = rows.target_logprob[valid], rows.lse[valid]
+    j1 = meta.temperatures.index(1.0)
+    idx = t["indices"].numpy()[valid]
+    lp = (t["logits"] - t["lse"][:, j1:j1 + 1]).numpy()[valid]
+    tlp, lse = t["target_logprob"].numpy()[valid], t["lse"].numpy()[valid]
+    slack = LOGPROB_SLACK
+    if meta.packed:  # quantised values: a decoded top-1 may sit a step above 0
+        slack = max(slack, 2 * meta.packed_codec().step)
     out = []
     for name, a in (("topk_logprobs", lp), ("target_logprob", tlp), ("lse", lse)):
         if not np.isfinite(a).all():
@@ -141,12 +168,12 @@ def _value_problems(rows, marker, meta: schema.GroupMeta) -> list[str]:
         out.append(f"topk_indices outside [0, {meta.num_classes})")
     if idx.size and meta.k > 1 and (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
         out.append("topk_indices repeat a class within a row")
-    if lp.size and (np.diff(lp, axis=1) > LOGPROB_SLACK).any():
+    if lp.size and (np.diff(lp, axis=1) > slack).any():
         out.append("topk_logprobs are not sorted largest first")
-    if lp.size and (lp.max() > LOGPROB_SLACK or tlp.max(initial=-np.inf) > LOGPROB_SLACK):
+    if lp.size and (lp.max() > slack or tlp.max(initial=-np.inf) > slack):
         out.append("a log-probability is > 0")
     mass = np.exp(lp.astype(np.float64)).sum(axis=1)
-    if mass.size and mass.max() > 1 + meta.k * LOGPROB_SLACK:
+    if mass.size and mass.max() > 1 + meta.k * slack:
         out.append(f"top-k mass {mass.max():.6f} > 1")
     return out
 
@@ -218,6 +245,9 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
                 labels.append(sample.label)
                 where.append((e, s, sample.offset))
                 keys.append(sample.where)
+    if meta.packed:  # the codec's stated bound (FORMAT.md) must not read as a mismatch
+        tolerance = max(tolerance, 2 * meta.packed_codec().step)
+    tables: dict[tuple[int, int], Any] = {}
     worst, mismatches = 0.0, []
     with torch.inference_mode():
         for i in range(0, len(views), 64):
@@ -225,11 +255,12 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
             lp = torch.log_softmax(logits.double(), dim=1)
             for j in range(logits.shape[0]):
                 e, s, o = where[i + j]
-                rows = reader.read_unit(e, s)
-                idx = torch.from_numpy(rows.topk_indices[o].astype(np.int64))
-                cached = torch.from_numpy(rows.topk_logprobs[o].astype(np.float64))
-                diff = max(float((lp[j, idx] - cached).abs().max()),
-                           abs(float(lp[j, labels[i + j]]) - float(rows.target_logprob[o])))
+                if (e, s) not in tables:
+                    tables[(e, s)] = reader.read_unit(e, s)
+                row = reader.topk_rows(tables[(e, s)], [o], [labels[i + j]])
+                cached = row.topk_log_probs(1.0)[0].double()
+                diff = max(float((lp[j, row.indices[0]] - cached).abs().max()),
+                           abs(float(lp[j, labels[i + j]]) - float(row.target_log_probs(1.0)[0])))
                 worst = max(worst, diff)
                 if diff > tolerance:
                     mismatches.append({"epoch": e, "shard": s, "offset": o, "sample": keys[i + j],
