@@ -424,9 +424,8 @@ def forget_damaged_units(url: str, group: str) -> list[tuple[int, int]]:
 def _write_unit(writer: CacheWriter, batch: ViewBatch, parts: list) -> None:
     if parts:
         offsets = torch.cat([p[0] for p in parts]).numpy()
-        view = torch.cat([p[1] for p in parts]).numpy()
         tk = TopKLogits.cat([p[2] for p in parts])
-        rows = writer.encode_rows(tk, view)  # the group's format (1 or 2) and codec
+        rows = writer.encode_rows(tk, torch.cat([p[1] for p in parts]).numpy())  # the group's format (1 or 2) and codec
         correct = float((tk.indices[:, 0] == tk.target).sum())
         mass = float(tk.topk_mass(1.0).double().sum())
     else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -167,8 +168,6 @@ class CacheReader:
         n = marker.length
         # the unit's chunks are independent objects: fetch them at once (one round trip, not five, on S3)
         if st.get("pool") is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             st["pool"] = ThreadPoolExecutor(len(st["arrays"]), thread_name_prefix="logitcache-read")
         if st["meta"].packed:
             mat = np.asarray(st["arrays"][schema.ROWS][epoch, shard])[:, :n]
@@ -177,34 +176,9 @@ class CacheReader:
         futures = {name: st["pool"].submit(arr.__getitem__, (epoch, shard)) for name, arr in arrays.items()}
         return UnitRows(**{name: np.asarray(f.result())[:n] for name, f in futures.items()})
 
-    def unit_tensors(self, rows: UnitRows | PackedUnit) -> dict[str, Any]:
-        """THE stored rows -> `TopKLogits` fields conversion (all rows of a unit; ``target`` excepted: it comes
-        from the data)."""
-        meta = self.meta
-        if isinstance(rows, PackedUnit):
-            f = rows.fields
-            out = {name: torch.from_numpy(np.ascontiguousarray(f[name])) for name in
-                   ("indices", "logits", "target_logprob", "lse", "log_rest", "tail_indices", "tail_logprobs")
-                   if name in f}
-            out["indices"] = out["indices"].long()
-            if "tail_indices" in out:
-                out["tail_indices"] = out["tail_indices"].long()
-            out["tail"] = self.tail
-            return out
-        lse = torch.from_numpy(rows.lse.astype(np.float32))
-        logprobs = torch.from_numpy(rows.topk_logprobs.astype(np.float32))
-        return {"indices": torch.from_numpy(rows.topk_indices.astype(np.int64)),
-                "logits": logprobs + lse[:, meta.temperatures.index(1.0), None],
-                "target_logprob": torch.from_numpy(rows.target_logprob.astype(np.float32)), "lse": lse}
-
     def topk_rows(self, rows: UnitRows | PackedUnit, offsets, targets) -> TopKLogits:
         """A `TopKLogits` for the given offsets of a unit (targets come from the data)."""
-        meta = self.meta
-        t = self.unit_tensors(rows)
-        o = torch.from_numpy(np.asarray(offsets, dtype=np.int64))
-        target = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
-        sel = {k: (v[o] if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
-        return TopKLogits(target=target, temperatures=meta.temperatures, num_classes=meta.num_classes, **sel)
+        return rows.select(offsets).topk(self.meta, targets, tail=self.tail)
 
     def locate(self, global_indices) -> tuple[np.ndarray, np.ndarray]:
         """(shard, offset) of global sample indices, from the shard lengths recorded in the cache."""
@@ -237,3 +211,32 @@ class CacheReader:
         topk = TopKLogits.cat(parts)[perm]
         return topk, np.concatenate(views)[perm.numpy()]
 
+
+
+class UnitTable:
+    """The soft-label rows of one (epoch, shard) unit as tensors, read and converted once per shard; one
+    `TopKLogits` row per offset (the data supplies each row's target)."""
+
+    def __init__(self, reader: CacheReader, epoch: int, shard: int):
+        unit = reader.read_unit(epoch, shard)  # an unfinished unit raises CacheError naming it
+        self.marker = reader.markers()[(epoch, shard)]
+        self.rows = unit.topk(reader.meta, tail=reader.tail)  # shape checks once per unit (single rows skip them)
+        self.view_params = unit.view_params
+        self.skipped = frozenset(self.marker.skipped)
+        self.where = f"{reader.url} group '{reader.group}' unit (epoch {epoch}, shard {shard})"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def row(self, offset: int, target: int) -> TopKLogits:
+        if offset in self.skipped or offset >= len(self):
+            raise CacheError(f"{self.where} has no row for offset {offset} (skipped when it was written)")
+        o, r = slice(offset, offset + 1), self.rows
+
+        def sl(t):
+            return None if t is None else t[o]
+
+        return TopKLogits._trusted(  # the unit's arrays were checked as a whole in __init__
+            r.indices[o], r.logits[o], torch.tensor([int(target)]), r.target_logprob[o], r.lse[o], r.temperatures,
+            r.num_classes, sl(r.log_rest), r.tail, sl(r.tail_indices), sl(r.tail_logprobs),
+        )

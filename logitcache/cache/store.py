@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""Opening a cache store safely and reading its plain objects.
+
+Everything a cache holds is read through here: `ObjectStore` (bytes by key through fsspec, keys that cannot
+leave the store's root), `open_zarr_root` (zarr v3 only, never consolidated metadata), the check of each array's
+``zarr.json`` against the schema before zarr parses it (`checked_arrays`), group listing and unit markers.
+Opening a cache never executes code: metadata is JSON and only the schema's codecs are accepted."""
 
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
             except Exception as err:  # a crc32c failure or undecodable chunk
                 report.add(where, f"chunks do not decode: {type(err).__name__}: {err}", epoch=e, shard=s)
                 continue
-            for what in _value_problems(reader.unit_tensors(rows), marker, meta):
+            for what in _value_problems(rows.topk(meta), marker, meta):
                 report.add(where, what, epoch=e, shard=s)
     if data is not None:
         for what, shard in _data_problems(url, root, data, storage_options):
@@ -149,14 +149,14 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
     return report
 
 
-def _value_problems(t: dict[str, Any], marker, meta: schema.GroupMeta) -> list[str]:
-    """Sanity of a unit's decoded rows (`CacheReader.unit_tensors`), either format."""
-    valid = np.ones(len(t["indices"]), dtype=bool)
+def _value_problems(tk, marker, meta: schema.GroupMeta) -> list[str]:
+    """Sanity of a unit's rows as `TopKLogits` (either format)."""
+    valid = np.ones(len(tk), dtype=bool)
     valid[list(marker.skipped)] = False
     j1 = meta.temperatures.index(1.0)
-    idx = t["indices"].numpy()[valid]
-    lp = (t["logits"] - t["lse"][:, j1:j1 + 1]).numpy()[valid]
-    tlp, lse = t["target_logprob"].numpy()[valid], t["lse"].numpy()[valid]
+    idx = tk.indices.numpy()[valid]
+    lp = (tk.logits - tk.lse[:, j1:j1 + 1]).numpy()[valid]
+    tlp, lse = tk.target_logprob.numpy()[valid], tk.lse.numpy()[valid]
     slack = LOGPROB_SLACK
     if meta.packed:  # quantised values: a decoded top-1 may sit a step above 0
         slack = max(slack, 2 * meta.packed_codec().step)

@@ -1,8 +1,12 @@
-"""`CacheWriter`: create or extend a teacher group and write its units, each unit's marker last.
+"""`CacheWriter`: creates or extends a teacher group and writes units — each unit's chunks first (read back and
+hashed), its completion marker last — so a crash leaves the unit unfinished, never half-certified.
 
 Writes format 2 (one packed chunk per unit) for a group whose metadata names a codec, format 1 (five arrays)
 otherwise; `encode_rows` turns a unit's `TopKLogits` + view params into what `write_unit` stores, in either.
-"""
+
+Faults: an `OSError` while writing (disk full, permission denied, a failing object store) becomes
+`CacheWriteError` naming the unit and the object; every unit finished before stays valid and a rerun completes
+the rest. `write_empty_chunks` is a runtime option of zarr, not stored metadata: the writer sets it itself."""
 
 from __future__ import annotations
 
@@ -170,21 +174,13 @@ class CacheWriter:
         """What `write_unit` stores for a unit's rows, in the group's format (format 2 needs ``keep_rest``)."""
         if self.meta.packed:
             return PackedRows(encode_topk(self.meta.packed_codec(), tk, np.asarray(view_params, dtype=np.int16)))
-        lse1 = tk.lse[:, tk.temperatures.index(1.0)]
-        return UnitRows(
-            topk_indices=tk.indices.numpy().astype(self.meta.index_dtype),
-            topk_logprobs=(tk.logits - lse1[:, None]).numpy().astype(self.meta.value_dtype),
-            target_logprob=tk.target_logprob.numpy().astype(np.float32),
-            lse=tk.lse.numpy().astype(np.float32),
-            view_params=np.asarray(view_params).astype(np.int16),
-        )
+        return UnitRows.from_topk(tk, view_params, self.meta.value_dtype)
 
     def empty_rows(self) -> UnitRows | PackedRows:
         m = self.meta
         if m.packed:
             return PackedRows(np.zeros((m.packed_codec().n_fields, 0), dtype=m.packed_codec().dtype))
-        return UnitRows(np.zeros((0, m.k)), np.zeros((0, m.k)), np.zeros(0), np.zeros((0, len(m.temperatures))),
-                        np.zeros((0, len(m.param_fields))))
+        return UnitRows.empty(m)
 
     def finished_units(self) -> dict[tuple[int, int], UnitMarker]:
         return read_markers(self.objects, self.group)

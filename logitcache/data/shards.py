@@ -1,9 +1,5 @@
-"""ImageNet-style webdataset shards: a reading pipeline of small generator stages, the rank/worker split, and
-deterministic shard writing (from any sample iterator, the Fashion-MNIST IDX files, or an ImageFolder tree).
-
-A shard is a tar file. A sample is the run of members sharing a key (the member path up to the first dot of its
-basename, webdataset's convention): ``<key>.jpg`` (or ``.png`` / ``.jpeg`` / ``.webp``) and ``<key>.cls``, the
-class index as decimal text. Reading one shard (`iter_shard`)::
+"""Reading shards: the pipeline of small generator stages from a shard URL to decoded samples, and the
+dataset that splits shards over ranks and DataLoader workers. Reading one shard (`iter_shard`)::
 
     open_shard            fsspec (local path, file://, s3://, ...); size checked against the manifest
       ─► tar_members      (name, bytes)                 truncated tar     -> ShardFormatError  url:key
@@ -15,16 +11,11 @@ class index as decimal text. Reading one shard (`iter_shard`)::
 Only `BadSampleError` is skippable (``skip_bad=True``): the sample is counted in `SkipStats` and its global index
 stays taken, so later indices never shift. Broken tar structure and changed shards always stop the run, because
 the indices in that shard can no longer be trusted; re-fetch the shard, or leave it out with ``--shards``.
-
-Decoder: ``torchvision.io.decode_image`` (libjpeg-turbo), measured 1.5x faster than PIL on 500x375 JPEGs with
-bit-identical pixels (``pipelines/bench_data.py`` re-measures both). PIL is the fallback (16-bit PNGs, and
-torchvision versions without image decoding).
 """
 
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,12 +33,6 @@ from logitcache.errors import (
     ShardSelectionError,
 )
 from logitcache.runtime.dist import rank_and_world
-
-# torchvision 0.29 marks its decoders deprecated (in favour of torchcodec) but is pinned here and still the
-# fastest; the warning would otherwise repeat for every image under pytest's default filters.
-warnings.filterwarnings(
-    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
-)
 
 
 # ------------------------------------------------------------------ records

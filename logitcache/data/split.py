@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Which shards a reader reads: ``--shards`` selections, and the exactly-once split over ranks x workers."""
 
 from __future__ import annotations
 

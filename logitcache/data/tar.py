@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Reading tar shards: a streaming reader of the tar formats shards come in (header checksums, GNU long names,
+PAX headers) and webdataset's grouping of members into samples by key. Broken structure -> `ShardFormatError`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Writing shards deterministically: samples in input order, members sorted, mtime/uid 0, GNU tar; each shard
+under a temporary name then renamed, the manifest last (its presence means a complete dataset)."""
 
 from __future__ import annotations
 

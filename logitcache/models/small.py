@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The models defined here: the demo's small CNNs, the CIFAR ResNets of the KD literature, MobileNetV1 (the
+paper's ResNet-50 -> MobileNet pair) and DeiT-Tiny as a torchvision `VisionTransformer` (see `zoo` for the table)."""
 
 from __future__ import annotations
 

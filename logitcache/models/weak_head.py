@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""USKD's weak head: `WeakHeadModel` wraps a model and adds ``Linear(pool(F))`` on a mid-level feature F captured
+by a forward hook; ``forward`` returns ``(logits, weak_logits)``. Default sites per family live in `zoo`."""
 
 from __future__ import annotations
 

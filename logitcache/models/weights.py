@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Weights: the one `torch.load` of the package (`load_checkpoint`, always ``weights_only=True``), state-dict
+extraction and strict loading, torchvision weight names, and `state_dict_digest` — the one weights digest, over
+the tensors actually used, recorded in caches and compared by ``verify --recompute``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""`TrainConfig` (every setting a run depends on, validated on creation, JSON round trip), the optimizer, and the
+learning rate as a pure function of progress (so a resumed run follows the same schedule)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The run directory: ``config.json``, ``metrics.jsonl`` (one line per epoch), ``val_reliability.json`` and
+``checkpoints/`` — local paths, every file written atomically."""
 
 from __future__ import annotations
 

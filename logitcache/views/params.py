@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""`ViewParams`: what a cache stores per view to replay it exactly (a crop box in source pixels and a flip)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""`view_rng`: the per-view random stream, a pure function of ``(seed, epoch, global index)`` — no global RNG,
+so a view does not depend on worker count, rank count or reading order."""
 
 from __future__ import annotations
 

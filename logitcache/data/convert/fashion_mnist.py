@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Fashion-MNIST from its IDX files to shards: lossless grayscale PNGs, the 10 class names, file order kept."""
 
 from __future__ import annotations
 

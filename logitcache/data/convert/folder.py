@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Image-folder trees (``SRC/<class>/*.JPEG``, ImageNet's train/) to shards; bytes copied as they are."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Manifests for shards someone else made: read each shard once (size, sha256, keys, largest label)."""
 
 from __future__ import annotations
 

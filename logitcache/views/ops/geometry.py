@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Geometric operations on uint8 (3, H, W) images: the RandomResizedCrop box (drawn from the view's Generator),
+the pad-crop window, Pillow's antialiased bilinear resize (bit-identical on every CPU), flips, normalisation."""
 
 from __future__ import annotations
 
