@@ -147,11 +147,11 @@ def test_write_fault_is_named_and_finished_units_stay_valid(
 
 
 def test_disk_full_on_a_plain_path_via_the_cli(small_shards, tmp_path, clean_cache, monkeypatch):
-    """The local store (zarr's LocalStore + our atomic marker write), a fault at the 3rd chunk write, seen
+    """The local store (zarr's LocalStore + our atomic marker write), a fault at the 2nd chunk write, seen
     through the CLI: a one-line error, non-zero exit; a rerun completes the cache."""
     import zarr.storage
 
-    fault = WriteFault(r"/rows/c\.", 3, OSError(errno.ENOSPC, "No space left on device"))
+    fault = WriteFault(r"/rows/c\.", 2, OSError(errno.ENOSPC, "No space left on device"))
     real_set = zarr.storage.LocalStore.set
 
     async def failing_set(self, key, value):
