@@ -91,8 +91,8 @@ def test_cache_holds_what_the_teacher_saw(imagenet_shards, reference_cache):
         lp = torch.log_softmax(z, 1)
         labels = torch.tensor([s.label for s in samples])
         tk = r.topk_rows(unit, np.arange(len(samples)), labels)
-        # format 2 (the default): log-probabilities within the codec's bound (1.5 steps after normalising)
-        bound = 1.5 * meta.packed_codec().step + 1e-4
+        # format 2 (the default): log-probabilities within the codec's bound after normalising (2.5 steps)
+        bound = 2.5 * meta.packed_codec().step + 1e-4
         np.testing.assert_array_equal(tk.indices.numpy(), torch.topk(z, 5).indices.numpy())
         np.testing.assert_allclose(tk.topk_log_probs(1.0).numpy(), torch.topk(lp, 5).values.numpy(), rtol=0,
                                    atol=bound)

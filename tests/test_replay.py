@@ -57,7 +57,7 @@ def test_replayed_views_are_the_pixels_and_rows_the_dump_recorded(imagenet_shard
             with torch.inference_mode():
                 z = teacher.logits(images)
             # format 2 (the dump's default): log-probabilities within the codec's stated bound
-            bound = 1.5 * CacheReader(str(cache)).meta.packed_codec().step + 1e-4
+            bound = 2.5 * CacheReader(str(cache)).meta.packed_codec().step + 1e-4  # FORMAT.md: after normalising
             for t in (1.0, 4.0):
                 lp = torch.log_softmax(z / t, 1)
                 torch.testing.assert_close(lp.gather(1, rows.indices), rows.topk_log_probs(t), atol=bound, rtol=0)
