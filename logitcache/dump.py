@@ -38,11 +38,13 @@ from logitcache.errors import LogitcacheError
 from logitcache.labels.codecs import DEFAULT_STEP_BITS, PackedCodec
 from logitcache.labels.tails import UNIFORM, PriorAccumulator, SampledTail, TailRule, parse_tail, tail_settings
 from logitcache.labels.topk import TopKLogits, _normalise_temperatures
-from logitcache.runtime.dist import DistEnv, init_distributed
+from logitcache.runtime.dist import PREFETCH_BATCHES, DistEnv, init_distributed
+from logitcache.runtime.precision import check_teacher_precision
 from logitcache.runtime.provenance import provenance, utc_now
 from logitcache.teacher import Teacher
-from logitcache.views.recipe import apply_view, get_recipe, sample_view
-from logitcache.views.rng import view_rng
+from logitcache.views.digest import DigestBuilder
+from logitcache.views.mixing import UnitMixer
+from logitcache.views.recipe import get_recipe
 
 #: tests only: SIGKILL the dump right before its N+1-th batch (a real kill, mid-run, at a reproducible point)
 KILL_AFTER_BATCHES_ENV = "LOGITCACHE_TEST_KILL_AFTER_BATCHES"
@@ -69,6 +71,7 @@ class DumpConfig:
     skip_bad: bool = False
     repair: bool = False
     progress: bool = True
+    teacher_precision: str | None = None  # None: bf16 on a GPU, fp32 elsewhere (`runtime.precision`)
     #: how the mass outside the top-k is reconstructed: uniform | prior | sampled[:M] (format 2)
     tail: str = "uniform"
     #: format 2's value step 2^-step_bits nats (labels.codecs)
@@ -92,6 +95,8 @@ class DumpConfig:
             raise ValueError(f"--format must be 1 or 2, got {self.format}")
         if self.format == 1 and self.tail != "uniform":
             raise ValueError("format 1 has only the uniform tail: use format 2 for --tail " + self.tail)
+        if self.teacher_precision is not None:
+            check_teacher_precision(self.teacher_precision)
 
     @property
     def group_name(self) -> str:
@@ -111,6 +116,7 @@ class ViewBatch:
     end_of_unit: bool = False
     unit_length: int = 0
     skipped: tuple[int, ...] = ()
+    replay: dict | None = None  # the end-of-unit batch carries the unit's replay digest (views/digest.py)
 
 
 class UnitViews(torch.utils.data.IterableDataset):
@@ -133,22 +139,31 @@ class UnitViews(torch.utils.data.IterableDataset):
 
     def _shard_batches(self, shard: int, epochs: list[int]) -> Iterator[ViewBatch]:
         buffers: dict[int, list] = {e: [] for e in epochs}
+        # the views of each unit, in offset order (mixing recipes finish a block of them at a time, each view
+        # mixed with a partner of the same unit), and the digest of the unit's first views for its marker
+        mixers = {e: UnitMixer(self.recipe, seed=self.seed, epoch=e, shard=shard) for e in epochs}
+        digests = {e: DigestBuilder() for e in epochs}
         seen: set[int] = set()
-        for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
-            seen.add(sample.offset)
-            _, h, w = sample.image.shape
-            for e in epochs:
-                params = sample_view(view_rng(self.seed, e, sample.index), h, w, self.recipe)
-                x = apply_view(sample.image, params, self.recipe)
-                buffers[e].append((sample.offset, x, sample.label, params.to_array(), f"{sample.url}:{sample.key}"))
+
+        def add(e: int, views) -> Iterator[ViewBatch]:
+            for v in views:
+                digests[e].add(v.sample.offset, v.image)
+                buffers[e].append((v.sample.offset, v.image, v.sample.label, v.params, v.sample.where))
                 if len(buffers[e]) == self.batch_size:
                     yield _collate(e, shard, buffers[e])
                     buffers[e] = []
+
+        for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
+            seen.add(sample.offset)
+            for e in epochs:
+                yield from add(e, mixers[e].push(sample))
         length = self.manifest.shards[shard].num_samples
         skipped = tuple(sorted(set(range(length)) - seen))
         for e in epochs:  # the unit's last batch (possibly empty) carries its length and what was skipped
+            yield from add(e, mixers[e].finish())
             yield dataclasses.replace(
-                _collate(e, shard, buffers[e], self.recipe), end_of_unit=True, unit_length=length, skipped=skipped
+                _collate(e, shard, buffers[e], self.recipe), end_of_unit=True, unit_length=length, skipped=skipped,
+                replay=digests[e].record(),
             )
 
 
@@ -231,8 +246,9 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     """Run stage 1 as ``cfg`` says (resuming any unfinished units); every rank of a torchrun job calls this."""
     t0 = time.perf_counter()
     manifest, recipe, temps = load_manifest(cfg.data), get_recipe(cfg.recipe, cfg.image_size), _temps(cfg)
-    env = init_distributed(cfg.device)
-    teacher = Teacher.load(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, env.device, cfg.seed)
+    env = init_distributed(cfg.device, backend="gloo")  # the ranks only meet at barriers; cuda -> cuda:LOCAL_RANK
+    teacher = Teacher.load(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, env.device, cfg.seed,
+                           precision=cfg.teacher_precision)
     writer = open_writer(cfg, env, manifest, group_meta(cfg, manifest, recipe, teacher, temps))
     writer = calibrate_prior(cfg, env, manifest, recipe, teacher, writer, temps)
     prov = provenance(argv)
@@ -246,7 +262,7 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     loader = torch.utils.data.DataLoader(
         UnitViews(manifest, pending, recipe, cfg.seed, cfg.batch_size, cfg.skip_bad), batch_size=None,
         num_workers=cfg.workers, collate_fn=lambda b: b, pin_memory=env.device.startswith("cuda"),
-        persistent_workers=False,
+        persistent_workers=False, prefetch_factor=PREFETCH_BATCHES if cfg.workers else None,
     )
     n_views = sum(manifest.shards[s].num_samples * len(es) for s, es in pending.items())
     bar = tqdm(total=n_views, unit="view", desc=f"dump {cfg.group_name}", disable=not cfg.progress or not env.is_main,
@@ -300,6 +316,7 @@ def group_meta(cfg: DumpConfig, manifest, recipe, teacher: Teacher, temps: tuple
         index_dtype=None if packed else schema.index_dtype(manifest.num_classes),
         codec=codec.to_json() if packed else None,
         tail=tail_settings(cfg.tail, prior_views=prior_views(cfg, manifest)) if packed else None,
+        teacher_precision=teacher.precision,
     )
 
 
@@ -433,7 +450,8 @@ def _write_unit(writer: CacheWriter, batch: ViewBatch, parts: list) -> None:
         rows = writer.empty_rows()
         correct = mass = 0.0
     stats = {"views": float(len(offsets)), "teacher_correct": correct, "topk_mass_sum": mass}
-    writer.write_unit(batch.epoch, batch.shard, offsets, rows, batch.unit_length, stats, batch.skipped)
+    writer.write_unit(batch.epoch, batch.shard, offsets, rows, batch.unit_length, stats, batch.skipped,
+                      replay=batch.replay)
 
 
 def summarize(reader, written: int, already: int, skipped: int, seconds: float) -> DumpSummary:

@@ -157,6 +157,24 @@ def test_our_tar_reader_catches_what_tarfile_streams_miss(tmp_path):
         list(wds.DataPipeline(wds.SimpleShardList([str(shard)]), tarfile_samples))
 
 
+def test_a_damaged_tar_gz_is_an_error_not_silent(tmp_path):
+    """A flipped byte inside a .tar.gz fails gzip's CRC check (the reader reads the stream to its trailer)."""
+    import gzip
+
+    samples = [(f"k{i:03d}", {"jpg": np.random.default_rng(i).bytes(3000), "cls": b"0"}) for i in range(6)]
+    m = write_shards(iter(samples), tmp_path / "d", class_names=["a"])
+    (tmp_path / "g").mkdir()
+    gz = tmp_path / "g" / "shard-000000.tar.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "d" / m.shards[0].name).read_bytes(), mtime=0))
+    build_manifest([str(gz)], ["a"]).save(tmp_path / "g")
+    assert [r["jpg"] for r in tarfile_samples([{"url": str(gz)}])] == [p["jpg"] for _, p in samples]
+    data = bytearray(gz.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside sample data: tar headers and sizes stay intact
+    gz.write_bytes(bytes(data))
+    with pytest.raises(ShardFormatError, match=r"shard-000000.tar.gz:k\d+: truncated or corrupt"):
+        list(iter_shard(tmp_path / "g", 0, skip_bad=True))  # (the bytes are not images: skipped)
+
+
 @pytest.mark.parametrize(("world", "workers"), [(1, 1), (2, 1), (2, 3), (3, 2)])
 def test_split_is_webdatasets_split_by_node_then_worker(monkeypatch, world, workers):
     order = [7, 3, 9, 0, 4, 1, 8, 2, 6, 5, 11]
@@ -404,10 +422,18 @@ def test_webdataset_stage_refuses_other_data(small_shards, small_cache, imagenet
         list(stage(iter([{**raw[0], "__url__": "elsewhere/other.tar"}])))
 
 
-def test_shard_dataset_reads_through_webdatasets_worker_split(small_shards):
+def _index(sample):
+    return sample.index
+
+
+def test_shard_dataset_reads_through_webdatasets_worker_split(small_shards, monkeypatch):
     ds = ShardDataset(small_shards, rank=0, world_size=1)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=lambda s: s.index)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=_index)
     assert sorted(loader) == list(range(load_manifest(small_shards).num_samples))
+    monkeypatch.setenv("WORKER", "0")  # would make every worker read worker 0's shards
+    monkeypatch.setenv("NUM_WORKERS", "1")
+    with pytest.raises(DataError, match="contradict this DataLoader worker"):
+        list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=_index))
 
 
 # ------------------------------------------------------------------ installing next to the user's torch
@@ -446,3 +472,16 @@ def test_install_keeps_the_users_torch(tmp_path):
     _fake_dist(site, "torch", "2.9.0+cu128")
     _fake_dist(site, "torchvision", "0.24.0+cu128", ("torch==2.9.0",))
     assert _dry_run_install(venv) == ["logitcache"]
+    # the control: the same project pinning the pair (as before issue 18) wants another torch there
+    pinned = tmp_path / "pinned"
+    pinned.mkdir()
+    (pinned / "logitcache").mkdir()
+    shutil.copy(REPO / "logitcache" / "__init__.py", pinned / "logitcache" / "__init__.py")
+    shutil.copy(REPO / "README.md", pinned / "README.md")
+    text = (REPO / "pyproject.toml").read_text()
+    (pinned / "pyproject.toml").write_text(text.replace('"torch>=2.5,<3"', '"torch==2.14.1"'))
+    assert '"torch==2.14.1"' in (pinned / "pyproject.toml").read_text()
+    res = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--dry-run", "--no-index",
+                          "--no-build-isolation", "-e", str(pinned)], capture_output=True, text=True, timeout=120)
+    # pip would have to fetch torch 2.14.1 to replace 2.9.0 (offline here, it cannot)
+    assert res.returncode != 0 and "depends on torch==2.14.1" in res.stdout + res.stderr

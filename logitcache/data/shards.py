@@ -18,6 +18,7 @@ the indices in that shard can no longer be trusted; re-fetch the shard, or leave
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from logitcache.data.split import split_shards
 from logitcache.data.tar import group_by_key, open_url, tar_members, tar_stream
 from logitcache.errors import (
     BadSampleError,
+    DataError,
     ShardSelectionError,
 )
 from logitcache.runtime.dist import rank_and_world
@@ -202,7 +204,15 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def assigned_shards(self) -> list[int]:
         """The shards this rank and (inside a DataLoader worker) this worker read: this rank's part of the order
         (webdataset's ``split_by_node`` rule, with the rank given here), then webdataset's ``split_by_worker``;
-        together `split_shards`."""
+        together `split_shards`. webdataset lets WORKER / NUM_WORKERS variables override the DataLoader's
+        worker info; when they disagree with it, some shards would be read twice or never, so that is an error."""
+        info = torch.utils.data.get_worker_info()
+        if info is not None and "WORKER" in os.environ and "NUM_WORKERS" in os.environ:
+            env = (os.environ["WORKER"], os.environ["NUM_WORKERS"])
+            if env != (str(info.id), str(info.num_workers)):
+                raise DataError(f"WORKER={env[0]} NUM_WORKERS={env[1]} in the environment contradict this DataLoader "
+                                f"worker ({info.id} of {info.num_workers}); webdataset's split_by_worker would obey "
+                                "the variables and read shards twice or never: unset them")
         return list(split_by_worker(itertools.islice(self.shard_order(), self.rank, None, self.world_size)))
 
     def num_samples(self) -> int:
