@@ -36,7 +36,8 @@ from logitcache.data.manifest import ShardCheck, file_size, load_manifest
 from logitcache.data.shards import iter_shard
 from logitcache.errors import LogitcacheError
 from logitcache.labels.topk import TopKLogits, _normalise_temperatures
-from logitcache.runtime.dist import DistEnv, init_distributed
+from logitcache.runtime.dist import PREFETCH_BATCHES, DistEnv, init_distributed
+from logitcache.runtime.precision import check_teacher_precision
 from logitcache.runtime.provenance import provenance, utc_now
 from logitcache.teacher import Teacher
 from logitcache.views.digest import DigestBuilder
@@ -68,6 +69,7 @@ class DumpConfig:
     skip_bad: bool = False
     repair: bool = False
     progress: bool = True
+    teacher_precision: str | None = None  # None: bf16 on a GPU, fp32 elsewhere (`runtime.precision`)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -78,6 +80,8 @@ class DumpConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.value_dtype not in schema.VALUE_DTYPES:
             raise ValueError(f"--value-dtype must be one of {schema.VALUE_DTYPES}")
+        if self.teacher_precision is not None:
+            check_teacher_precision(self.teacher_precision)
 
     @property
     def group_name(self) -> str:
@@ -222,8 +226,9 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     """Run stage 1 as ``cfg`` says (resuming any unfinished units); every rank of a torchrun job calls this."""
     t0 = time.perf_counter()
     manifest, recipe, temps = load_manifest(cfg.data), get_recipe(cfg.recipe, cfg.image_size), _temps(cfg)
-    env = init_distributed(cfg.device)
-    teacher = Teacher.load(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, env.device, cfg.seed)
+    env = init_distributed(cfg.device, backend="gloo")  # the ranks only meet at barriers; cuda -> cuda:LOCAL_RANK
+    teacher = Teacher.load(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, env.device, cfg.seed,
+                           precision=cfg.teacher_precision)
     writer = open_writer(cfg, env, manifest, group_meta(cfg, manifest, recipe, teacher, temps))
     prov = provenance(argv)
     if cfg.repair and env.is_main:
@@ -236,7 +241,7 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     loader = torch.utils.data.DataLoader(
         UnitViews(manifest, pending, recipe, cfg.seed, cfg.batch_size, cfg.skip_bad), batch_size=None,
         num_workers=cfg.workers, collate_fn=lambda b: b, pin_memory=env.device.startswith("cuda"),
-        persistent_workers=False,
+        persistent_workers=False, prefetch_factor=PREFETCH_BATCHES if cfg.workers else None,
     )
     n_views = sum(manifest.shards[s].num_samples * len(es) for s, es in pending.items())
     bar = tqdm(total=n_views, unit="view", desc=f"dump {cfg.group_name}", disable=not cfg.progress or not env.is_main,
@@ -276,7 +281,7 @@ def group_meta(cfg: DumpConfig, manifest, recipe, teacher: Teacher, temps: tuple
         normalization=teacher.normalization, recipe=recipe.to_json(), param_fields=tuple(recipe.param_fields),
         k=cfg.topk, temperatures=temps, seed=cfg.seed, epochs=cfg.epochs,
         shards=None if cfg.shards is None else tuple(sorted(cfg.shards)), value_dtype=cfg.value_dtype,
-        index_dtype=schema.index_dtype(manifest.num_classes),
+        index_dtype=schema.index_dtype(manifest.num_classes), teacher_precision=teacher.precision,
     )
 
 

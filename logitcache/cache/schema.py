@@ -213,7 +213,12 @@ class GroupMeta:
     #: the shards dumped so far (a dump may cover part of the data, `--shards`); None: every shard of the data.
     #: Completeness is judged over these shards x epochs.
     shards: tuple[int, ...] | None = None
+    #: the teacher body's compute precision (fp32 | bf16 | fp16, `runtime.precision`); groups written before it
+    #: was recorded read as what the dump did then (`historical_teacher_precision`)
+    teacher_precision: str = "fp32"
     provenance: tuple[dict[str, Any], ...] = field(default=(), compare=False)
+    #: False when ``teacher_precision`` was inferred for an old group (not stored; `info` says so)
+    teacher_precision_recorded: bool = field(default=True, compare=False, repr=False)
 
     #: fields that may differ between a cache and a rerun: epochs and shards grow, provenance accumulates, and
     #: `weights` only says where the weights came from (the same file by another path is the same teacher):
@@ -229,6 +234,7 @@ class GroupMeta:
         d["temperatures"] = list(self.temperatures)
         d["provenance"] = list(self.provenance)
         d["shards"] = None if self.shards is None else list(self.shards)
+        del d["teacher_precision_recorded"]
         return d
 
     def shard_indices(self, num_shards: int) -> list[int]:
@@ -250,6 +256,10 @@ class GroupMeta:
         kw["provenance"] = tuple(kw.get("provenance", ()))
         if kw.get("shards") is not None:
             kw["shards"] = tuple(int(x) for x in kw["shards"])
+        kw.pop("teacher_precision_recorded", None)
+        if "teacher_precision" not in kw:
+            kw["teacher_precision"] = historical_teacher_precision(kw["provenance"])
+            kw["teacher_precision_recorded"] = False
         return cls(**kw)
 
     def trailing_size(self, trailing: str) -> tuple[int, ...]:
@@ -257,6 +267,17 @@ class GroupMeta:
 
     def array_dtype(self, spec: ArraySpec) -> str:
         return {"index": self.index_dtype, "value": self.value_dtype}.get(spec.dtype, spec.dtype)
+
+
+def historical_teacher_precision(provenance) -> str:
+    """The precision of a group written before ``teacher_precision`` was recorded: the dump then ran the teacher
+    under bf16 autocast on CUDA and in float32 on the CPU, so: ``bf16`` when a dump's command line named a CUDA
+    ``--device``, else ``fp32`` (the CPU)."""
+    for p in provenance:
+        words = str(p.get("command_line", "")).replace("=", " ").split()
+        if any(a == "--device" and b.startswith("cuda") for a, b in zip(words, words[1:], strict=False)):
+            return "bf16"
+    return "fp32"
 
 
 def settings_diff(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:

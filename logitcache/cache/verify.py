@@ -23,6 +23,7 @@ from logitcache.cache.store import ObjectStore, _open_zarr_root, list_groups, sh
 from logitcache.data.manifest import load_manifest, verify_shards
 from logitcache.data.shards import iter_shard
 from logitcache.errors import CacheError, ReplayMismatchError
+from logitcache.runtime import precision
 from logitcache.teacher import Teacher
 from logitcache.views import digest as replay_digest
 from logitcache.views.mixing import UnitMixer
@@ -52,6 +53,8 @@ def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[
             "teacher": meta.teacher, "weights": meta.weights, "weights_digest": meta.weights_digest,
             "recipe": meta.recipe, "k": meta.k, "temperatures": list(meta.temperatures), "seed": meta.seed,
             "epochs": meta.epochs, "value_dtype": meta.value_dtype, "num_classes": meta.num_classes,
+            "teacher_precision": meta.teacher_precision,
+            "teacher_precision_recorded": meta.teacher_precision_recorded,
             "shards": None if meta.shards is None else list(meta.shards), "units_finished": len(markers),
             "units_total": meta.epochs * len(meta.shard_indices(r.root_meta.num_shards)),
             "views": int(views), "bytes": size, "bytes_per_view": size / views if views else None,
@@ -193,14 +196,18 @@ def _data_problems(url, root: schema.RootMeta, data: str, storage_options) -> li
 
 
 def recompute_views(url: str, group: str | None, data: str, teacher: str, weights: str | None, n: int, *,
-                    seed: int = 0, device: str = "cpu", tolerance: float = 0.05,
+                    seed: int = 0, device: str = "cpu", tolerance: float | None = None,
+                    teacher_precision: str | None = None,
                     storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Recompute ``n`` random cached views with the given teacher and compare with the cache.
 
     Each view is replayed from its cached parameters (the pixels the teacher saw), the teacher's log-probs at
     the cached top-k classes and at the target are compared with the cached values; a view whose largest
-    absolute difference exceeds ``tolerance`` (nats; float16 storage and bf16 GPU dumps stay far below the
-    default 0.05) is a mismatch. The weights digest is compared too. Catches a cache made with other weights.
+    absolute difference, less the stored dtype's rounding at each value, exceeds ``tolerance`` (nats) is a
+    mismatch. The weights digest is compared too. Catches a cache made with other weights.
+
+    ``teacher_precision``: the recomputing teacher's (default: the precision the cache records). ``tolerance``
+    (default: `precision.recompute_tolerance` of the two precisions, from their measured error; FORMAT.md).
     """
     reader = CacheReader(url, group, storage_options=storage_options)
     meta, root = reader.meta, reader.root_meta
@@ -216,8 +223,12 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
     rng = np.random.default_rng(seed)
     picks = [candidates[i] for i in sorted(rng.choice(len(candidates), min(n, len(candidates)), replace=False))]
     recipe = Recipe.from_json(meta.recipe)
+    teacher_precision = teacher_precision or meta.teacher_precision
+    if tolerance is None:
+        tolerance = precision.recompute_tolerance(meta.teacher_precision, teacher_precision)
     runner = Teacher.load(teacher, weights, meta.num_classes, recipe.image_size, device, meta.seed,
-                          normalization=(meta.normalization["mean"], meta.normalization["std"]))
+                          normalization=(meta.normalization["mean"], meta.normalization["std"]),
+                          precision=teacher_precision)
     digest = runner.digest
     wanted: dict[int, dict[int, list[int]]] = {}
     for e, s, o in picks:
@@ -255,13 +266,17 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
                 rows = reader.read_unit(e, s)
                 idx = torch.from_numpy(rows.topk_indices[o].astype(np.int64))
                 cached = torch.from_numpy(rows.topk_logprobs[o].astype(np.float64))
-                diff = max(float((lp[j, idx] - cached).abs().max()),
-                           abs(float(lp[j, labels[i + j]]) - float(rows.target_logprob[o])))
+                cached_target = torch.tensor([float(rows.target_logprob[o])], dtype=torch.float64)
+                d_topk, d_target = (lp[j, idx] - cached).abs(), (lp[j, labels[i + j]] - cached_target).abs()
+                diff = max(float(d_topk.max()), float(d_target.max()))
+                excess = max(float((d_topk - precision.storage_rounding(cached, meta.value_dtype)).max()),
+                             float((d_target - precision.storage_rounding(cached_target, "float32")).max()))
                 worst = max(worst, diff)
-                if diff > tolerance:
+                if excess > tolerance:
                     mismatches.append({"epoch": e, "shard": s, "offset": o, "sample": keys[i + j],
                                        "max_abs_logprob_diff": diff})
     return {"views": len(views), "tolerance": tolerance, "max_abs_logprob_diff": worst,
+            "cache_teacher_precision": meta.teacher_precision, "teacher_precision": teacher_precision,
             "mismatches": mismatches, "weights_digest_cache": meta.weights_digest,
             "weights_digest_given": digest, "weights_digest_equal": digest == meta.weights_digest}
 

@@ -246,7 +246,8 @@ def build(cfg: TrainConfig, env: DistEnv, run: RunDir) -> tuple[Setup, checkpoin
     else:
         recipe = get_recipe(cfg.recipe or "imagenet", cfg.image_size)
     if cfg.teacher:
-        teacher = Teacher.load(cfg.teacher, cfg.weights, num_classes, recipe.image_size, env.device, cfg.seed)
+        teacher = Teacher.load(cfg.teacher, cfg.weights, num_classes, recipe.image_size, env.device, cfg.seed,
+                               precision=cfg.teacher_precision)
         if cfg.weights is None:
             notes.append(f"teacher {cfg.teacher} has no --weights: randomly initialised from seed {cfg.seed}")
     if "votes" in spec.needs:

@@ -123,7 +123,7 @@ class CacheSource(FreshSource):
         m = self.cache.meta
         return {"url": self.cfg.cache, "group": self.cache.group, "teacher": m.teacher, "weights": m.weights,
                 "weights_digest": m.weights_digest, "epochs": m.epochs, "k": m.k,
-                "temperatures": list(m.temperatures), "seed": m.seed}
+                "temperatures": list(m.temperatures), "seed": m.seed, "teacher_precision": m.teacher_precision}
 
 
 def open_cache(cfg: TrainConfig, manifest, spec, loss_args) -> tuple[CacheReader, Recipe, list[str]]:
