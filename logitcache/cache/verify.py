@@ -79,10 +79,11 @@ def _disk_figures(objects: ObjectStore, group: str, units: int) -> dict[str, Any
     allocated, files, unit_objects = 0, 0, 0
     for dirpath, _dirs, names in os.walk(objects.path(group)):
         allocated += os.stat(dirpath).st_blocks * 512
+        in_index = os.path.basename(dirpath) == schema.UNIT_INDEX_DIR  # one object per epoch, not per unit
         for name in names:
             allocated += os.stat(os.path.join(dirpath, name)).st_blocks * 512
             files += 1
-            unit_objects += name != "zarr.json"  # chunks and markers (the prior's one chunk included)
+            unit_objects += name != "zarr.json" and not in_index  # chunks and markers (the prior's chunk included)
     return {"allocated_bytes": allocated, "objects": files,
             "objects_per_unit": unit_objects / units if units else None}
 
