@@ -19,7 +19,7 @@ Issue 6's figures, each a ratio of two figures measured in this run on this mach
     with t_data = the DataLoader alone per batch, because on a 2-core machine decoding JPEGs is not free.
 (c) host–device synchronisations per training step (issue 14): one more epoch of each run under
     `logitcache.train.syncs.SyncCounter`, which counts every call that makes the host wait for the device
-    (``item``/``float``/``bool``/``tolist``/``cpu``/``numpy``, blocking copies, boolean-mask indexing,
+    (``item``/``float``/``bool``/``tolist``/``cpu``/``numpy``, blocking copies,
     ``nonzero``, ``torch.cuda.synchronize``, ``torch.distributed`` collectives) made in the step's hot path,
     and separately those of the progress display every LOG_EVERY steps. Target: 0 per step for CE and cached
     NKD. The calls are counted whatever the device, so the CPU figure is the one a GPU run would show.

@@ -6,7 +6,7 @@ running sums), ``"data"`` (waiting for the DataLoader), ``"display"`` (the progr
 check and checkpoints, every N steps). A `SyncCounter` patches every Python entry point that makes the host
 wait for the device — reading values (``item``, ``tolist``, ``float()``, ``int()``, ``bool()``, ``cpu()``,
 ``numpy()``, formatting), ops whose output size depends on the data (``nonzero``, ``unique``,
-``masked_select``, boolean-mask indexing), copies the host waits for (``to(device)`` without
+``masked_select``; not boolean-mask indexing, see below), copies the host waits for (``to(device)`` without
 ``non_blocking=True`` — counted even where it is a no-op, since the same call copies from the host on a GPU
 run — and any copy of a device tensor to the host), ``torch.cuda.synchronize`` and event or
 stream waits, and the ``torch.distributed`` collectives — and counts the calls the training thread makes in
@@ -27,8 +27,10 @@ import torch
 _PHASE: list[str] = []
 _ACTIVE: SyncCounter | None = None
 
+#: not ``__getitem__`` (boolean-mask indexing): patching it even once turns Tensor into a Python "sequence" for
+#: good (CPython fills the sq_item slot), which breaks ``torch.tensor([t0, t1])`` on 0-d tensors afterwards
 _TENSOR_METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__",
-                   "__format__", "__repr__", "nonzero", "unique", "masked_select", "__getitem__", "to")
+                   "__format__", "__repr__", "nonzero", "unique", "masked_select", "to")
 _TORCH_FUNCTIONS = ("nonzero", "argwhere", "unique", "masked_select")
 _DIST_FUNCTIONS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
                    "broadcast_object_list", "barrier", "monitored_barrier", "reduce", "reduce_scatter",
@@ -110,7 +112,9 @@ class SyncCounter:
             finally:
                 counter._depth -= 1
 
-        self._patches.append((owner, attr, original))
+        # whether the class defines it itself: restoring an inherited dunder by setattr would change the type's
+        # slots (a Tensor with its own __getitem__ becomes a "sequence" to torch.tensor), so it is deleted instead
+        self._patches.append((owner, attr, original if attr in vars(owner) else None))
         setattr(owner, attr, counted)
 
     def __enter__(self) -> SyncCounter:
@@ -141,7 +145,10 @@ class SyncCounter:
         _ACTIVE = None
         _PHASE.clear()
         for owner, attr, original in reversed(self._patches):
-            setattr(owner, attr, original)
+            if original is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
         self._patches.clear()
 
 
