@@ -5,8 +5,11 @@
             previous-epoch predictions, or nothing
     loss    terms = spec.terms(student, target, teacher=..., weak=..., prev_probs=...);  loss = Σ terms
 
-`train` reads top to bottom: set up (`build`), then for each epoch `train_epoch` (the step loop), validation,
-one metrics line and a checkpoint. Determinism: the data order is a pure function of (seed, epoch, rank count,
+`train` reads top to bottom: set up (`build`), then for each pass `train_pass` (the step loop), and at each of
+its epochs' end validation, one metrics line and a checkpoint. A pass is ``--views-per-decode`` N epochs whose
+views come from one decode of each image (N = 1: a pass is an epoch); it is logged as N epochs of
+``planned_steps / N`` steps each, each an epoch's worth of views mixing the pass's N view epochs, and a
+checkpoint inside a pass resumes inside it (`checkpoint`). Determinism: the data order is a pure function of (seed, epoch, rank count,
 worker count) (`replay`), the model is initialised from ``torch.manual_seed(seed)``, and the learning rate is a
 pure function of the progress, so ``--resume`` (`checkpoint`) reaches the same weights as an uninterrupted run on
 the CPU. DDP (torchrun; gloo on CPU, NCCL on GPU) runs in lockstep (`lockstep`).
@@ -128,21 +131,7 @@ def train_pass(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, pass_start
     runs out) yields ``(epoch, train figures summed over ranks, last lr, step, steps of the pass done — 0 at its
     end)``; the loader lives on while the caller validates and checkpoints."""
     n_views = cfg.views_per_decode
-    common = dict(shards=s.shards, rank=env.rank, world_size=env.world, skip_bad=cfg.skip_bad,
-                  shuffle_seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, return_items=True,
-                  views_per_decode=n_views, batch_size=cfg.batch_size)
-    dataset = s.source.dataset(s.manifest, pass_start, **common)
-    try:
-        dataset.check_spread(cfg.workers)
-    except ValueError as e:
-        raise LogitcacheError(str(e)) from None
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
-        collate_fn=collate, pin_memory=env.device.startswith("cuda"),
-        generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + pass_start),  # leaves the global RNG alone
-    )
-    n_steps = planned_steps(s.manifest, s.shards, cfg.seed, pass_start, env.world, cfg.batch_size, cfg.workers,
-                            n_views)
+    loader, n_steps = pass_loader(cfg, env, s, pass_start)
     ends = pass_epoch_ends(n_steps, n_views)
     epoch = max(point.epoch, pass_start)
     # running sums (float64, on the device: no host sync per step): samples, correct, Σ term·n, seconds
@@ -152,13 +141,7 @@ def train_pass(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, pass_start
         acc = {k: v.to(env.device) for k, v in point.rank_state["acc"].items() if k != "seconds"}
         seconds = float(point.rank_state["acc"].get("seconds", 0.0))
     s.raw_model.train()
-
-    def new_bar(epoch: int, done: int):
-        begin = ends[epoch - pass_start - 1] if epoch > pass_start else 0
-        return tqdm(total=ends[epoch - pass_start] - begin, initial=done - begin, desc=f"epoch {epoch}", unit="step",
-                    dynamic_ncols=True, disable=not cfg.progress or not env.is_main, leave=False)
-
-    bar = new_bar(epoch, i)
+    bar = epoch_bar(cfg, env, ends, pass_start, epoch, i)
     batches, last_batch = iter(loader), None
     for _ in range(i):  # a mid-epoch/mid-pass resume: these batches were trained before the checkpoint
         last_batch = next(batches, None) or last_batch
@@ -198,7 +181,7 @@ def train_pass(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, pass_start
             bar.close()
             yield epoch, epoch_stats(env, acc, seconds + time.perf_counter() - t0, s), lr, step, i
             epoch, acc, seconds = epoch + 1, {}, 0.0
-            bar = new_bar(epoch, i)
+            bar = epoch_bar(cfg, env, ends, pass_start, epoch, i)
             t0 = time.perf_counter()
     bar.close()
     s.source.finish_epoch(epoch)
@@ -208,6 +191,33 @@ def train_pass(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, pass_start
         yield epoch, epoch_stats(env, acc, seconds, s), lr, step, i
         epoch, acc, seconds = epoch + 1, {}, 0.0
     yield epoch, epoch_stats(env, acc, seconds, s), lr, step, 0
+
+
+def pass_loader(cfg: TrainConfig, env: DistEnv, s: Setup, pass_start: int):
+    """The DataLoader of the pass starting at ``pass_start`` (its views, their soft labels), and its planned steps."""
+    n_views = cfg.views_per_decode
+    common = dict(shards=s.shards, rank=env.rank, world_size=env.world, skip_bad=cfg.skip_bad,
+                  shuffle_seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, return_items=True,
+                  views_per_decode=n_views, batch_size=cfg.batch_size)
+    dataset = s.source.dataset(s.manifest, pass_start, **common)
+    try:
+        dataset.check_spread(cfg.workers)
+    except ValueError as e:
+        raise LogitcacheError(str(e)) from None
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
+        collate_fn=collate, pin_memory=env.device.startswith("cuda"),
+        generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + pass_start),  # leaves the global RNG alone
+    )
+    return loader, planned_steps(s.manifest, s.shards, cfg.seed, pass_start, env.world, cfg.batch_size, cfg.workers,
+                                 n_views)
+
+
+def epoch_bar(cfg: TrainConfig, env: DistEnv, ends: list[int], pass_start: int, epoch: int, done: int):
+    """The progress bar of one logged epoch (its steps inside the pass)."""
+    begin = ends[epoch - pass_start - 1] if epoch > pass_start else 0
+    return tqdm(total=ends[epoch - pass_start] - begin, initial=done - begin, desc=f"epoch {epoch}", unit="step",
+                dynamic_ncols=True, disable=not cfg.progress or not env.is_main, leave=False)
 
 
 def pass_fields(s: Setup, epoch: int, n_views: int) -> dict[str, Any]:
