@@ -9,10 +9,10 @@
 its epochs' end validation, one metrics line and a checkpoint. A pass is ``--views-per-decode`` N epochs whose
 views come from one decode of each image (N = 1: a pass is an epoch); it is logged as N epochs of
 ``planned_steps / N`` steps each, each an epoch's worth of views mixing the pass's N view epochs, and a
-checkpoint inside a pass resumes inside it (`checkpoint`). Determinism: the data order is a pure function of (seed, epoch, rank count,
-worker count) (`replay`), the model is initialised from ``torch.manual_seed(seed)``, and the learning rate is a
-pure function of the progress, so ``--resume`` (`checkpoint`) reaches the same weights as an uninterrupted run on
-the CPU. DDP (torchrun; gloo on CPU, NCCL on GPU) runs in lockstep (`lockstep`).
+checkpoint inside a pass resumes inside it (`checkpoint`). Determinism: the data order is a pure function of
+(seed, epoch, rank count, worker count) (`replay`), the model is initialised from ``torch.manual_seed(seed)``,
+and the learning rate is a pure function of the progress, so ``--resume`` (`checkpoint`) reaches the same
+weights as an uninterrupted run on the CPU. DDP (torchrun; gloo on CPU, NCCL on GPU) runs in lockstep (`lockstep`).
 """
 
 from __future__ import annotations
