@@ -213,7 +213,12 @@ class GroupMeta:
     #: the shards dumped so far (a dump may cover part of the data, `--shards`); None: every shard of the data.
     #: Completeness is judged over these shards x epochs.
     shards: tuple[int, ...] | None = None
+    #: the teacher body's compute precision (fp32 | bf16 | fp16, `runtime.precision`); groups written before it
+    #: was recorded read as what the dump did then (`historical_teacher_precision`)
+    teacher_precision: str = "fp32"
     provenance: tuple[dict[str, Any], ...] = field(default=(), compare=False)
+    #: False when ``teacher_precision`` was inferred for an old group (not stored; `info` says so)
+    teacher_precision_recorded: bool = field(default=True, compare=False, repr=False)
 
     #: fields that may differ between a cache and a rerun: epochs and shards grow, provenance accumulates, and
     #: `weights` only says where the weights came from (the same file by another path is the same teacher):
@@ -229,6 +234,7 @@ class GroupMeta:
         d["temperatures"] = list(self.temperatures)
         d["provenance"] = list(self.provenance)
         d["shards"] = None if self.shards is None else list(self.shards)
+        del d["teacher_precision_recorded"]
         return d
 
     def shard_indices(self, num_shards: int) -> list[int]:
@@ -250,6 +256,10 @@ class GroupMeta:
         kw["provenance"] = tuple(kw.get("provenance", ()))
         if kw.get("shards") is not None:
             kw["shards"] = tuple(int(x) for x in kw["shards"])
+        kw.pop("teacher_precision_recorded", None)
+        if "teacher_precision" not in kw:
+            kw["teacher_precision"] = historical_teacher_precision(kw["provenance"])
+            kw["teacher_precision_recorded"] = False
         return cls(**kw)
 
     def trailing_size(self, trailing: str) -> tuple[int, ...]:
@@ -257,6 +267,17 @@ class GroupMeta:
 
     def array_dtype(self, spec: ArraySpec) -> str:
         return {"index": self.index_dtype, "value": self.value_dtype}.get(spec.dtype, spec.dtype)
+
+
+def historical_teacher_precision(provenance) -> str:
+    """The precision of a group written before ``teacher_precision`` was recorded: the dump then ran the teacher
+    under bf16 autocast on CUDA and in float32 on the CPU, so: ``bf16`` when a dump's command line named a CUDA
+    ``--device``, else ``fp32`` (the CPU)."""
+    for p in provenance:
+        words = str(p.get("command_line", "")).replace("=", " ").split()
+        if any(a == "--device" and b.startswith("cuda") for a, b in zip(words, words[1:], strict=False)):
+            return "bf16"
+    return "fp32"
 
 
 def settings_diff(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
@@ -277,6 +298,10 @@ class UnitMarker:
     ``chunks`` maps array name -> sha256 of that unit's stored chunk object (compressed bytes), so `verify`
     catches deleted or replaced chunks; ``stats`` feed `info` (teacher accuracy, top-k mass) without a scan;
     ``skipped`` lists offsets of samples that were skipped as corrupt (their rows are padding).
+    ``replay`` (optional; absent in caches written before it): ``{"offsets": [...], "sha256": ..., "versions":
+    {...}}``, the sha256 of the uint8 pixels of the unit's first finished views at those offsets and the library
+    versions that made them (`logitcache.views.digest`); readers recompute it to prove their pixels are the
+    teacher's.
     """
 
     epoch: int
@@ -285,10 +310,13 @@ class UnitMarker:
     chunks: dict[str, str]
     stats: dict[str, float]
     skipped: tuple[int, ...] = ()
+    replay: dict[str, Any] | None = None
 
     def to_bytes(self) -> bytes:
         d = dataclasses.asdict(self)
         d["skipped"] = list(self.skipped)
+        if self.replay is None:
+            del d["replay"]
         return json.dumps(d, sort_keys=True, indent=1).encode()
 
     @classmethod
@@ -302,9 +330,19 @@ class UnitMarker:
                 chunks={str(k): str(v) for k, v in d["chunks"].items()},
                 stats={str(k): float(v) for k, v in d["stats"].items()},
                 skipped=tuple(int(x) for x in d.get("skipped", ())),
+                replay=_replay_record(d.get("replay")),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise CacheError(f"unit marker {where} is malformed: {e}") from e
+
+
+def _replay_record(d: Any) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict) or not isinstance(d.get("sha256"), str) or not isinstance(d.get("offsets"), list):
+        raise TypeError(f"replay entry {d!r} is not {{offsets, sha256, versions}}")
+    return {"offsets": [int(o) for o in d["offsets"]], "sha256": d["sha256"],
+            "versions": {str(k): str(v) for k, v in dict(d.get("versions", {})).items()}}
 
 
 def zarr_array_kwargs(spec: ArraySpec, meta: GroupMeta, root: RootMeta) -> dict[str, Any]:

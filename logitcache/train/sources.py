@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from logitcache.cache.reader import CacheReader
+from logitcache.cache.verify import check_replay
 from logitcache.errors import LogitcacheError, TemperatureNotRecorded
 from logitcache.replay import CachedViews, CycledViewsWarning, FreshViews, check_cache_matches
 from logitcache.teacher import Teacher
@@ -122,7 +123,7 @@ class CacheSource(FreshSource):
         m = self.cache.meta
         return {"url": self.cfg.cache, "group": self.cache.group, "teacher": m.teacher, "weights": m.weights,
                 "weights_digest": m.weights_digest, "epochs": m.epochs, "k": m.k,
-                "temperatures": list(m.temperatures), "seed": m.seed}
+                "temperatures": list(m.temperatures), "seed": m.seed, "teacher_precision": m.teacher_precision}
 
 
 def open_cache(cfg: TrainConfig, manifest, spec, loss_args) -> tuple[CacheReader, Recipe, list[str]]:
@@ -131,6 +132,7 @@ def open_cache(cfg: TrainConfig, manifest, spec, loss_args) -> tuple[CacheReader
     cache = CacheReader(cfg.cache, cfg.group)
     requested = get_recipe(cfg.recipe, cfg.image_size) if cfg.recipe else None
     recipe = check_cache_matches(cache, manifest, requested)
+    check_replay(cache, manifest, recipe, once=True)  # these pixels are the teacher's, on this machine
     missing = [t for t in spec.teacher_temperatures(loss_args)
                if not any(math.isclose(t, u, rel_tol=1e-6) for u in cache.meta.temperatures)]
     if missing:
