@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from logitcache.cache import schema
-from logitcache.cache.schema import GroupMeta, RootMeta, UnitMarker, UnitRows
+from logitcache.cache.schema import GroupMeta, PackedUnit, RootMeta, UnitMarker, UnitRows
 from logitcache.cache.store import (
     ObjectStore,
     _check_group_name,
@@ -40,6 +40,8 @@ from logitcache.cache.store import (
     read_root_meta,
 )
 from logitcache.errors import CacheError
+from logitcache.labels.codecs import decode_unit
+from logitcache.labels.tails import TailRule, tail_from_settings
 from logitcache.labels.topk import TopKLogits
 
 
@@ -127,11 +129,32 @@ class CacheReader:
             st["markers"] = read_markers(st["objects"], st["group"])
         return st["markers"]
 
+    @property
+    def tail(self) -> TailRule:
+        """The group's tail rule (``prior``: with its class prior, checked against the recorded digest)."""
+        st = self._open()
+        if "tail" not in st:
+            meta, prior = st["meta"], None
+            if meta.tail_name == "prior":
+                if not meta.tail_prior_digest:
+                    raise CacheError(f"{self.url} group '{st['group']}': tail 'prior' but no class prior was "
+                                     f"written (the dump stopped before its calibration pass ended; rerun it)")
+                prior = torch.from_numpy(np.asarray(st["arrays"][schema.TAIL_PRIOR][...], dtype=np.float32))
+            try:
+                st["tail"] = tail_from_settings(meta.tail, prior, meta.tail_prior_digest)
+            except ValueError as e:
+                raise CacheError(f"{self.url} group '{st['group']}': {e}") from e
+        return st["tail"]
+
+    @property
+    def codec_name(self) -> str:
+        return self.meta.codec_name
+
     def cached_epoch(self, epoch: int) -> int:
         """The cached epoch whose views training epoch ``epoch`` replays (views cycle past the cached epochs)."""
         return epoch % self.meta.epochs
 
-    def read_unit(self, epoch: int, shard: int) -> UnitRows:
+    def read_unit(self, epoch: int, shard: int) -> UnitRows | PackedUnit:
         """All rows of a finished unit (its length from the marker). Unfinished units are an error."""
         st = self._open()
         marker = self.markers().get((epoch, shard))
@@ -146,12 +169,16 @@ class CacheReader:
         # the unit's chunks are independent objects: fetch them at once (one round trip, not five, on S3)
         if st.get("pool") is None:
             st["pool"] = ThreadPoolExecutor(len(st["arrays"]), thread_name_prefix="logitcache-read")
-        futures = {name: st["pool"].submit(arr.__getitem__, (epoch, shard)) for name, arr in st["arrays"].items()}
+        if st["meta"].packed:
+            mat = np.asarray(st["arrays"][schema.ROWS][epoch, shard])[:, :n]
+            return PackedUnit(decode_unit(st["meta"].packed_codec(), mat, st["meta"].temperatures))
+        arrays = {name: a for name, a in st["arrays"].items() if name in schema.ARRAY_NAMES}
+        futures = {name: st["pool"].submit(arr.__getitem__, (epoch, shard)) for name, arr in arrays.items()}
         return UnitRows(**{name: np.asarray(f.result())[:n] for name, f in futures.items()})
 
-    def topk_rows(self, rows: UnitRows, offsets, targets) -> TopKLogits:
+    def topk_rows(self, rows: UnitRows | PackedUnit, offsets, targets) -> TopKLogits:
         """A `TopKLogits` for the given offsets of a unit (targets come from the data)."""
-        return rows.select(offsets).topk(self.meta, targets)
+        return rows.select(offsets).topk(self.meta, targets, tail=self.tail)
 
     def locate(self, global_indices) -> tuple[np.ndarray, np.ndarray]:
         """(shard, offset) of global sample indices, from the shard lengths recorded in the cache."""
@@ -185,6 +212,7 @@ class CacheReader:
         return topk, np.concatenate(views)[perm.numpy()]
 
 
+
 class UnitTable:
     """The soft-label rows of one (epoch, shard) unit as tensors, read and converted once per shard; one
     `TopKLogits` row per offset (the data supplies each row's target)."""
@@ -192,7 +220,7 @@ class UnitTable:
     def __init__(self, reader: CacheReader, epoch: int, shard: int):
         unit = reader.read_unit(epoch, shard)  # an unfinished unit raises CacheError naming it
         self.marker = reader.markers()[(epoch, shard)]
-        self.rows = unit.topk(reader.meta)  # shape checks once per unit (single rows skip them)
+        self.rows = unit.topk(reader.meta, tail=reader.tail)  # shape checks once per unit (single rows skip them)
         self.view_params = unit.view_params
         self.skipped = frozenset(self.marker.skipped)
         self.where = f"{reader.url} group '{reader.group}' unit (epoch {epoch}, shard {shard})"
@@ -204,7 +232,11 @@ class UnitTable:
         if offset in self.skipped or offset >= len(self):
             raise CacheError(f"{self.where} has no row for offset {offset} (skipped when it was written)")
         o, r = slice(offset, offset + 1), self.rows
+
+        def sl(t):
+            return None if t is None else t[o]
+
         return TopKLogits._trusted(  # the unit's arrays were checked as a whole in __init__
             r.indices[o], r.logits[o], torch.tensor([int(target)]), r.target_logprob[o], r.lse[o], r.temperatures,
-            r.num_classes,
+            r.num_classes, sl(r.log_rest), r.tail, sl(r.tail_indices), sl(r.tail_logprobs),
         )

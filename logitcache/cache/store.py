@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from logitcache.cache import schema
-from logitcache.cache.schema import ARRAYS, GroupMeta, RootMeta, UnitMarker
+from logitcache.cache.schema import GroupMeta, RootMeta, UnitMarker
 from logitcache.errors import CacheError
 from logitcache.runtime.atomic import write_atomic
 
@@ -108,7 +108,7 @@ def _open_zarr_root(url: str, storage_options: dict[str, Any] | None, *, mode: s
 def _checked_arrays(zgroup, objects: ObjectStore, group: str, meta: GroupMeta, url: str) -> dict[str, Any]:
     """The group's arrays, each opened only after its zarr.json passed `schema.array_metadata_problems`."""
     out = {}
-    for spec in ARRAYS:
+    for spec in schema.group_arrays(meta):
         key = f"{group}/{spec.name}/zarr.json"
         data = objects.get(key)
         if data is None:
@@ -159,9 +159,10 @@ def read_root_meta(zroot, url: str) -> RootMeta:
     if not isinstance(d, dict) or d.get("format") != schema.FORMAT_NAME:
         raise CacheError(f"{url} is not a logitcache cache (no '{schema.ATTRS_KEY}' root attributes)")
     major = int(d["format_version"][0])
-    if major != schema.FORMAT_VERSION[0]:
+    if major not in schema.READABLE_MAJORS:
         raise CacheError(
-            f"{url} has format version {d['format_version']}; this logitcache reads {schema.FORMAT_VERSION[0]}.x"
+            f"{url} has format version {d['format_version']}; this logitcache reads "
+            + " and ".join(f"{m}.x" for m in schema.READABLE_MAJORS)
         )
     return RootMeta.from_json(d)
 
