@@ -13,6 +13,7 @@ batch. After each epoch the ranks compare a checksum of their weights.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,25 +55,42 @@ class LockstepPlan:
 
 
 def plan_epoch(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, workers: int,
-               skipped: dict[int, int] | None = None) -> LockstepPlan:
-    """The lockstep plan of an epoch in which every sample decodes: the shard order and split of `ShardDataset`
-    / `split_shards`, ``num_samples − skipped[shard]`` samples per shard (``skipped``: the samples a cache's
-    markers say the dump left out; replay leaves them out too)."""
+               skipped: dict[int, int] | None = None, views_per_decode: int = 1) -> LockstepPlan:
+    """The lockstep plan of an epoch (of a pass of ``views_per_decode`` epochs from ``epoch``) in which every
+    sample decodes: the shard order and split of `ShardDataset` / `split_shards`, ``views_per_decode ×
+    num_samples − skipped[shard]`` items per shard (``skipped``: the views a cache's markers say the dump left
+    out, over the pass's epochs; replay leaves them out too)."""
     skipped = skipped or {}
     order = ShardDataset(manifest, shards, rank=0, world_size=world, shuffle_seed=seed, epoch=epoch).shard_order()
     nw = max(workers, 1)
 
     def samples(rank: int, worker: int) -> int:
-        return sum(manifest.shards[s].num_samples - skipped.get(s, 0)
+        return sum(views_per_decode * manifest.shards[s].num_samples - skipped.get(s, 0)
                    for s in split_shards(order, rank, world, worker, nw))
 
     return LockstepPlan(tuple(tuple(loader_batch_sizes([samples(r, w) for w in range(nw)], batch_size))
                               for r in range(world)))
 
 
-def planned_steps(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, workers: int) -> int:
-    """Steps of an epoch when nothing is skipped: the most batches any rank's DataLoader yields (lockstep)."""
-    return plan_epoch(manifest, shards, seed, epoch, world, batch_size, workers).steps
+def planned_steps(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, workers: int,
+                  views_per_decode: int = 1) -> int:
+    """Steps of an epoch — of a pass of ``views_per_decode`` epochs starting at ``epoch`` — when nothing is
+    skipped: the most batches any rank's DataLoader yields (lockstep); each worker batches N views per sample."""
+    order = ShardDataset(manifest, shards, rank=0, world_size=world, shuffle_seed=seed, epoch=epoch).shard_order()
+    nw = max(workers, 1)
+
+    def batches(r: int, w: int) -> int:
+        samples = sum(manifest.shards[s].num_samples for s in split_shards(order, r, world, w, nw))
+        return math.ceil(views_per_decode * samples / batch_size)
+
+    return max(sum(batches(r, w) for w in range(nw)) for r in range(world))
+
+
+def pass_epoch_ends(steps: int, views_per_decode: int) -> list[int]:
+    """The step, counted in the pass, at which each of its ``views_per_decode`` logged epochs ends (the last one:
+    when the data does, `planned_steps` when nothing is skipped). With N = 1: ``[steps]``."""
+    n = views_per_decode
+    return [round((k + 1) * steps / n) for k in range(n)]
 
 
 def agree_on_step(env: DistEnv, n: int, has_batch: bool) -> tuple[float, bool]:
