@@ -30,16 +30,17 @@ from tqdm import tqdm
 from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
 from logitcache.cache.schema import UnitRows
+from logitcache.cache.store import ObjectStore, load_group_meta
 from logitcache.cache.verify import verify_cache
 from logitcache.cache.writer import CacheWriter
 from logitcache.data.manifest import ShardCheck, file_size, load_manifest
 from logitcache.data.shards import iter_shard
-from logitcache.errors import LogitcacheError
+from logitcache.errors import CacheMetadataError
 from logitcache.labels.topk import TopKLogits, _normalise_temperatures
 from logitcache.runtime.dist import DistEnv, init_distributed
 from logitcache.runtime.provenance import provenance, utc_now
 from logitcache.teacher import Teacher
-from logitcache.views.recipe import apply_view, get_recipe, sample_view
+from logitcache.views.recipe import Recipe, apply_view, resolve_recipe, sample_view
 from logitcache.views.rng import view_rng
 
 #: tests only: SIGKILL the dump right before its N+1-th batch (a real kill, mid-run, at a reproducible point)
@@ -57,7 +58,7 @@ class DumpConfig:
     topk: int = 10
     temperatures: tuple[float, ...] = (1.0,)
     seed: int = 0
-    recipe: str = "imagenet"
+    recipe: str | None = None  # None: the existing group's, else the data's default_recipe (`dump_recipe`)
     image_size: int | None = None
     batch_size: int = 64
     workers: int = 0
@@ -187,7 +188,7 @@ def plan(cfg: DumpConfig) -> dict[str, Any]:
     shards = list(cfg.shards) if cfg.shards is not None else list(range(len(manifest.shards)))
     views_per_epoch = sum(manifest.shards[s].num_samples for s in shards)
 
-    recipe = get_recipe(cfg.recipe, cfg.image_size)
+    recipe = dump_recipe(cfg, manifest)
     raw = schema.raw_bytes_per_view(
         cfg.topk, len(_temps(cfg)), len(recipe.param_fields), manifest.num_classes, cfg.value_dtype
     )
@@ -210,11 +211,13 @@ def _temps(cfg: DumpConfig) -> tuple[float, ...]:
 def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     """Run stage 1 as ``cfg`` says (resuming any unfinished units); every rank of a torchrun job calls this."""
     t0 = time.perf_counter()
-    manifest, recipe, temps = load_manifest(cfg.data), get_recipe(cfg.recipe, cfg.image_size), _temps(cfg)
+    manifest, temps = load_manifest(cfg.data), _temps(cfg)
+    recipe = dump_recipe(cfg, manifest)
     env = init_distributed(cfg.device)
     teacher = Teacher.load(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, env.device, cfg.seed)
     writer = open_writer(cfg, env, manifest, group_meta(cfg, manifest, recipe, teacher, temps))
     prov = provenance(argv)
+    run_key = writer.start_run(writer_shards(cfg), cfg.epochs, prov) if env.is_main else None
     if cfg.repair and env.is_main:
         repaired = forget_damaged_units(cfg.out, cfg.group_name)
         if repaired and cfg.progress:
@@ -247,11 +250,39 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     bar.close()
     env.barrier()
     if env.is_main:
-        writer.add_provenance({**prov, "end_time": utc_now(), "units_written": units.written,
-                               "samples_skipped": units.samples_skipped})
+        writer.finish_run(run_key, end_time=utc_now(), units_written=units.written,
+                          samples_skipped=units.samples_skipped)
     env.barrier()
     return summarize(CacheReader(cfg.out, cfg.group_name), units.written, len(finished), units.samples_skipped,
                      time.perf_counter() - t0)
+
+
+def writer_shards(cfg: DumpConfig) -> tuple[int, ...] | None:
+    return None if cfg.shards is None else tuple(sorted(cfg.shards))
+
+
+def dump_recipe(cfg: DumpConfig, manifest) -> Recipe:
+    """THE recipe rule (`resolve_recipe`) for a dump: the group's own recipe when it exists (flags given must agree
+    with it), else ``--recipe``, else the data's ``default_recipe``, else a clear error."""
+    cached = None
+    if _safe_group(cfg.group_name):
+        objects = ObjectStore(cfg.out)
+        try:
+            if objects.get(f"{cfg.group_name}/zarr.json") is not None:
+                cached = load_group_meta(objects, cfg.group_name).recipe
+        except CacheMetadataError:
+            pass  # the writer refuses invalid metadata itself (and says so for --repair)
+    return resolve_recipe(cfg.recipe, cfg.image_size, cached=cached,
+                          cached_where=f"cache {cfg.out} group '{cfg.group_name}'",
+                          default=manifest.default_recipe, default_where=f"the manifest of {cfg.data}")
+
+
+def _safe_group(name: str) -> bool:
+    try:
+        schema.validate_group_name(name)
+    except ValueError:
+        return False  # the writer refuses it with its own message
+    return True
 
 
 def selected_shards(cfg: DumpConfig, manifest) -> list[int]:
@@ -278,7 +309,13 @@ def open_writer(cfg: DumpConfig, env: DistEnv, manifest, meta: schema.GroupMeta)
         check_shard_sizes(manifest, selected_shards(cfg, manifest))
         root = schema.RootMeta(manifest.fingerprint, manifest.num_classes, len(manifest.shards),
                                tuple(s.num_samples for s in manifest.shards))
-        writer = CacheWriter.create_or_open(cfg.out, cfg.group_name, meta, root, manifest.to_json())
+        try:
+            writer = CacheWriter.create_or_open(cfg.out, cfg.group_name, meta, root, manifest.to_json())
+        except CacheMetadataError as e:
+            if cfg.repair:
+                raise CacheMetadataError(f"refusing to --repair: the cache's metadata is invalid, which is not "
+                                         f"damage a rerun can redo; nothing was changed. {e}") from None
+            raise
     env.barrier()
     return writer if writer is not None else CacheWriter.open(cfg.out, cfg.group_name)
 
@@ -327,12 +364,8 @@ def forget_damaged_units(url: str, group: str) -> list[tuple[int, int]]:
     """For ``--repair``: verify the group and delete the markers of damaged units, so the dump redoes exactly
     those (a unit without a marker is unfinished). Units that are merely unfinished are redone anyway."""
 
-    try:
-        reader = CacheReader(url, group)
-        reader.meta  # noqa: B018 - opens the group; a fresh cache has nothing to repair
-    except LogitcacheError:
-        return []
-    report = verify_cache(url, group)
+    reader = CacheReader(url, group)
+    report = verify_cache(url, group)  # invalid metadata raises CacheMetadataError: nothing is deleted
     damaged = [u for u in report.bad_units() if u in reader.markers(refresh=True)]
     for e, s in damaged:
         reader.objects.delete(schema.unit_marker_key(group, e, s))

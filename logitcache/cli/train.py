@@ -47,7 +47,7 @@ from logitcache.cli.options import (
 @click.option("--clip-grad", default=None, type=float, help="clip the gradient norm to this value")
 @click.option("--label-smoothing", default=0.0, show_default=True, type=float, help="smooth the CE term's labels")
 @click.option("--recipe", default=None,
-              help="view recipe: imagenet | small (default: the cache's with --cache, else imagenet)")
+              help="view recipe: imagenet | small (default: the cache's with --cache, else the data's default_recipe)")
 @click.option("--image-size", default=None, type=int, help="model input size in px (default: the recipe's)")
 @click.option("--workers", default=0, show_default=True, type=int, help="DataLoader workers per process")
 @device_option()

@@ -55,6 +55,7 @@ def write_shards(
     max_bytes: int | None = None,
     prefix: str = "shard",
     overwrite: bool = False,
+    default_recipe: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write ``(key, {ext: bytes})`` samples into tar shards ``OUT/<prefix>-000000.tar``, ... and OUT/manifest.json.
 
@@ -126,7 +127,7 @@ def write_shards(
             base = p.rsplit("/", 1)[-1]
             if re.fullmatch(re.escape(prefix) + r"-\d{6}\.tar", base) and base not in ours:
                 fs.rm(p)
-    manifest = Manifest(tuple(infos), tuple(str(c) for c in class_names), out_s)
+    manifest = Manifest(tuple(infos), tuple(str(c) for c in class_names), out_s, default_recipe=default_recipe)
     manifest.save(out_s)
     return manifest
 

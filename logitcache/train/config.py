@@ -110,9 +110,6 @@ class TrainConfig:
             raise ValueError("--group selects a teacher group inside --cache; there is no --cache")
         if self.weights and not self.teacher:
             raise ValueError("--weights are the teacher's; there is no --teacher (the student's are --init)")
-        if self.cache and self.recipe is None and self.image_size is not None:
-            raise ValueError("--image-size without --recipe: with --cache the recipe (and size) is the cache's; "
-                             "give both to check them against it")
 
     # ---------------------------------------------------------------- derived
     @property
