@@ -375,29 +375,12 @@ def forget_damaged_units(url: str, group: str) -> list[tuple[int, int]]:
 def _write_unit(writer, batch: ViewBatch, parts: list, value_dtype: str) -> None:
     if parts:
         offsets = torch.cat([p[0] for p in parts]).numpy()
-        view = torch.cat([p[1] for p in parts]).numpy()
         tk = TopKLogits.cat([p[2] for p in parts])
-        lse1 = tk.lse[:, tk.temperatures.index(1.0)]
-        rows = UnitRows(
-            topk_indices=tk.indices.numpy(),
-            topk_logprobs=(tk.logits - lse1[:, None]).numpy().astype(value_dtype),
-            target_logprob=tk.target_logprob.numpy().astype(np.float32),
-            lse=tk.lse.numpy().astype(np.float32),
-            view_params=view.astype(np.int16),
-        )
+        rows = UnitRows.from_topk(tk, torch.cat([p[1] for p in parts]).numpy(), value_dtype)
         correct = float((tk.indices[:, 0] == tk.target).sum())
         mass = float(tk.topk_mass(1.0).double().sum())
     else:
-        meta = writer.meta
-        offsets = np.zeros(0, dtype=np.int64)
-        rows = UnitRows(
-            np.zeros((0, meta.k)),
-            np.zeros((0, meta.k)),
-            np.zeros(0),
-            np.zeros((0, len(meta.temperatures))),
-            np.zeros((0, len(meta.param_fields))),
-        )
-        correct = mass = 0.0
+        offsets, rows, correct, mass = np.zeros(0, dtype=np.int64), UnitRows.empty(writer.meta), 0.0, 0.0
     stats = {"views": float(len(offsets)), "teacher_correct": correct, "topk_mass_sum": mass}
     writer.write_unit(batch.epoch, batch.shard, offsets, rows, batch.unit_length, stats, batch.skipped)
 

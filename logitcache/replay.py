@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from logitcache.cache.reader import CacheReader
+from logitcache.cache.reader import CacheReader, UnitTable
 from logitcache.cache.store import format_shards
 from logitcache.data.manifest import Manifest, load_manifest
 from logitcache.data.shards import ShardDataset, iter_shard, shuffle_buffer
@@ -195,61 +195,15 @@ def _short(v: Any) -> str:
 
 
 # ------------------------------------------------------------------ rows of one unit
-class UnitTable:
-    """The soft-label rows of one (epoch, shard) unit as tensors, read once per shard; rows by offset."""
-
-    def __init__(self, reader: CacheReader, epoch: int, shard: int):
-        meta = reader.meta
-        unit = reader.read_unit(epoch, shard)  # an unfinished unit raises CacheError naming it
-        marker = reader.markers()[(epoch, shard)]
-        lse = torch.from_numpy(unit.lse.astype(np.float32))
-        logprobs = torch.from_numpy(unit.topk_logprobs.astype(np.float32))
-        self.indices = torch.from_numpy(unit.topk_indices.astype(np.int64))
-        self.logits = logprobs + lse[:, meta.temperatures.index(1.0), None]
-        self.target_logprob = torch.from_numpy(unit.target_logprob.astype(np.float32))
-        self.lse = lse
-        self.view_params = unit.view_params
-        self.temperatures, self.num_classes = meta.temperatures, meta.num_classes
-        n = len(unit.topk_indices)
-        TopKLogits(self.indices, self.logits, torch.zeros(n, dtype=torch.int64), self.target_logprob, self.lse,
-                   self.temperatures, self.num_classes)  # shape checks once per unit (rows skip them)
-        self.skipped = frozenset(marker.skipped)
-        self.marker = marker
-        self.where = f"{reader.url} group '{reader.group}' unit (epoch {epoch}, shard {shard})"
-
-    def __len__(self) -> int:
-        return self.indices.shape[0]
-
-    def row(self, offset: int, target: int) -> TopKLogits:
-        if offset in self.skipped or offset >= len(self):
-            raise CacheError(f"{self.where} has no row for offset {offset} (skipped when it was written)")
-        o = slice(offset, offset + 1)
-        return TopKLogits._trusted(  # the unit's arrays were checked as a whole in __init__
-            self.indices[o], self.logits[o], torch.tensor([int(target)]), self.target_logprob[o], self.lse[o],
-            self.temperatures, self.num_classes,
-        )
-
-
 class RowSource:
-    """Where a stage takes its soft-label rows: unit ``(unit_epoch, shard)`` of a cache group.
+    """Where a stage takes its soft-label rows: unit ``(unit_epoch, shard)`` of a cache group (PS-KD's store
+    subclasses it to check that a slot holds the epoch it expects)."""
 
-    ``expect_stat``: ``(key, value)`` the unit's marker stats must hold (PS-KD's store checks that a slot holds
-    the previous epoch, not an older one).
-    """
-
-    def __init__(self, reader: CacheReader, unit_epoch: int, *, expect_stat: tuple[str, float] | None = None):
-        self.reader, self.unit_epoch, self.expect_stat = reader, unit_epoch, expect_stat
+    def __init__(self, reader: CacheReader, unit_epoch: int):
+        self.reader, self.unit_epoch = reader, unit_epoch
 
     def table(self, shard: int) -> UnitTable:
-        self.reader.markers(refresh=True)  # units are rewritten between epochs (PS-KD); never trust old markers
-        t = UnitTable(self.reader, self.unit_epoch, shard)
-        if self.expect_stat is not None:
-            key, value = self.expect_stat
-            got = t.marker.stats.get(key)
-            if got is None or not math.isclose(got, value):
-                raise CacheError(f"{t.where} holds {key}={got}, expected {value}: it is stale (an earlier run or "
-                                 f"an interrupted epoch); start the run again")
-        return t
+        return UnitTable(self.reader, self.unit_epoch, shard)
 
 
 # ------------------------------------------------------------------ the stages

@@ -30,6 +30,7 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 
 from logitcache.cache import schema
 from logitcache.cache.schema import ARRAYS, GroupMeta, RootMeta, UnitMarker, UnitRows
@@ -266,24 +267,9 @@ class CacheReader:
         rows = UnitRows(**arrays)
         return rows, unit_value_problems(rows, marker, meta)
 
-    def topk_rows(self, rows: UnitRows, offsets, targets) -> Any:
+    def topk_rows(self, rows: UnitRows, offsets, targets) -> TopKLogits:
         """A `TopKLogits` for the given offsets of a unit (targets come from the data)."""
-        import torch
-
-        meta = self.meta
-        offsets = np.asarray(offsets)
-        lse = torch.from_numpy(rows.lse[offsets].astype(np.float32))
-        lse1 = lse[:, meta.temperatures.index(1.0)]
-        logprobs = torch.from_numpy(rows.topk_logprobs[offsets].astype(np.float32))
-        return TopKLogits(
-            indices=torch.from_numpy(rows.topk_indices[offsets].astype(np.int64)),
-            logits=logprobs + lse1[:, None],
-            target=torch.as_tensor(np.asarray(targets), dtype=torch.int64),
-            target_logprob=torch.from_numpy(rows.target_logprob[offsets].astype(np.float32)),
-            lse=lse,
-            temperatures=meta.temperatures,
-            num_classes=meta.num_classes,
-        )
+        return rows.select(offsets).topk(self.meta, targets)
 
     def locate(self, global_indices) -> tuple[np.ndarray, np.ndarray]:
         """(shard, offset) of global sample indices, from the shard lengths recorded in the cache."""
@@ -302,8 +288,6 @@ class CacheReader:
 
         Reads each touched unit once; rows come back in the order asked for.
         """
-        import torch
-
         e = self.cached_epoch(epoch)
         shards, offsets = self.locate(global_indices)
         targets = np.asarray(targets)
@@ -317,3 +301,28 @@ class CacheReader:
         perm = torch.from_numpy(np.argsort(np.concatenate(order), kind="stable"))
         topk = TopKLogits.cat(parts)[perm]
         return topk, np.concatenate(views)[perm.numpy()]
+
+
+class UnitTable:
+    """The soft-label rows of one (epoch, shard) unit as tensors, read and converted once per shard; one
+    `TopKLogits` row per offset (the data supplies each row's target)."""
+
+    def __init__(self, reader: CacheReader, epoch: int, shard: int):
+        unit = reader.read_unit(epoch, shard)  # an unfinished unit raises CacheError naming it
+        self.marker = reader.markers()[(epoch, shard)]
+        self.rows = unit.topk(reader.meta)  # shape checks once per unit (single rows skip them)
+        self.view_params = unit.view_params
+        self.skipped = frozenset(self.marker.skipped)
+        self.where = f"{reader.url} group '{reader.group}' unit (epoch {epoch}, shard {shard})"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def row(self, offset: int, target: int) -> TopKLogits:
+        if offset in self.skipped or offset >= len(self):
+            raise CacheError(f"{self.where} has no row for offset {offset} (skipped when it was written)")
+        o, r = slice(offset, offset + 1), self.rows
+        return TopKLogits._trusted(  # the unit's arrays were checked as a whole in __init__
+            r.indices[o], r.logits[o], torch.tensor([int(target)]), r.target_logprob[o], r.lse[o], r.temperatures,
+            r.num_classes,
+        )

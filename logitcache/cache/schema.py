@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from logitcache.errors import CacheMetadataError
+from logitcache.labels.topk import TopKLogits
 
 FORMAT_NAME = "logitcache-cache"
 #: bump the major on any change an old reader would misread; the minor for additions old readers can ignore
@@ -35,7 +37,6 @@ ATTRS_KEY = "logitcache"
 DATASET_MANIFEST_KEY = "dataset_manifest.json"
 UNITS_DIR = "units"
 RUNS_DIR = "runs"  # one object per dump run: the shards it covers, its provenance (format 1.1)
-PREV_PROBS_GROUP_PREFIX = "pskd"  # PS-KD's per-sample predictions use the same layout (see train)
 
 # ------------------------------------------------------------------ arrays
 # name -> (dtype, trailing shape key, codec). Trailing shape keys: "k" (top-k), "R" (temperatures), "P" (view
@@ -491,3 +492,45 @@ class UnitRows:
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in ARRAY_NAMES}
+
+    @classmethod
+    def from_topk(cls, topk: TopKLogits, view_params: np.ndarray, value_dtype: str) -> UnitRows:
+        """The stored form of a unit's rows: top-k log-probabilities at T = 1 (``z − lse₁``, where float16 is most
+        precise) in ``value_dtype``, the exact target log-probability and the log-partitions in float32."""
+        lse1 = topk.lse[:, topk.temperatures.index(1.0)]
+        return cls(
+            topk_indices=topk.indices.numpy(),
+            topk_logprobs=(topk.logits - lse1[:, None]).numpy().astype(value_dtype),
+            target_logprob=topk.target_logprob.numpy().astype(np.float32),
+            lse=topk.lse.numpy().astype(np.float32),
+            view_params=np.asarray(view_params).astype(np.int16),
+        )
+
+    @classmethod
+    def empty(cls, meta: GroupMeta) -> UnitRows:
+        """The rows of a unit without views (every sample of its shard skipped)."""
+        return cls(np.zeros((0, meta.k)), np.zeros((0, meta.k)), np.zeros(0), np.zeros((0, len(meta.temperatures))),
+                   np.zeros((0, len(meta.param_fields))))
+
+    def topk(self, meta: GroupMeta, targets=None) -> TopKLogits:
+        """THE conversion of stored rows back into `TopKLogits` (every reader goes through here). ``targets``:
+        the labels from the data (default zeros, for callers that set each row's target themselves)."""
+        lse = torch.from_numpy(self.lse.astype(np.float32))
+        logprobs = torch.from_numpy(self.topk_logprobs.astype(np.float32))
+        n = len(self)
+        target = torch.zeros(n, dtype=torch.int64) if targets is None else torch.as_tensor(
+            np.asarray(targets), dtype=torch.int64)
+        return TopKLogits(
+            indices=torch.from_numpy(self.topk_indices.astype(np.int64)),
+            logits=logprobs + lse[:, meta.temperatures.index(1.0), None],
+            target=target,
+            target_logprob=torch.from_numpy(self.target_logprob.astype(np.float32)),
+            lse=lse, temperatures=meta.temperatures, num_classes=meta.num_classes,
+        )
+
+    def select(self, offsets) -> UnitRows:
+        """The rows at ``offsets``."""
+        o = np.asarray(offsets)
+        return UnitRows(**{name: getattr(self, name)[o] for name in ARRAY_NAMES})
+
+

@@ -21,6 +21,7 @@ Ranks own whole shards, so they never write the same unit; rank 0 creates the st
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -29,16 +30,17 @@ import numpy as np
 import torch
 
 from logitcache.cache import schema
-from logitcache.cache.reader import CacheReader
+from logitcache.cache.reader import CacheReader, UnitTable
 from logitcache.cache.schema import UnitRows
 from logitcache.cache.writer import CacheWriter
 from logitcache.data.manifest import Manifest
+from logitcache.errors import CacheError
 from logitcache.labels.topk import TopKLogits
 from logitcache.replay import RowSource
 from logitcache.runtime.dist import SINGLE_PROCESS, DistEnv
 from logitcache.views.recipe import Recipe
 
-GROUP = schema.PREV_PROBS_GROUP_PREFIX  # "pskd"
+GROUP = "pskd"  # the one teacher group of RUN/pskd.zarr
 SLOTS = 2
 STORE_NAME = "pskd.zarr"
 
@@ -96,7 +98,7 @@ class PredictionStore:
         """The rows training epoch ``epoch`` learns from: epoch − 1's predictions (None in epoch 0)."""
         if epoch == 0:
             return None
-        return RowSource(CacheReader(self.url, GROUP), slot(epoch - 1), expect_stat=("train_epoch", epoch - 1))
+        return PreviousPredictions(CacheReader(self.url, GROUP), slot(epoch - 1), epoch - 1)
 
     # ---------------------------------------------------------------- writing (the training loop)
     def record(self, epoch: int, index: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
@@ -133,13 +135,7 @@ class PredictionStore:
         target = torch.cat([p[2] for p in parts])[perm]
         view = np.concatenate([p[3] for p in parts])[order]
         tk = TopKLogits.from_logits(logits, target, self.k, (1.0,))
-        rows = UnitRows(
-            topk_indices=tk.indices.numpy(),
-            topk_logprobs=(tk.logits - tk.lse[:, :1]).numpy().astype(np.float32),
-            target_logprob=tk.target_logprob.numpy().astype(np.float32),
-            lse=tk.lse.numpy().astype(np.float32),
-            view_params=view.astype(np.int16),
-        )
+        rows = UnitRows.from_topk(tk, view, "float32")
         length = self.manifest.shards[shard].num_samples
         skipped = tuple(sorted(set(range(length)) - set(offsets.tolist())))
         self.writer.write_unit(slot(epoch), shard, offsets, rows, length,
@@ -165,3 +161,21 @@ class PredictionStore:
                 s = key.split("/")[0]
                 self._pending[int(s)].append((state[f"{s}/offsets"].numpy(), state[f"{s}/logits"],
                                               state[f"{s}/target"], state[f"{s}/view"].numpy()))
+
+
+class PreviousPredictions(RowSource):
+    """The rows of slot ``slot(train_epoch)``, refusing a unit that holds another epoch's predictions (an earlier
+    run, or an interrupted epoch)."""
+
+    def __init__(self, reader: CacheReader, unit_epoch: int, train_epoch: int):
+        super().__init__(reader, unit_epoch)
+        self.train_epoch = train_epoch
+
+    def table(self, shard: int) -> UnitTable:
+        self.reader.markers(refresh=True)  # the slots are rewritten every other epoch: never trust old markers
+        t = super().table(shard)
+        got = t.marker.stats.get("train_epoch")
+        if got is None or not math.isclose(got, self.train_epoch):
+            raise CacheError(f"{t.where} holds train_epoch={got}, expected {self.train_epoch}: it is stale (an "
+                             f"earlier run or an interrupted epoch); start the run again")
+        return t
