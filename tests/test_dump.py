@@ -21,7 +21,7 @@ from logitcache.errors import CacheMismatchError, NonFiniteLogitsError
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-DUMP_ARGS = ["--teacher", "resnet18", "--image-size", "32", "--epochs", "2", "--topk", "5",
+DUMP_ARGS = ["--teacher", "resnet18", "--recipe", "imagenet", "--image-size", "32", "--epochs", "2", "--topk", "5",
              "--temperatures", "1,4", "--batch-size", "3", "--seed", "7"]
 
 
