@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -42,10 +42,11 @@ import torch
 
 from logitcache.cache.reader import CacheReader, UnitTable
 from logitcache.cache.store import format_shards
-from logitcache.data.manifest import Manifest, load_manifest
+from logitcache.data.decode import decode_sample
+from logitcache.data.manifest import Manifest, ShardCheck, load_manifest
 from logitcache.data.shards import ShardDataset, iter_shard, shuffle_buffer
 from logitcache.data.split import split_shards
-from logitcache.errors import CacheError, CacheMismatchError
+from logitcache.errors import BadSampleError, CacheError, CacheMismatchError, DataError
 from logitcache.labels.topk import TopKLogits
 from logitcache.views.params import ViewParams
 from logitcache.views.recipe import Recipe, apply_view, get_recipe, sample_view
@@ -413,14 +414,106 @@ class FreshViews(_Views):
         return (*head, item.target, item.index) if self.return_index else (*head, item.target)
 
 
+# ------------------------------------------------------------------ a webdataset stage for your own pipeline
+class CachedViewsStage:
+    """A webdataset pipeline stage that attaches cached views to raw samples: for each sample of ``data``'s shards
+    (``{"__key__", "__url__", ext: bytes}``, as ``webdataset.tarfile_to_samples()`` or our `tarfile_samples`
+    yield them), it adds ``image`` (uint8 (3, S, S): the view cached for epoch ``epoch mod E``, replayed pixel
+    for pixel), ``soft`` (that view's `TopKLogits` row), ``target`` and ``index`` (the global sample index).
+
+    Checked as `CachedViews` checks: the cache must have been made from ``data`` (dataset fingerprint) with the
+    recipe replayed; each shard's samples must come in order, complete, with the manifest's keys (count and key
+    digest, checked when the shard ends). Put it right after the tar reader, before any shuffle or filter (it
+    counts each shard's samples to know their offsets); shards may come in any order and be split over nodes and
+    workers (``split_by_node``, ``split_by_worker``). Samples the dump skipped have no row and are dropped;
+    samples whose bytes do not decode raise `BadSampleError` (``skip_bad=True``: dropped). ``set_epoch(e)``
+    moves to another epoch; the cache opens lazily in each DataLoader worker.
+    """
+
+    def __init__(self, data, cache, *, epoch: int, group: str | None = None, recipe: Recipe | None = None,
+                 skip_bad: bool = False, storage_options: dict[str, Any] | None = None):
+        self.reader = cache if isinstance(cache, CacheReader) else CacheReader(
+            str(cache), group, storage_options=storage_options)
+        self.manifest = load_manifest(data)
+        self.recipe = check_cache_matches(self.reader, self.manifest, recipe)
+        self.cached_epochs, self.skip_bad = self.reader.meta.epochs, skip_bad
+        self.epoch = 0
+        self.set_epoch(epoch)
+        self._by_url: dict[str, int] = {}
+        names: dict[str, list[int]] = {}
+        for i, info in enumerate(self.manifest.shards):
+            self._by_url[self.manifest.shard_url(i)] = i
+            self._by_url[info.name] = i
+            names.setdefault(info.name.rsplit("/", 1)[-1], []).append(i)
+        for base, shards in names.items():  # a copy elsewhere is recognised by its file name, when unique
+            if len(shards) == 1:
+                self._by_url.setdefault(base, shards[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+        if epoch >= self.cached_epochs:
+            warnings.warn(f"cache {self.reader.url} holds {self.cached_epochs} epoch(s) of views; epoch {epoch} "
+                          f"replays cached epoch {epoch % self.cached_epochs}", CycledViewsWarning, stacklevel=2)
+
+    def shard_of(self, url: str) -> int:
+        """The manifest's shard index of a sample's ``__url__`` (full URL, manifest name, or a unique file name)."""
+        for candidate in (url, url.rsplit("/", 1)[-1]):
+            if candidate in self._by_url:
+                return self._by_url[candidate]
+        raise DataError(f"{url}: not a shard of the dataset {self.manifest.base_url or ''} (its manifest names "
+                        f"{len(self.manifest.shards)} shards, e.g. {self.manifest.shards[0].name})")
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        url, shard, check, table, offset = None, -1, None, None, 0
+        for sample in src:
+            if sample.get("__url__") != url:
+                if check is not None:
+                    check.finish()
+                url = sample.get("__url__")
+                if url is None:
+                    raise DataError(f"sample {sample.get('__key__')!r} has no __url__: put this stage right after "
+                                    "the tar reader (tarfile_to_samples)")
+                shard = self.shard_of(url)
+                check = ShardCheck(self.manifest.shards[shard], url)
+                table = UnitTable(self.reader, self.epoch % self.cached_epochs, shard)
+                offset = -1
+            offset += 1
+            check.add_key(sample["__key__"])
+            if offset in table.skipped:
+                continue  # the dump skipped it: no teacher row
+            try:
+                image, label = decode_sample(sample, self.manifest.num_classes, label_key=self.manifest.label_key)
+            except BadSampleError:
+                if self.skip_bad:
+                    continue
+                raise
+            view = table.view_params[offset]
+            sample["image"] = apply_view(image, ViewParams.from_array(self.recipe, view), self.recipe)
+            sample["soft"] = table.row(offset, label)
+            sample["target"] = label
+            sample["index"] = self.manifest.shards[shard].first_index + offset
+            yield sample
+        if check is not None:
+            check.finish()
+
+
+def cached_views_stage(data, cache, *, epoch: int, group: str | None = None, **kwargs) -> CachedViewsStage:
+    """The webdataset stage of `CachedViewsStage` (a callable ``stage(samples) -> samples``); see there."""
+    return CachedViewsStage(data, cache, epoch=epoch, group=group, **kwargs)
+
+
 __all__ = [
     "DEFAULT_SHUFFLE_BUFFER",
     "CachedViews",
+    "CachedViewsStage",
     "CycledViewsWarning",
     "FreshViews",
     "ReplayItem",
     "RowSource",
     "UnitTable",
+    "cached_views_stage",
     "check_cache_matches",
     "collate",
 ]

@@ -27,7 +27,23 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 def rows_data(r):
     return [("data", "decode+augment, ImageNet recipe, 224 px, per core",
              f"{r['images_per_s_one_core']['ours (torchvision decode)']:.0f} img/s vs bare PIL loop "
-             f"{r['images_per_s_one_core']['bare PIL loop']:.0f}", f"{r['ratio_ours_vs_bare_pil']:.2f}", "≥ 1.0")]
+             f"{r['images_per_s_one_core']['bare PIL loop']:.0f}", f"{r['ratio_ours_vs_bare_pil']:.2f}", "≥ 1.0"),
+            ("data", "read+decode through webdataset's stages vs the v1 reading path, per core",
+             f"{r['images_per_s_one_core']['read+decode: new (webdataset stages)']:.0f} vs "
+             f"{r['images_per_s_one_core']['read+decode: v1 path']:.0f} img/s (webdataset tarfile_to_samples "
+             f"{r['images_per_s_one_core']['read+decode: webdataset tarfile_to_samples']:.0f})",
+             f"{r['ratio_read_decode_new_vs_v1']:.3f}", "≥ 0.95")]
+
+
+def rows_convert(r):
+    ips = r["images_per_s"]
+    w = r["workers"]
+    return [("convert", f"shards folder, {w} workers vs 1 ({r['images']} JPEGs, {r['megabytes']} MB)",
+             f"{ips[f'folder, {w} workers']:.0f} vs {ips['folder, 1 worker']:.0f} img/s, same bytes: "
+             f"{r['same_output_folder']}", f"{r['speedup_folder']:.2f}×", ""),
+            ("convert", f"shards scan, {w} workers vs 1",
+             f"{ips[f'scan, {w} workers']:.0f} vs {ips['scan, 1 worker']:.0f} img/s, same manifest: "
+             f"{r['same_output_scan']}", f"{r['speedup_scan']:.2f}×", "")]
 
 
 def rows_losses(r):
@@ -79,6 +95,7 @@ def rows_reader(r):
 
 BENCHMARKS = {
     "data": ("bench_data.py", [], rows_data),
+    "convert": ("bench_convert.py", [], rows_convert),
     "losses": ("bench_losses.py", [], rows_losses),
     "storage": ("bench_storage.py", ["--temperatures", "1"], rows_storage),
     "dump": ("bench_dump.py", [], rows_dump),

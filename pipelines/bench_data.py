@@ -15,6 +15,11 @@ with a uint8 (3, 224, 224) tensor.
     ours                   iter_shard (tar stream, manifest checks, decode) -> sample_view(view_rng(...)) ->
                            apply_view, with each decoder (torchvision, the default, and PIL)
     decode only            torchvision.io vs PIL on the same bytes: how the decoder was picked
+    read+decode            the shard reading path alone (open, tar, group by key, manifest checks, decode to RGB):
+                           ours through webdataset's stages (gopen/fsspec, our checked tar reader, webdataset's
+                           group_by_keys) vs the v1 path (its own grouping, reproduced here as the baseline) vs
+                           webdataset's own tarfile_to_samples (tarfile stream) + the same decode; target
+                           new / v1 >= 0.95
 
 All in this run on this machine, torch and PIL single-threaded, best of --repeats interleaved rounds. The target
 is ours / bare PIL loop >= 1.0 (the pipeline adds nothing).
@@ -38,11 +43,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torchvision
+import webdataset as wds
 from PIL import Image
 
-from logitcache.data.decode import decode_image
-from logitcache.data.manifest import load_manifest
+from logitcache.data.decode import decode_image, decode_sample
+from logitcache.data.manifest import ShardCheck, load_manifest
 from logitcache.data.shards import iter_shard
+from logitcache.data.tar import split_member_name, tar_members
 from logitcache.data.write import write_shards
 from logitcache.views.recipe import apply_view, get_recipe, sample_view
 from logitcache.views.rng import view_rng
@@ -161,6 +168,59 @@ def main(argv=None) -> int:
 
         return run
 
+    def v1_group_by_key(members, url):  # logitcache v1's grouping stage, the baseline of the new path
+        current, seen = None, set()
+        for name, data in members:
+            key, ext = split_member_name(name)
+            if key is None:
+                continue
+            ext = ext.lower()
+            if current is None or key != current["__key__"]:
+                if current is not None:
+                    yield current
+                if key in seen:
+                    raise ValueError(f"{url}:{key}: duplicate key")
+                seen.add(key)
+                current = {"__key__": key, "__url__": url}
+            elif ext in current:
+                raise ValueError(f"{url}:{key}: duplicate key")
+            current[ext] = data
+        if current is not None:
+            yield current
+
+    def read_decode_v1() -> int:  # v1's iter_shard loop: fsspec open, size check, tar, grouping, checks, decode
+        import fsspec
+
+        from logitcache.data.manifest import file_size
+
+        n = 0
+        for s in range(len(manifest.shards)):
+            url = manifest.shard_url(s)
+            check = ShardCheck(manifest.shards[s], url)
+            check.check_size(file_size(url))
+            with fsspec.open(url, "rb").open() as f:
+                for raw in v1_group_by_key(tar_members(f, url), url):
+                    check.add_key(raw["__key__"])
+                    image, _ = decode_sample(raw, manifest.num_classes)
+                    n += image.shape[0] == 3
+            check.finish()
+        return n
+
+    def read_decode_new() -> int:
+        n = 0
+        for s in range(len(manifest.shards)):
+            for sample in iter_shard(manifest, s):
+                n += sample.image.shape[0] == 3
+        return n
+
+    def read_decode_wds_tarfile() -> int:
+        urls = [manifest.shard_url(s) for s in range(len(manifest.shards))]
+        n = 0
+        for raw in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+            image, _ = decode_sample(raw, manifest.num_classes)
+            n += image.shape[0] == 3
+        return n
+
     contenders = {
         "bare PIL loop": bare_pil,
         "bare torchvision loop": bare_tv,
@@ -169,6 +229,9 @@ def main(argv=None) -> int:
         "ours (PIL decode)": ours("pil"),
         "decode only: torchvision.io": decode_only("torchvision"),
         "decode only: PIL": decode_only("pil"),
+        "read+decode: new (webdataset stages)": read_decode_new,
+        "read+decode: v1 path": read_decode_v1,
+        "read+decode: webdataset tarfile_to_samples": read_decode_wds_tarfile,
     }
     best: dict[str, float] = {}
     for fn in contenders.values():  # warm-up (page cache, lazy imports)
@@ -191,6 +254,10 @@ def main(argv=None) -> int:
         "ratio_ours_pil_decode_vs_bare_pil": best["ours (PIL decode)"] / best["bare PIL loop"],
         "decoder_speedup_torchvision_over_pil": best["decode only: torchvision.io"] / best["decode only: PIL"],
         "target_ratio": 1.0,
+        "ratio_read_decode_new_vs_v1": best["read+decode: new (webdataset stages)"] / best["read+decode: v1 path"],
+        "ratio_read_decode_wds_tarfile_vs_v1": (best["read+decode: webdataset tarfile_to_samples"]
+                                                / best["read+decode: v1 path"]),
+        "target_ratio_read_decode_new_vs_v1": 0.95,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "torchvision": torchvision.__version__, "pillow": Image.__version__,
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "processor": platform.processor()},
@@ -201,6 +268,9 @@ def main(argv=None) -> int:
     print(f"ours / bare torchvision loop  {summary['ratio_ours_vs_bare_torchvision']:.2f}", file=log)
     print(f"ours / bare same-ops loop     {summary['ratio_ours_vs_bare_same_ops']:.2f}  (pipeline overhead)", file=log)
     print(f"ours(PIL) / bare PIL loop     {summary['ratio_ours_pil_decode_vs_bare_pil']:.2f}", file=log)
+    print(f"read+decode new / v1          {summary['ratio_read_decode_new_vs_v1']:.3f}  (target >= 0.95)",
+          file=log)
+    print(f"read+decode wds tarfile / v1  {summary['ratio_read_decode_wds_tarfile_vs_v1']:.3f}", file=log)
     print(f"decoder: torchvision.io is {summary['decoder_speedup_torchvision_over_pil']:.2f}x PIL "
           f"(mean JPEG {summary['mean_jpeg_kb']:.0f} kB)", file=log)
     if args.json:

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Idempotent set-up: a venv in .venv with the pinned dependencies and this package (editable), and the
-# Debian package dataset-fashion-mnist for the demo. Fast when already done (a stamp keyed on pyproject.toml).
+# Idempotent set-up: a venv in .venv with this package (editable) and its dependencies, torch/torchvision held to
+# the exact pair in constraints.txt (pyproject.toml declares only the supported range), and the Debian package
+# dataset-fashion-mnist for the demo. Fast when already done (a stamp keyed on pyproject.toml + constraints.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
-want=$(sha256sum pyproject.toml | cut -c1-16)
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.logitcache-stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[setup] creating/updating $VENV (torch 2.14.1 + torchvision 0.29.1 + deps; a few minutes the first time)"
+  echo "[setup] creating/updating $VENV ($(grep -E '^torch' constraints.txt | tr '\n' ' ')+ deps; a few minutes the first time)"
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  "$VENV/bin/python" -m pip install -q -e '.[dev]'
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[dev]'
   echo "$want" > "$VENV/.logitcache-stamp"
 fi
 FMNIST=/usr/share/datasets/fashion-mnist

@@ -306,3 +306,27 @@ def test_local_copy_of_s3_cache_verifies(s3_cache, tmp_path):
     assert verify_cache(str(dest)).ok
     shutil.rmtree(dest / "smallcnn" / "units")
     assert len(verify_cache(str(dest)).bad_units()) == 4
+
+
+def test_scan_a_brace_pattern_of_gzipped_shards_on_s3(s3_prefix, small_shards, tmp_path):
+    """`shards scan 's3://.../shard-{000000..000001}.tar.gz'`: webdataset's brace expansion, fsspec reads, gzip."""
+    import gzip
+
+    from logitcache.data.manifest import load_manifest
+    from logitcache.data.shards import iter_shard
+
+    fs = _s3fs()
+    local = load_manifest(str(small_shards))
+    for p in sorted(small_shards.glob("*.tar")):
+        with fs.open(f"{s3_prefix[len('s3://'):]}/{p.name}.gz", "wb") as f:
+            f.write(gzip.compress(p.read_bytes(), mtime=0))
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(list(local.class_names)))
+    pattern = f"{s3_prefix}/shard-{{000000..{len(local.shards) - 1:06d}}}.tar.gz"
+    r = CliRunner().invoke(main, ["shards", "scan", pattern, "--classes", str(classes), "--json"])
+    assert r.exit_code == 0, r.output
+    m = load_manifest(s3_prefix)
+    assert [s.name for s in m.shards] == [f"{s.name}.gz" for s in local.shards]
+    assert [s.keys_digest for s in m.shards] == [s.keys_digest for s in local.shards]
+    got = [(s.index, s.label) for i in range(len(m.shards)) for s in iter_shard(m, i)]
+    assert got == [(s.index, s.label) for i in range(len(local.shards)) for s in iter_shard(local, i)]

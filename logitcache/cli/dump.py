@@ -21,7 +21,8 @@ from logitcache.cli.options import (
 # ---------------------------------------------------------------- dump / info / verify (stage 1, the cache)
 @click.command()
 @click.option("--teacher", required=True, help="teacher architecture: torchvision name, timm:NAME, or ours")
-@click.option("--weights", default=None, help="torchvision weights name (IMAGENET1K_V1) or a local checkpoint")
+@click.option("--weights", default=None, help="a weights file (.safetensors recommended, or a torch state_dict), a "
+              "torchvision weights name (IMAGENET1K_V1), or for timm:NAME hf-hub:OWNER/REPO or pretrained")
 @data_option()
 @out_option("the cache to create or extend (path or fsspec URL)")
 @click.option("--group", default=None, help="teacher group inside the cache (default: the teacher's name)")

@@ -30,7 +30,7 @@ from logitcache.cli.options import (
 @click.option("--cache", default=None, help="soft labels (and views) from this cache")
 @click.option("--group", default=None, help="teacher group inside --cache (optional when it holds one)")
 @click.option("--teacher", default=None, help="online KD: run this teacher in the loop on the same views")
-@click.option("--weights", default=None, help="the online teacher's weights (torchvision name or local file)")
+@click.option("--weights", default=None, help="the online teacher's weights (as dump --weights)")
 @click.option("--epochs", default=1, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int, help="per process")
 @click.option("--lr", default=0.1, show_default=True, type=float, help="peak learning rate")

@@ -7,6 +7,7 @@ header before anything is decoded."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import warnings
@@ -139,13 +140,42 @@ except ImportError:  # pragma: no cover
     _tv_decode, _TV_RGB = None, None
 
 
-def decode_sample(raw: dict[str, Any], num_classes: int, decoder: str = DECODER) -> tuple[torch.Tensor, int]:
-    """Stage body: a raw sample -> ``(image, label)``; any problem raises `BadSampleError` naming url:key."""
+def json_label(data: bytes | None, label_key: str) -> int:
+    """The integer at dotted path ``label_key`` (``label``, ``meta.label``; a list index as a number, e.g.
+    ``labels.0``) in a ``.json`` member; ValueError (with the reason) when missing or not an integer."""
+    if data is None:
+        raise ValueError(f"no .json member (labels are read from its {label_key!r})")
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f".json is not valid JSON ({e})") from None
+    for part in label_key.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and re.fullmatch(r"\d+", part) and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise ValueError(f".json has no {label_key!r} (stopped at {part!r})")
+    if isinstance(value, bool) or not isinstance(value, int | str) or not re.fullmatch(r"[+-]?\d+", str(value)):
+        raise ValueError(f".json {label_key!r} is not an integer: {str(value)[:32]!r}")
+    return int(value)
+
+
+def sample_label(raw: dict[str, Any], label_key: str | None = None) -> int:
+    """A raw sample's label: its ``.cls`` member, or with ``label_key`` the integer at that path in its ``.json``."""
+    return parse_label(raw.get("cls")) if label_key is None else json_label(raw.get("json"), label_key)
+
+
+def decode_sample(raw: dict[str, Any], num_classes: int, decoder: str = DECODER, *, label_key: str | None = None
+                  ) -> tuple[torch.Tensor, int]:
+    """Stage body: a raw sample -> ``(image, label)``; any problem raises `BadSampleError` naming url:key.
+    ``label_key``: the label is read from the ``.json`` member at this path (see `sample_label`)."""
     url, key = raw["__url__"], raw["__key__"]
     try:
-        label = parse_label(raw.get("cls"))
+        label = sample_label(raw, label_key)
     except ValueError as e:
-        raise BadSampleError(url, key, str(e), "bad label" if "cls" in raw else "no label") from None
+        member = "cls" if label_key is None else "json"
+        raise BadSampleError(url, key, str(e), "bad label" if member in raw else "no label") from None
     if not 0 <= label < num_classes:
         raise BadSampleError(url, key, f"label {label} outside [0, {num_classes})", "label out of range")
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)

@@ -6,6 +6,12 @@ dataset **fingerprint** is sha256 over a canonical JSON of exactly those facts, 
 keys, other bytes) changes it. Every sample has a stable **global index** = its shard's ``first_index`` + its
 position in the shard; positions count every key, including samples later skipped as corrupt.
 
+Shard names are relative to the manifest's directory, or absolute paths / URLs (``s3://...``), or webdataset
+``pipe:`` commands (run only with ``LOGITCACHE_ALLOW_PIPE=1``, see `logitcache.data.tar.open_url`). Labels are
+read from each sample's ``.cls`` member; a manifest with ``label_key`` (e.g. ``"meta.label"``) reads them from
+that key path in the ``.json`` member instead: such a manifest is version 2 and its fingerprint covers the
+``label_key``; every other manifest stays version 1, with the fingerprint it always had.
+
 Reading checks cheap facts per shard (`ShardCheck`: size at open, key count and key digest at the end);
 `verify_shards` also hashes every file. Both report `ShardChangedError`, naming the shard and what differs.
 """
@@ -23,12 +29,17 @@ from typing import Any
 
 import fsspec
 
+from logitcache.data.tar import is_pipe, open_url
 from logitcache.errors import ManifestError, ShardChangedError
 from logitcache.runtime.atomic import write_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "logitcache-manifest"
 MANIFEST_VERSION = 1
+#: version 2 = version 1 + ``label_key`` (labels in a ``.json`` member); only manifests that use it are written
+#: as version 2, so version-1 manifests (and their fingerprints) stay as they were, and older readers refuse a
+#: version-2 manifest instead of reading the wrong labels
+MANIFEST_VERSIONS = (1, 2)
 
 
 class KeysDigest:
@@ -79,6 +90,8 @@ class Manifest:
     shards: tuple[ShardInfo, ...]
     class_names: tuple[str, ...]
     base_url: str | None = field(default=None, compare=False)
+    #: where each sample's label is: None = the ``.cls`` member; ``"a.b"`` = key path into the ``.json`` member
+    label_key: str | None = None
     #: the view recipe a converter knows suits this data ({"name", "image_size"}; e.g. Fashion-MNIST: small,
     #: 28 px); a hint for commands given neither a cache nor --recipe, not part of the data's identity
     default_recipe: dict[str, Any] | None = field(default=None, compare=False)
@@ -93,6 +106,8 @@ class Manifest:
             expected += s.num_samples
         if not self.class_names:
             raise ManifestError("a manifest needs at least one class name")
+        if self.label_key is not None and not all(self.label_key.split(".")):
+            raise ManifestError(f"label_key {self.label_key!r} is not a dotted key path like 'label' or 'meta.label'")
 
     @property
     def num_classes(self) -> int:
@@ -108,15 +123,18 @@ class Manifest:
         return hashlib.sha256(_canonical(self._identity()).encode("ascii")).hexdigest()
 
     def _identity(self) -> dict[str, Any]:
-        return {
+        identity = {
             "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "num_classes": self.num_classes,
             "class_names": list(self.class_names), "shards": [s.to_json() for s in self.shards],
         }
+        if self.label_key is not None:
+            identity.update(version=2, label_key=self.label_key)
+        return identity
 
     def shard_url(self, i: int) -> str:
         """The full path/URL of shard ``i``: its name joined to the manifest's directory unless absolute."""
         name = self.shards[i].name
-        if self.base_url is None or "://" in name or os.path.isabs(name):
+        if self.base_url is None or "://" in name or os.path.isabs(name) or name.startswith("pipe:"):
             return name
         return self.base_url.rstrip("/") + "/" + name
 
@@ -145,9 +163,11 @@ class Manifest:
             raise ManifestError(f"{where}: not a logitcache manifest (not a JSON object)")
         if d.get("format") != MANIFEST_FORMAT:
             raise ManifestError(f"{where}: not a logitcache manifest (format {d.get('format')!r})")
-        if d.get("version") != MANIFEST_VERSION:
+        if d.get("version") not in MANIFEST_VERSIONS:
             raise ManifestError(f"{where}: manifest version {d.get('version')} is not supported "
-                                f"(this logitcache reads version {MANIFEST_VERSION})")
+                                f"(this logitcache reads versions {', '.join(map(str, MANIFEST_VERSIONS))})")
+        if (d.get("version") == 2) != ("label_key" in d):
+            raise ManifestError(f"{where}: a version-2 manifest has a label_key, a version-1 manifest none")
         raw_shards, names = d.get("shards"), d.get("class_names")
         if not isinstance(raw_shards, list):
             raise ManifestError(f"{where}: 'shards' must be a list, got {_short(raw_shards)}")
@@ -173,7 +193,10 @@ class Manifest:
                     f"bytes; a sample takes at least {TAR_BLOCK} bytes (its tar header): refusing the manifest")
             shards.append(ShardInfo(s["name"], ints["size"], s["sha256"], ints["num_samples"], s["keys_digest"],
                                     ints["first_index"]))
-        manifest = cls(tuple(shards), tuple(names), base_url, default_recipe=_default_recipe(d, where))
+        label_key = d.get("label_key")
+        if label_key is not None and not isinstance(label_key, str):
+            raise ManifestError(f"{where}: 'label_key' must be a string or null, got {_short(label_key)}")
+        manifest = cls(tuple(shards), tuple(names), base_url, label_key, default_recipe=_default_recipe(d, where))
         n = d.get("num_classes", manifest.num_classes)
         if isinstance(n, bool) or not isinstance(n, int):
             raise ManifestError(f"{where}: 'num_classes' must be an integer, got {_short(n)}")
@@ -186,7 +209,7 @@ class Manifest:
 
     def save(self, out: str | os.PathLike) -> str:
         """Write ``manifest.json`` into directory ``out`` (or to ``out`` if it ends in .json); return its URL."""
-        url = _manifest_url(out)
+        url = manifest_url(out)
         text = json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
         _write_atomic(url, text.encode("utf-8"))
         return url
@@ -216,7 +239,7 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def _manifest_url(path_or_url: str | os.PathLike) -> str:
+def manifest_url(path_or_url: str | os.PathLike) -> str:
     s = os.fspath(path_or_url)
     if "://" not in s:
         s = os.path.abspath(s)
@@ -232,7 +255,7 @@ def load_manifest(path_or_url: str | os.PathLike | Manifest) -> Manifest:
     """The manifest at a ``manifest.json`` path, or in a directory / fsspec URL prefix holding one."""
     if isinstance(path_or_url, Manifest):
         return path_or_url
-    url = _manifest_url(path_or_url)
+    url = manifest_url(path_or_url)
     try:
         with fsspec.open(url, "rb") as f:
             d = json.loads(f.read())
@@ -274,7 +297,10 @@ class ShardCheck:
 
 
 def file_size(url: str) -> int | None:
-    """Size in bytes via fsspec ``info`` (None where the filesystem does not say); missing -> ShardChangedError."""
+    """Size in bytes via fsspec ``info`` (None where the filesystem does not say, and for ``pipe:`` URLs, whose
+    bytes are counted as they are read); missing -> ShardChangedError."""
+    if is_pipe(url):
+        return None
     fs, path = fsspec.core.url_to_fs(url)
     try:
         size = fs.info(path).get("size")
@@ -291,9 +317,12 @@ def verify_shards(manifest: Manifest, shards: Sequence[int] | None = None) -> li
         try:
             ShardCheck(info, url).check_size(file_size(url))
             h = hashlib.sha256()
-            with fsspec.open(url, "rb") as f:
+            size = 0
+            with open_url(url) as f:
                 while block := f.read(1 << 20):
                     h.update(block)
+                    size += len(block)
+            ShardCheck(info, url).check_size(size)
             if h.hexdigest() != info.sha256:
                 raise ShardChangedError(f"{url}: sha256 {h.hexdigest()[:16]}… != the manifest's "
                                         f"{info.sha256[:16]}… (same size, other bytes)")

@@ -1,7 +1,9 @@
 """Reading shards: the pipeline of small generator stages from a shard URL to decoded samples, and the
 dataset that splits shards over ranks and DataLoader workers. Reading one shard (`iter_shard`)::
 
-    open_shard            fsspec (local path, file://, s3://, ...); size checked against the manifest
+    open_url              fsspec (local path, file://, s3://, ...) or webdataset's gopen (pipe:);
+                          size checked against the manifest (pipes: once read)
+      ─► tar_stream       .tar.gz / .tgz decompressed on the fly (recognised by their bytes)
       ─► tar_members      (name, bytes)                 truncated tar     -> ShardFormatError  url:key
       ─► group_by_key     {"__key__", "__url__", ext: bytes}   duplicate key -> ShardFormatError  url:key
       ─► ShardCheck       key count + key digest        shard changed     -> ShardChangedError url
@@ -15,21 +17,24 @@ the indices in that shard can no longer be trusted; re-fetch the shard, or leave
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
+from webdataset.shardlists import split_by_worker
 
 from logitcache.data.decode import DECODER, decode_sample
 from logitcache.data.manifest import Manifest, ShardCheck, ShardInfo, file_size, load_manifest
 from logitcache.data.split import split_shards
-from logitcache.data.tar import group_by_key, tar_members
+from logitcache.data.tar import group_by_key, open_url, tar_members, tar_stream
 from logitcache.errors import (
     BadSampleError,
+    DataError,
     ShardSelectionError,
 )
 from logitcache.runtime.dist import rank_and_world
@@ -83,10 +88,21 @@ class SkipStats:
 
 # ------------------------------------------------------------------ reading stages
 def open_shard(url: str, check: ShardCheck | None = None):
-    """Open a shard for streaming through fsspec; with ``check``, its size must match the manifest first."""
+    """Open a shard for streaming (`open_url`: fsspec, or webdataset's gopen for ``pipe:``); with ``check``, its
+    size must match the manifest first (pipes: see `iter_shard`)."""
     if check is not None:
         check.check_size(file_size(url))
-    return fsspec.open(url, "rb").open()
+    return open_url(url)
+
+
+class _CountingReader:
+    def __init__(self, f):
+        self.f, self.size = f, 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.size += len(b)
+        return b
 
 
 def iter_shard(
@@ -106,11 +122,14 @@ def iter_shard(
     info: ShardInfo = manifest.shards[shard_index]
     url = manifest.shard_url(shard_index)
     check = ShardCheck(info, url)
-    with open_shard(url, check) as f:
-        for offset, raw in enumerate(group_by_key(tar_members(f, url), url)):
+    size = file_size(url)
+    check.check_size(size)
+    with open_url(url) as f:
+        counted = _CountingReader(f)
+        for offset, raw in enumerate(group_by_key(tar_members(tar_stream(counted), url), url)):
             check.add_key(raw["__key__"])
             try:
-                image, label = decode_sample(raw, manifest.num_classes, decoder)
+                image, label = decode_sample(raw, manifest.num_classes, decoder, label_key=manifest.label_key)
             except BadSampleError as e:
                 if not skip_bad:
                     raise
@@ -118,6 +137,10 @@ def iter_shard(
                     stats.add(e)
                 continue
             yield Sample(info.first_index + offset, shard_index, offset, raw["__key__"], url, image, label)
+        if size is None:  # a pipe: its size is known only now, once every byte went by
+            while counted.read(1 << 16):
+                pass
+            check.check_size(counted.size)
     check.finish()
 
 
@@ -179,10 +202,18 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return [self.shards[i] for i in rng.permutation(len(self.shards))]
 
     def assigned_shards(self) -> list[int]:
-        """The shards this rank and (inside a DataLoader worker) this worker read."""
+        """The shards this rank and (inside a DataLoader worker) this worker read: this rank's part of the order
+        (webdataset's ``split_by_node`` rule, with the rank given here), then webdataset's ``split_by_worker``;
+        together `split_shards`. webdataset lets WORKER / NUM_WORKERS variables override the DataLoader's
+        worker info; when they disagree with it, some shards would be read twice or never, so that is an error."""
         info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return split_shards(self.shard_order(), self.rank, self.world_size, worker, num_workers)
+        if info is not None and "WORKER" in os.environ and "NUM_WORKERS" in os.environ:
+            env = (os.environ["WORKER"], os.environ["NUM_WORKERS"])
+            if env != (str(info.id), str(info.num_workers)):
+                raise DataError(f"WORKER={env[0]} NUM_WORKERS={env[1]} in the environment contradict this DataLoader "
+                                f"worker ({info.id} of {info.num_workers}); webdataset's split_by_worker would obey "
+                                "the variables and read shards twice or never: unset them")
+        return list(split_by_worker(itertools.islice(self.shard_order(), self.rank, None, self.world_size)))
 
     def num_samples(self) -> int:
         """Samples (including any later skipped) in this rank's shards, over all its workers."""

@@ -74,7 +74,13 @@ from torch import nn
 from logitcache.errors import ModelError, WeightsError
 from logitcache.models.small import CifarResNet, MobileNetV1, SmallCNN, _check_patch_divisible, _deit_tiny
 from logitcache.models.weak_head import _LAYOUTS, WeakHeadModel, WeakLayout, _probe_site_shape, resolve_module_path
-from logitcache.models.weights import _is_file_source, _torchvision_names, _torchvision_weights, load_weights
+from logitcache.models.weights import (
+    _is_file_source,
+    _torchvision_names,
+    _torchvision_weights,
+    is_hub_source,
+    load_weights,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -234,11 +240,13 @@ def build_model(name: str, num_classes: int, *, weights: str | None = None, imag
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     spec = model_spec(name)
-    if weights is not None and not _is_file_source(weights):
+    if weights is not None and not _is_file_source(weights) and not is_hub_source(weights, name):
         if spec.source != "torchvision":
+            hint = (" (timm models take a weights file, hf-hub:<owner>/<repo>, or 'pretrained')"
+                    if spec.source == "timm" else "")
             raise WeightsError(
                 f"{weights!r} is not an existing file, and torchvision weight names apply only to torchvision "
-                f"models; {name} is not one"
+                f"models; {name} is not one{hint}"
             )
         tv_weights = _torchvision_weights(weights, name)
         n_categories = len(tv_weights.meta["categories"])
