@@ -37,11 +37,13 @@ from logitcache.data.manifest import ShardCheck, file_size, load_manifest
 from logitcache.data.shards import iter_shard
 from logitcache.errors import CacheMetadataError
 from logitcache.labels.topk import TopKLogits, _normalise_temperatures
-from logitcache.runtime.dist import DistEnv, init_distributed
+from logitcache.runtime.dist import PREFETCH_BATCHES, DistEnv, init_distributed
+from logitcache.runtime.precision import check_teacher_precision
 from logitcache.runtime.provenance import provenance, utc_now
 from logitcache.teacher import Teacher
-from logitcache.views.recipe import Recipe, apply_view, resolve_recipe, sample_view
-from logitcache.views.rng import view_rng
+from logitcache.views.digest import DigestBuilder
+from logitcache.views.mixing import UnitMixer
+from logitcache.views.recipe import Recipe, resolve_recipe
 
 #: tests only: SIGKILL the dump right before its N+1-th batch (a real kill, mid-run, at a reproducible point)
 KILL_AFTER_BATCHES_ENV = "LOGITCACHE_TEST_KILL_AFTER_BATCHES"
@@ -68,6 +70,7 @@ class DumpConfig:
     skip_bad: bool = False
     repair: bool = False
     progress: bool = True
+    teacher_precision: str | None = None  # None: bf16 on a GPU, fp32 elsewhere (`runtime.precision`)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -78,6 +81,8 @@ class DumpConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.value_dtype not in schema.VALUE_DTYPES:
             raise ValueError(f"--value-dtype must be one of {schema.VALUE_DTYPES}")
+        if self.teacher_precision is not None:
+            check_teacher_precision(self.teacher_precision)
 
     @property
     def group_name(self) -> str:
@@ -97,6 +102,7 @@ class ViewBatch:
     end_of_unit: bool = False
     unit_length: int = 0
     skipped: tuple[int, ...] = ()
+    replay: dict | None = None  # the end-of-unit batch carries the unit's replay digest (views/digest.py)
 
 
 class UnitViews(torch.utils.data.IterableDataset):
@@ -119,22 +125,31 @@ class UnitViews(torch.utils.data.IterableDataset):
 
     def _shard_batches(self, shard: int, epochs: list[int]) -> Iterator[ViewBatch]:
         buffers: dict[int, list] = {e: [] for e in epochs}
+        # the views of each unit, in offset order (mixing recipes finish a block of them at a time, each view
+        # mixed with a partner of the same unit), and the digest of the unit's first views for its marker
+        mixers = {e: UnitMixer(self.recipe, seed=self.seed, epoch=e, shard=shard) for e in epochs}
+        digests = {e: DigestBuilder() for e in epochs}
         seen: set[int] = set()
-        for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
-            seen.add(sample.offset)
-            _, h, w = sample.image.shape
-            for e in epochs:
-                params = sample_view(view_rng(self.seed, e, sample.index), h, w, self.recipe)
-                x = apply_view(sample.image, params, self.recipe)
-                buffers[e].append((sample.offset, x, sample.label, params.to_array(), f"{sample.url}:{sample.key}"))
+
+        def add(e: int, views) -> Iterator[ViewBatch]:
+            for v in views:
+                digests[e].add(v.sample.offset, v.image)
+                buffers[e].append((v.sample.offset, v.image, v.sample.label, v.params, v.sample.where))
                 if len(buffers[e]) == self.batch_size:
                     yield _collate(e, shard, buffers[e])
                     buffers[e] = []
+
+        for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
+            seen.add(sample.offset)
+            for e in epochs:
+                yield from add(e, mixers[e].push(sample))
         length = self.manifest.shards[shard].num_samples
         skipped = tuple(sorted(set(range(length)) - seen))
         for e in epochs:  # the unit's last batch (possibly empty) carries its length and what was skipped
+            yield from add(e, mixers[e].finish())
             yield dataclasses.replace(
-                _collate(e, shard, buffers[e], self.recipe), end_of_unit=True, unit_length=length, skipped=skipped
+                _collate(e, shard, buffers[e], self.recipe), end_of_unit=True, unit_length=length, skipped=skipped,
+                replay=digests[e].record(),
             )
 
 
@@ -213,8 +228,9 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     t0 = time.perf_counter()
     manifest, temps = load_manifest(cfg.data), _temps(cfg)
     recipe = dump_recipe(cfg, manifest)
-    env = init_distributed(cfg.device)
-    teacher = Teacher.load(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, env.device, cfg.seed)
+    env = init_distributed(cfg.device, backend="gloo")  # the ranks only meet at barriers; cuda -> cuda:LOCAL_RANK
+    teacher = Teacher.load(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, env.device, cfg.seed,
+                           precision=cfg.teacher_precision)
     writer = open_writer(cfg, env, manifest, group_meta(cfg, manifest, recipe, teacher, temps))
     prov = provenance(argv)
     run_key = writer.start_run(writer_shards(cfg), cfg.epochs, prov) if env.is_main else None
@@ -228,7 +244,7 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     loader = torch.utils.data.DataLoader(
         UnitViews(manifest, pending, recipe, cfg.seed, cfg.batch_size, cfg.skip_bad), batch_size=None,
         num_workers=cfg.workers, collate_fn=lambda b: b, pin_memory=env.device.startswith("cuda"),
-        persistent_workers=False,
+        persistent_workers=False, prefetch_factor=PREFETCH_BATCHES if cfg.workers else None,
     )
     n_views = sum(manifest.shards[s].num_samples * len(es) for s, es in pending.items())
     bar = tqdm(total=n_views, unit="view", desc=f"dump {cfg.group_name}", disable=not cfg.progress or not env.is_main,
@@ -296,7 +312,7 @@ def group_meta(cfg: DumpConfig, manifest, recipe, teacher: Teacher, temps: tuple
         normalization=teacher.normalization, recipe=recipe.to_json(), param_fields=tuple(recipe.param_fields),
         k=cfg.topk, temperatures=temps, seed=cfg.seed, epochs=cfg.epochs,
         shards=None if cfg.shards is None else tuple(sorted(cfg.shards)), value_dtype=cfg.value_dtype,
-        index_dtype=schema.index_dtype(manifest.num_classes),
+        index_dtype=schema.index_dtype(manifest.num_classes), teacher_precision=teacher.precision,
     )
 
 
@@ -382,7 +398,8 @@ def _write_unit(writer, batch: ViewBatch, parts: list, value_dtype: str) -> None
     else:
         offsets, rows, correct, mass = np.zeros(0, dtype=np.int64), UnitRows.empty(writer.meta), 0.0, 0.0
     stats = {"views": float(len(offsets)), "teacher_correct": correct, "topk_mass_sum": mass}
-    writer.write_unit(batch.epoch, batch.shard, offsets, rows, batch.unit_length, stats, batch.skipped)
+    writer.write_unit(batch.epoch, batch.shard, offsets, rows, batch.unit_length, stats, batch.skipped,
+                      replay=batch.replay)
 
 
 def summarize(reader, written: int, already: int, skipped: int, seconds: float) -> DumpSummary:

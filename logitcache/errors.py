@@ -48,6 +48,10 @@ class CacheMismatchError(CacheError):
     """A cache does not match the data, recipe or settings it is used with; the message names what differs."""
 
 
+class ReplayMismatchError(CacheMismatchError):
+    """The views replayed here are not the pixels the cache's teacher saw (a changed decoder or resampler)."""
+
+
 class CacheWriteError(CacheError):
     """Writing a cache object failed (disk full, permission denied, network); the message names the unit and the
     object. Units finished before stay valid; rerunning the dump completes the rest."""

@@ -2,8 +2,9 @@
 
     shards ─► shard order from (shuffle_seed, epoch) ─► whole shards split over ranks, then DataLoader workers
       ─► per shard: read the unit (cached_epoch(e), shard) ONCE  (CacheReader.read_unit)
-      ─► per sample:  params = ViewParams.from_array(recipe, unit.view_params[offset])   # what the dump drew
-                      image  = apply_view(sample.image, params, recipe)                  # the teacher's pixels
+      ─► per sample:  params = unit.view_params[offset]                                  # what the dump drew
+                      image  = UnitMixer(stored=params): apply_view, and for mixing recipes
+                               the mix with the stored partner of the same unit          # the teacher's pixels
                       row    = the unit's TopKLogits row at `offset`                       # its soft labels
       ─► shuffle buffer seeded by (shuffle_seed, epoch, rank, worker) ─► `collate`
 
@@ -42,15 +43,15 @@ import torch
 
 from logitcache.cache.reader import CacheReader, UnitTable
 from logitcache.cache.store import format_shards
+from logitcache.cache.verify import check_replay
 from logitcache.data.decode import decode_sample
 from logitcache.data.manifest import Manifest, ShardCheck, load_manifest
 from logitcache.data.shards import ShardDataset, iter_shard, shuffle_buffer
 from logitcache.data.split import split_shards
 from logitcache.errors import BadSampleError, CacheError, CacheMismatchError, DataError
 from logitcache.labels.topk import TopKLogits
-from logitcache.views.params import ViewParams
-from logitcache.views.recipe import Recipe, apply_view, get_recipe, sample_view
-from logitcache.views.rng import view_rng
+from logitcache.views.mixing import UnitMixer, mixed_targets
+from logitcache.views.recipe import Recipe, get_recipe
 
 #: samples a worker holds back to shuffle across shard boundaries (pass shuffle_buffer= to change it)
 DEFAULT_SHUFFLE_BUFFER = 1000
@@ -64,6 +65,8 @@ class ReplayItem(NamedTuple):
     target: int
     index: int  # global sample index
     view: np.ndarray  # int16 (P,) the view's params, in Recipe.param_fields order
+    partner_target: int = -1  # mixing recipes: the label of the view mixed in (= target when not mixed)
+    lam: float = 1.0  # the weight of `target` in the mixed label (1.0 when not mixed)
 
 
 # ------------------------------------------------------------------ collate
@@ -278,6 +281,13 @@ class _Views(torch.utils.data.IterableDataset):
     def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
         raise NotImplementedError
 
+    def _target(self, item: ReplayItem):
+        """The public target: the label, or for mixing recipes the (C,) float32 mixed label (no smoothing)."""
+        if not self.recipe.mixes:
+            return item.target
+        return mixed_targets(torch.tensor([item.target]), torch.tensor([item.partner_target]),
+                             torch.tensor([item.lam]), self.manifest.num_classes)[0]
+
     def _public(self, item: ReplayItem) -> tuple:
         raise NotImplementedError
 
@@ -300,6 +310,10 @@ class CachedViews(_Views):
     order; an int shuffles shards per epoch and samples through a ``shuffle_buffer``-sample buffer.
     ``skip_bad``: leave out samples whose bytes do not decode. ``return_index``: yield
     ``(image, row, target, global_index)``. The reader opens lazily in each DataLoader worker.
+    Mixing recipes (``deit``, ``tv-v2``): the image is the mixed view the teacher saw and ``target`` is the
+    (C,) float32 mixed label ``λ·y + (1-λ)·y_partner`` (add label smoothing yourself). ``check_pixels``: before
+    the first use of a cache in this process, replay the views whose pixel digest one unit's marker records and
+    refuse (`ReplayMismatchError`, naming library versions) when they differ.
     """
 
     def __init__(
@@ -319,11 +333,14 @@ class CachedViews(_Views):
         return_index: bool = False,
         return_items: bool = False,
         storage_options: dict[str, Any] | None = None,
+        check_pixels: bool = True,
     ):
         self.reader = cache if isinstance(cache, CacheReader) else CacheReader(
             str(cache), group, storage_options=storage_options)
         manifest = load_manifest(data)
         recipe = check_cache_matches(self.reader, manifest, recipe)
+        if check_pixels:
+            check_replay(self.reader, manifest, recipe, once=True)
         self.cached_epochs = self.reader.meta.epochs
         self.return_index = return_index
         super().__init__(manifest, epoch=epoch, recipe=recipe, shards=shards, rank=rank, world_size=world_size,
@@ -353,17 +370,26 @@ class CachedViews(_Views):
 
     def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
         table = UnitTable(self.reader, self.cached_epoch, shard)
+        # the stored params, mixed with the stored partner (UnitMixer: the dump's own code path)
+        mixer = UnitMixer(self.recipe, seed=self.reader.meta.seed, epoch=self.cached_epoch, shard=shard,
+                          stored=table.view_params)
+
+        def items(views) -> Iterator[ReplayItem]:
+            for v in views:
+                s = v.sample
+                yield ReplayItem(v.image, table.row(s.offset, s.label), s.label, s.index, v.params, v.partner_label,
+                                 v.lam)
+
         for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
             if sample.offset in table.skipped:
                 continue  # skipped by the dump: no teacher row exists, and padding must never become a label
-            view = table.view_params[sample.offset]
-            image = apply_view(sample.image, ViewParams.from_array(self.recipe, view), self.recipe)
-            yield ReplayItem(image, table.row(sample.offset, sample.label), sample.label, sample.index, view)
+            yield from items(mixer.push(sample))
+        yield from items(mixer.finish())
 
     def _public(self, item: ReplayItem) -> tuple:
         if self.return_index:
-            return item.image, item.soft, item.target, item.index
-        return item.image, item.soft, item.target
+            return item.image, item.soft, self._target(item), item.index
+        return item.image, item.soft, self._target(item)
 
 
 class FreshViews(_Views):
@@ -402,16 +428,22 @@ class FreshViews(_Views):
 
     def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
         table = self.rows.table(shard) if self.rows is not None else None
+        mixer = UnitMixer(self.recipe, seed=self.seed, epoch=self.epoch, shard=shard)  # draws, as the dump does
+
+        def items(views) -> Iterator[ReplayItem]:
+            for v in views:
+                s = v.sample
+                soft = table.row(s.offset, s.label) if table is not None else None
+                yield ReplayItem(v.image, soft, s.label, s.index, v.params, v.partner_label, v.lam)
+
         for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
-            _, h, w = sample.image.shape
-            params = sample_view(view_rng(self.seed, self.epoch, sample.index), h, w, self.recipe)
-            image = apply_view(sample.image, params, self.recipe)
-            soft = table.row(sample.offset, sample.label) if table is not None else None
-            yield ReplayItem(image, soft, sample.label, sample.index, params.to_array())
+            yield from items(mixer.push(sample))
+        yield from items(mixer.finish())
 
     def _public(self, item: ReplayItem) -> tuple:
         head = (item.image,) if item.soft is None else (item.image, item.soft)
-        return (*head, item.target, item.index) if self.return_index else (*head, item.target)
+        target = self._target(item)
+        return (*head, target, item.index) if self.return_index else (*head, target)
 
 
 # ------------------------------------------------------------------ a webdataset stage for your own pipeline
@@ -427,7 +459,9 @@ class CachedViewsStage:
     counts each shard's samples to know their offsets); shards may come in any order and be split over nodes and
     workers (``split_by_node``, ``split_by_worker``). Samples the dump skipped have no row and are dropped;
     samples whose bytes do not decode raise `BadSampleError` (``skip_bad=True``: dropped). ``set_epoch(e)``
-    moves to another epoch; the cache opens lazily in each DataLoader worker.
+    moves to another epoch; the cache opens lazily in each DataLoader worker. Mixing recipes (``deit``,
+    ``tv-v2``): each view is mixed with its stored partner of the same shard (so samples leave the stage a block of
+    16 late) and ``target`` is the (C,) float mixed label.
     """
 
     def __init__(self, data, cache, *, epoch: int, group: str | None = None, recipe: Recipe | None = None,
@@ -436,6 +470,7 @@ class CachedViewsStage:
             str(cache), group, storage_options=storage_options)
         self.manifest = load_manifest(data)
         self.recipe = check_cache_matches(self.reader, self.manifest, recipe)
+        check_replay(self.reader, self.manifest, self.recipe, once=True)
         self.cached_epochs, self.skip_bad = self.reader.meta.epochs, skip_bad
         self.epoch = 0
         self.set_epoch(epoch)
@@ -466,9 +501,11 @@ class CachedViewsStage:
                         f"{len(self.manifest.shards)} shards, e.g. {self.manifest.shards[0].name})")
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        url, shard, check, table, offset = None, -1, None, None, 0
+        url, shard, check, table, offset, mixer = None, -1, None, None, 0, None
         for sample in src:
             if sample.get("__url__") != url:
+                if mixer is not None:
+                    yield from self._finish(mixer.finish())
                 if check is not None:
                     check.finish()
                 url = sample.get("__url__")
@@ -478,6 +515,9 @@ class CachedViewsStage:
                 shard = self.shard_of(url)
                 check = ShardCheck(self.manifest.shards[shard], url)
                 table = UnitTable(self.reader, self.epoch % self.cached_epochs, shard)
+                # the dump's own path: stored params, mixing recipes mix with the stored partner of the unit
+                mixer = UnitMixer(self.recipe, seed=self.reader.meta.seed, epoch=self.epoch % self.cached_epochs,
+                                  shard=shard, stored=table.view_params)
                 offset = -1
             offset += 1
             check.add_key(sample["__key__"])
@@ -489,14 +529,39 @@ class CachedViewsStage:
                 if self.skip_bad:
                     continue
                 raise
-            view = table.view_params[offset]
-            sample["image"] = apply_view(image, ViewParams.from_array(self.recipe, view), self.recipe)
-            sample["soft"] = table.row(offset, label)
-            sample["target"] = label
-            sample["index"] = self.manifest.shards[shard].first_index + offset
-            yield sample
+            index = self.manifest.shards[shard].first_index + offset
+            yield from self._finish(mixer.push(_StageSample(offset, index, image, label, url, sample, table)))
+        if mixer is not None:
+            yield from self._finish(mixer.finish())
         if check is not None:
             check.finish()
+
+    def _finish(self, views) -> Iterator[dict[str, Any]]:
+        for v in views:
+            s = v.sample
+            s.raw["image"] = v.image
+            s.raw["soft"] = s.table.row(s.offset, s.label)
+            s.raw["target"] = s.label if not self.recipe.mixes else mixed_targets(
+                torch.tensor([s.label]), torch.tensor([v.partner_label]), torch.tensor([v.lam]),
+                self.manifest.num_classes)[0]
+            s.raw["index"] = s.index
+            yield s.raw
+
+
+class _StageSample(NamedTuple):
+    """A webdataset sample as `UnitMixer` takes it (offset, index, image, label, where) plus the dict itself."""
+
+    offset: int
+    index: int
+    image: torch.Tensor
+    label: int
+    url: str
+    raw: dict[str, Any]
+    table: UnitTable
+
+    @property
+    def where(self) -> str:
+        return f"{self.url}:{self.raw.get('__key__')}"
 
 
 def cached_views_stage(data, cache, *, epoch: int, group: str | None = None, **kwargs) -> CachedViewsStage:

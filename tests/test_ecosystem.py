@@ -157,6 +157,24 @@ def test_our_tar_reader_catches_what_tarfile_streams_miss(tmp_path):
         list(wds.DataPipeline(wds.SimpleShardList([str(shard)]), tarfile_samples))
 
 
+def test_a_damaged_tar_gz_is_an_error_not_silent(tmp_path):
+    """A flipped byte inside a .tar.gz fails gzip's CRC check (the reader reads the stream to its trailer)."""
+    import gzip
+
+    samples = [(f"k{i:03d}", {"jpg": np.random.default_rng(i).bytes(3000), "cls": b"0"}) for i in range(6)]
+    m = write_shards(iter(samples), tmp_path / "d", class_names=["a"])
+    (tmp_path / "g").mkdir()
+    gz = tmp_path / "g" / "shard-000000.tar.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "d" / m.shards[0].name).read_bytes(), mtime=0))
+    build_manifest([str(gz)], ["a"]).save(tmp_path / "g")
+    assert [r["jpg"] for r in tarfile_samples([{"url": str(gz)}])] == [p["jpg"] for _, p in samples]
+    data = bytearray(gz.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside sample data: tar headers and sizes stay intact
+    gz.write_bytes(bytes(data))
+    with pytest.raises(ShardFormatError, match=r"shard-000000.tar.gz:k\d+: truncated or corrupt"):
+        list(iter_shard(tmp_path / "g", 0, skip_bad=True))  # (the bytes are not images: skipped)
+
+
 @pytest.mark.parametrize(("world", "workers"), [(1, 1), (2, 1), (2, 3), (3, 2)])
 def test_split_is_webdatasets_split_by_node_then_worker(monkeypatch, world, workers):
     order = [7, 3, 9, 0, 4, 1, 8, 2, 6, 5, 11]

@@ -310,7 +310,12 @@ class GroupMeta:
     #: the shards dumped so far (a dump may cover part of the data, `--shards`); None: every shard of the data.
     #: Completeness is judged over these shards x epochs.
     shards: tuple[int, ...] | None = None
+    #: the teacher body's compute precision (fp32 | bf16 | fp16, `runtime.precision`); groups written before it
+    #: was recorded read as what the dump did then (`historical_teacher_precision`)
+    teacher_precision: str = "fp32"
     provenance: tuple[dict[str, Any], ...] = field(default=(), compare=False)
+    #: False when ``teacher_precision`` was inferred for an old group (not stored; `info` says so)
+    teacher_precision_recorded: bool = field(default=True, compare=False, repr=False)
 
     #: fields that may differ between a cache and a rerun: epochs and shards grow, provenance accumulates, and
     #: `weights` only says where the weights came from (the same file by another path is the same teacher):
@@ -326,6 +331,7 @@ class GroupMeta:
         d["temperatures"] = list(self.temperatures)
         d["provenance"] = list(self.provenance)
         d["shards"] = None if self.shards is None else list(self.shards)
+        del d["teacher_precision_recorded"]
         return d
 
     def shard_indices(self, num_shards: int) -> list[int]:
@@ -360,6 +366,9 @@ class GroupMeta:
         if index != index_dtype(num_classes):
             raise CacheMetadataError(f"{where}: 'index_dtype' {index!r} != {index_dtype(num_classes)!r} for "
                                 f"{num_classes} classes")
+        precision = _str(d, "teacher_precision", where, optional=True)
+        if precision is not None and precision not in ("fp32", "bf16", "fp16"):
+            raise CacheMetadataError(f"{where}: 'teacher_precision' {precision!r} is not fp32, bf16 or fp16")
         return cls(
             teacher=_str(d, "teacher", where),
             weights=_str(d, "weights", where, optional=True),
@@ -376,6 +385,9 @@ class GroupMeta:
             index_dtype=index,
             shards=None if shards is None else tuple(shards),
             provenance=tuple(provenance),
+            # groups written before it was recorded read as what the dump did then
+            teacher_precision=precision or historical_teacher_precision(provenance),
+            teacher_precision_recorded=precision is not None,
         )
 
     def trailing_size(self, trailing: str) -> tuple[int, ...]:
@@ -383,6 +395,17 @@ class GroupMeta:
 
     def array_dtype(self, spec: ArraySpec) -> str:
         return {"index": self.index_dtype, "value": self.value_dtype}.get(spec.dtype, spec.dtype)
+
+
+def historical_teacher_precision(provenance) -> str:
+    """The precision of a group written before ``teacher_precision`` was recorded: the dump then ran the teacher
+    under bf16 autocast on CUDA and in float32 on the CPU, so: ``bf16`` when a dump's command line named a CUDA
+    ``--device``, else ``fp32`` (the CPU)."""
+    for p in provenance:
+        words = str(p.get("command_line", "")).replace("=", " ").split()
+        if any(a == "--device" and b.startswith("cuda") for a, b in zip(words, words[1:], strict=False)):
+            return "bf16"
+    return "fp32"
 
 
 def settings_diff(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
@@ -403,6 +426,10 @@ class UnitMarker:
     ``chunks`` maps array name -> sha256 of that unit's stored chunk object (compressed bytes), so `verify`
     catches deleted or replaced chunks; ``stats`` feed `info` (teacher accuracy, top-k mass) without a scan;
     ``skipped`` lists offsets of samples that were skipped as corrupt (their rows are padding).
+    ``replay`` (optional; absent in caches written before it): ``{"offsets": [...], "sha256": ..., "versions":
+    {...}}``, the sha256 of the uint8 pixels of the unit's first finished views at those offsets and the library
+    versions that made them (`logitcache.views.digest`); readers recompute it to prove their pixels are the
+    teacher's.
     """
 
     epoch: int
@@ -411,10 +438,13 @@ class UnitMarker:
     chunks: dict[str, str]
     stats: dict[str, float]
     skipped: tuple[int, ...] = ()
+    replay: dict[str, Any] | None = None
 
     def to_bytes(self) -> bytes:
         d = dataclasses.asdict(self)
         d["skipped"] = list(self.skipped)
+        if self.replay is None:
+            del d["replay"]
         return json.dumps(d, sort_keys=True, indent=1).encode()
 
     @classmethod
@@ -430,6 +460,7 @@ class UnitMarker:
                 chunks={str(k): str(v) for k, v in d["chunks"].items()},
                 stats={str(k): float(v) for k, v in d["stats"].items()},
                 skipped=tuple(int(x) for x in d.get("skipped", ())),
+                replay=_replay_record(d.get("replay")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CacheMetadataError(f"unit marker {where} is malformed: {type(e).__name__}: {e}") from e
@@ -449,6 +480,15 @@ class UnitMarker:
         if problems:
             raise CacheMetadataError(f"unit marker {where} is malformed: " + "; ".join(problems))
         return marker
+
+
+def _replay_record(d: Any) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict) or not isinstance(d.get("sha256"), str) or not isinstance(d.get("offsets"), list):
+        raise TypeError(f"replay entry {d!r} is not {{offsets, sha256, versions}}")
+    return {"offsets": [int(o) for o in d["offsets"]], "sha256": d["sha256"],
+            "versions": {str(k): str(v) for k, v in dict(d.get("versions", {})).items()}}
 
 
 def zarr_array_kwargs(spec: ArraySpec, meta: GroupMeta, root: RootMeta) -> dict[str, Any]:

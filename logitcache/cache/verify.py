@@ -23,14 +23,18 @@ from logitcache.cache.reader import CacheReader
 from logitcache.cache.store import ObjectStore, list_groups
 from logitcache.data.manifest import load_manifest, verify_shards
 from logitcache.data.shards import iter_shard
-from logitcache.errors import CacheError
+from logitcache.errors import CacheError, ReplayMismatchError
+from logitcache.runtime import precision
 from logitcache.teacher import Teacher
-from logitcache.views.params import ViewParams
-from logitcache.views.recipe import Recipe, apply_view
+from logitcache.views import digest as replay_digest
+from logitcache.views.mixing import UnitMixer
+from logitcache.views.recipe import Recipe
 
 #: unfinished units listed one by one in a report; the rest are counted in one entry (a group declaring 10^5
 #: epochs over 10^6 shards must not make verify build 10^11 entries)
 MAX_LISTED_UNFINISHED = 100
+#: units whose replay digest `verify --data` recomputes (spread over the cache)
+REPLAY_UNITS_CHECKED = 4
 
 
 def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -51,6 +55,8 @@ def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[
             "teacher": meta.teacher, "weights": meta.weights, "weights_digest": meta.weights_digest,
             "recipe": meta.recipe, "k": meta.k, "temperatures": list(meta.temperatures), "seed": meta.seed,
             "epochs": meta.epochs, "value_dtype": meta.value_dtype, "num_classes": meta.num_classes,
+            "teacher_precision": meta.teacher_precision,
+            "teacher_precision_recorded": meta.teacher_precision_recorded,
             "shards": None if meta.shards is None else list(meta.shards), "units_finished": len(markers),
             "units_total": meta.epochs * len(meta.shard_indices(r.root_meta.num_shards)),
             "views": int(views), "bytes": size, "bytes_per_view": size / views if views else None,
@@ -71,6 +77,7 @@ class VerifyReport:
     units_checked: int = 0
     problems: list[dict[str, Any]] = field(default_factory=list)
     recompute: dict[str, Any] | None = None
+    replay_units_checked: int = 0
 
     @property
     def ok(self) -> bool:
@@ -85,7 +92,7 @@ class VerifyReport:
     def to_json(self) -> dict[str, Any]:
         return {"cache": self.cache, "group": self.group, "ok": self.ok, "units_checked": self.units_checked,
                 "problems": self.problems, "bad_units": [list(u) for u in self.bad_units()],
-                "recompute": self.recompute}
+                "recompute": self.recompute, "replay_units_checked": self.replay_units_checked}
 
 
 def verify_cache(url: str, group: str | None = None, *, data: str | None = None, check_values: bool = True,
@@ -118,8 +125,18 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
         for what in problems if check_values else [p for p in problems if "chunk" in p]:
             report.add(f"unit (epoch {e}, shard {s})", what, epoch=e, shard=s)
     if data is not None:
-        for what, shard in _data_problems(reader, root, data):
+        data_problems = _data_problems(reader, root, data)
+        for what, shard in data_problems:
             report.add(f"data {data}" + (f" shard {shard}" if shard else ""), what)
+        if not data_problems:  # the same bytes: do they still become the teacher's pixels here?
+            with_digest = [u for u in sorted(markers) if markers[u].replay is not None]
+            step = max(1, len(with_digest) // REPLAY_UNITS_CHECKED)
+            sample = with_digest[::step][:REPLAY_UNITS_CHECKED]
+            try:
+                report.replay_units_checked = check_replay(reader, data, Recipe.from_json(meta.recipe),
+                                                           units=sample)
+            except ReplayMismatchError as e:
+                report.add("replay", str(e))
     return report
 
 
@@ -155,14 +172,18 @@ def _data_problems(reader, root: schema.RootMeta, data: str) -> list[tuple[str, 
 
 
 def recompute_views(url: str, group: str | None, data: str, teacher: str, weights: str | None, n: int, *,
-                    seed: int = 0, device: str = "cpu", tolerance: float = 0.05,
+                    seed: int = 0, device: str = "cpu", tolerance: float | None = None,
+                    teacher_precision: str | None = None,
                     storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Recompute ``n`` random cached views with the given teacher and compare with the cache.
 
     Each view is replayed from its cached parameters (the pixels the teacher saw), the teacher's log-probs at
     the cached top-k classes and at the target are compared with the cached values; a view whose largest
-    absolute difference exceeds ``tolerance`` (nats; float16 storage and bf16 GPU dumps stay far below the
-    default 0.05) is a mismatch. The weights digest is compared too. Catches a cache made with other weights.
+    absolute difference, less the stored dtype's rounding at each value, exceeds ``tolerance`` (nats) is a
+    mismatch. The weights digest is compared too. Catches a cache made with other weights.
+
+    ``teacher_precision``: the recomputing teacher's (default: the precision the cache records). ``tolerance``
+    (default: `precision.recompute_tolerance` of the two precisions, from their measured error; FORMAT.md).
     """
     reader = CacheReader(url, group, storage_options=storage_options)
     meta, root = reader.meta, reader.root_meta
@@ -178,22 +199,39 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
     rng = np.random.default_rng(seed)
     picks = [candidates[i] for i in sorted(rng.choice(len(candidates), min(n, len(candidates)), replace=False))]
     recipe = Recipe.from_json(meta.recipe)
+    teacher_precision = teacher_precision or meta.teacher_precision
+    if tolerance is None:
+        tolerance = precision.recompute_tolerance(meta.teacher_precision, teacher_precision)
     runner = Teacher.load(teacher, weights, meta.num_classes, recipe.image_size, device, meta.seed,
-                          normalization=(meta.normalization["mean"], meta.normalization["std"]))
+                          normalization=(meta.normalization["mean"], meta.normalization["std"]),
+                          precision=teacher_precision)
     digest = runner.digest
     wanted: dict[int, dict[int, list[int]]] = {}
     for e, s, o in picks:
         wanted.setdefault(s, {}).setdefault(o, []).append(e)
     views, labels, where, keys = [], [], [], []
     for s, offsets in sorted(wanted.items()):
-        units = {e: reader.read_unit(e, s) for es in offsets.values() for e in es}
-        for sample in iter_shard(manifest, s):
-            for e in offsets.get(sample.offset, ()):
-                params = ViewParams.from_array(recipe, units[e].view_params[sample.offset])
-                views.append(apply_view(sample.image, params, recipe))
-                labels.append(sample.label)
-                where.append((e, s, sample.offset))
-                keys.append(sample.where)
+        epochs = sorted({e for es in offsets.values() for e in es})
+        units = {e: reader.read_unit(e, s) for e in epochs}
+        # the dump's own path: stored params, and for mixing recipes the stored partner of the same unit
+        mixers = {e: UnitMixer(recipe, seed=meta.seed, epoch=e, shard=s, stored=units[e].view_params)
+                  for e in epochs}
+        skipped = {e: set(markers[(e, s)].skipped) for e in epochs}
+
+        def keep(e, finished, s=s, offsets=offsets):
+            for v in finished:
+                if e in offsets.get(v.sample.offset, ()):
+                    views.append(v.image)
+                    labels.append(v.sample.label)
+                    where.append((e, s, v.sample.offset))
+                    keys.append(v.sample.where)
+
+        for sample in iter_shard(manifest, s, skip_bad=True):
+            for e in epochs:
+                if sample.offset not in skipped[e]:
+                    keep(e, mixers[e].push(sample))
+        for e in epochs:
+            keep(e, mixers[e].finish())
     worst, mismatches = 0.0, []
     with torch.inference_mode():
         for i in range(0, len(views), 64):
@@ -204,12 +242,47 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
                 rows = reader.read_unit(e, s)
                 idx = torch.from_numpy(rows.topk_indices[o].astype(np.int64))
                 cached = torch.from_numpy(rows.topk_logprobs[o].astype(np.float64))
-                diff = max(float((lp[j, idx] - cached).abs().max()),
-                           abs(float(lp[j, labels[i + j]]) - float(rows.target_logprob[o])))
+                cached_target = torch.tensor([float(rows.target_logprob[o])], dtype=torch.float64)
+                d_topk, d_target = (lp[j, idx] - cached).abs(), (lp[j, labels[i + j]] - cached_target).abs()
+                diff = max(float(d_topk.max()), float(d_target.max()))
+                excess = max(float((d_topk - precision.storage_rounding(cached, meta.value_dtype)).max()),
+                             float((d_target - precision.storage_rounding(cached_target, "float32")).max()))
                 worst = max(worst, diff)
-                if diff > tolerance:
+                if excess > tolerance:
                     mismatches.append({"epoch": e, "shard": s, "offset": o, "sample": keys[i + j],
                                        "max_abs_logprob_diff": diff})
     return {"views": len(views), "tolerance": tolerance, "max_abs_logprob_diff": worst,
+            "cache_teacher_precision": meta.teacher_precision, "teacher_precision": teacher_precision,
             "mismatches": mismatches, "weights_digest_cache": meta.weights_digest,
             "weights_digest_given": digest, "weights_digest_equal": digest == meta.weights_digest}
+
+
+_REPLAY_CHECKED: set[tuple[str, str]] = set()
+
+
+def check_replay(reader: CacheReader, manifest, recipe: Recipe, *, units: list[tuple[int, int]] | None = None,
+                 limit: int = 1, once: bool = False) -> int:
+    """Replay the views whose pixel digest the markers of ``units`` record (default: the first ``limit`` finished
+    units that record one) and refuse (`ReplayMismatchError`, naming the library versions recorded and found)
+    when the pixels differ. ``once``: only the first call per cache group in this process checks. Returns the
+    number of units checked (0 for caches written before digests existed)."""
+    key = (reader.url, reader.group)
+    if once and key in _REPLAY_CHECKED:
+        return 0
+    manifest = load_manifest(manifest)
+    markers = reader.markers()
+    todo = units if units is not None else [u for u in sorted(markers) if markers[u].replay is not None][:limit]
+    checked = 0
+    for e, s in todo:
+        marker = markers.get((e, s))
+        if marker is None or marker.replay is None:
+            continue
+        stored = reader.read_unit(e, s).view_params
+        samples = (x for x in iter_shard(manifest, s, skip_bad=True) if x.offset not in set(marker.skipped))
+        found = replay_digest.recompute(samples, recipe, marker.replay, seed=reader.meta.seed, epoch=e, shard=s,
+                                        stored=stored)
+        replay_digest.check(marker.replay, found, f"cache {reader.url} group '{reader.group}' unit (epoch {e}, "
+                                                  f"shard {s})")
+        checked += 1
+    _REPLAY_CHECKED.add(key)
+    return checked

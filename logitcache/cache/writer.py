@@ -173,6 +173,7 @@ class CacheWriter:
         length: int,
         stats: dict[str, float],
         skipped: tuple[int, ...] = (),
+        replay: dict | None = None,
     ) -> UnitMarker:
         """Write one unit: rows go to ``offsets`` (positions in the shard), other rows stay zero padding."""
         L = self.root_meta.max_shard_len
@@ -199,7 +200,7 @@ class CacheWriter:
             self.objects.fsync(chunk_keys)  # chunks durable before the marker that certifies them
             marker = UnitMarker(
                 epoch, shard, int(length), hashes, {k: float(v) for k, v in stats.items()},
-                tuple(int(s) for s in skipped),
+                tuple(int(s) for s in skipped), replay,
             )
             key = marker_key
             self.objects.put(marker_key, marker.to_bytes())

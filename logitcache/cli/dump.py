@@ -14,7 +14,10 @@ from logitcache.cli.options import (
     out_option,
     parse_temperatures,
     reports_errors,
+    resolve_workers,
     shards_option,
+    teacher_precision_option,
+    workers_option,
 )
 
 
@@ -30,12 +33,15 @@ from logitcache.cli.options import (
 @click.option("--topk", default=10, show_default=True, type=int, help="k: teacher logits kept per view")
 @click.option("--temperatures", default="1", show_default=True, help="temperatures to record, e.g. 1,4 (1 always)")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--recipe", default=None, help="view recipe: imagenet | small (default: the group's when it exists, "
-              "else the data's default_recipe)")
+@click.option("--recipe", default=None,
+              help="view recipe: imagenet | small | deit | tv-v2 (default: the group's when it exists, else the "
+                   "data's default_recipe)")
 @click.option("--image-size", default=None, type=int, help="model input size in px (default: the recipe's)")
 @click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--workers", default=0, show_default=True, type=int, help="DataLoader workers")
+@workers_option("DataLoader workers (decoding and views) per process")
 @device_option()
+@teacher_precision_option("the teacher body's compute precision, recorded in the group (reductions are float32 "
+                          "whatever it is) [default: bf16 on a GPU, fp32 on the CPU]")
 @shards_option()
 @click.option("--value-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="dtype of the stored top-k log-probabilities")
@@ -45,7 +51,7 @@ from logitcache.cli.options import (
 @json_option()
 @reports_errors
 def dump(teacher, weights, data, out, group, epochs, topk, temperatures, seed, recipe, image_size, batch_size,
-         workers, device, shard_selection, value_dtype, skip_bad, repair, dry_run, as_json):
+         workers, device, teacher_precision, shard_selection, value_dtype, skip_bad, repair, dry_run, as_json):
     """Run a teacher once over augmented views of --data and store its top-k logits in --out.
 
     Resumable: rerun the same command after an interruption and it finishes the unfinished units.
@@ -58,7 +64,8 @@ def dump(teacher, weights, data, out, group, epochs, topk, temperatures, seed, r
     cfg = DumpConfig(
         data=data, out=out, teacher=teacher, weights=weights, group=group, epochs=epochs, topk=topk,
         temperatures=parse_temperatures(temperatures), seed=seed, recipe=recipe, image_size=image_size,
-        batch_size=batch_size, workers=workers, device=device, value_dtype=value_dtype, skip_bad=skip_bad,
+        batch_size=batch_size, workers=resolve_workers(workers), device=device, value_dtype=value_dtype,
+        skip_bad=skip_bad, teacher_precision=teacher_precision,
         repair=repair, shards=tuple(parse_shard_selection(shard_selection)) if shard_selection else None,
         progress=not as_json,
     )

@@ -10,7 +10,9 @@ from logitcache.cli.options import (
     device_option,
     json_option,
     reports_errors,
+    resolve_workers,
     shards_option,
+    workers_option,
 )
 
 
@@ -34,12 +36,12 @@ def _json_safe(obj):
 @click.option("--checkpoint", required=True,
               help="our training checkpoint (RUN/checkpoints/last.pt) or a state_dict file; read weights-only")
 @data_option()
-@click.option("--recipe", default=None, help="view recipe whose eval view is used: imagenet | small "
+@click.option("--recipe", default=None, help="view recipe whose eval view is used: imagenet | small | deit | tv-v2 "
               "(default: the checkpoint's run's, else the data's default_recipe)")
 @click.option("--image-size", default=None, type=int, help="model input size in px (default: the checkpoint's, "
               "else the model's own)")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader workers")
+@workers_option()
 @device_option()
 @shards_option()
 @click.option("--skip-bad", is_flag=True, help="skip corrupt samples (counted and reported) instead of stopping")
@@ -55,7 +57,8 @@ def eval_command(model_name, checkpoint, data, recipe, image_size, batch_size, w
 
     result = evaluate_checkpoint(
         checkpoint, data, model_name=model_name, recipe=recipe, image_size=image_size, batch_size=batch_size,
-        workers=workers, device=device, shards=shard_selection and parse_shard_selection(shard_selection),
+        workers=resolve_workers(workers), device=device,
+        shards=shard_selection and parse_shard_selection(shard_selection),
         skip_bad=skip_bad, progress=not as_json)
     if result is None:  # not rank 0 of a torchrun job: rank 0 reports
         return

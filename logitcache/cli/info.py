@@ -39,6 +39,9 @@ def info(cache, group, as_json):
         click.echo(f"group {name}")
         click.echo(f"  teacher          {g['teacher']}  weights {g['weights']}")
         click.echo(f"  weights sha256   {g['weights_digest']}")
+        click.echo(f"  precision        teacher body {g['teacher_precision']}, reductions float32"
+                   + ("" if g["teacher_precision_recorded"] else
+                      "  (not recorded: a dump before it was; inferred from its --device: cuda -> bf16, else fp32)"))
         click.echo(f"  recipe           {g['recipe']}")
         click.echo(f"  k / temperatures {g['k']} / {g['temperatures']}   seed {g['seed']}   "
                    f"values {g['value_dtype']}")

@@ -17,9 +17,21 @@ def reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except LogitcacheError as e:
-            raise click.ClickException(f"{type(e).__name__}: {e}") from e
+            raise click.ClickException(f"{type(e).__name__}: {worker_message(e)}") from e
 
     return wrapper
+
+
+def worker_message(e: Exception) -> str:
+    """``e``'s message; for an error raised in a DataLoader worker (torch re-raises it in the main process with
+    the worker's traceback as its message), the original message alone, so the user sees no traceback."""
+    import re
+
+    msg = str(e)
+    if "Original Traceback (most recent call last):" not in msg:
+        return msg
+    starts = list(re.finditer(rf"(?m)^(?:[\w.]+\.)?{re.escape(type(e).__name__)}: ", msg))
+    return msg[starts[-1].end():].rstrip() if starts else msg.rstrip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------- shared options (one vocabulary)
@@ -59,3 +71,20 @@ def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
+
+
+def workers_option(help: str = "DataLoader workers per process"):
+    """``--workers``; when not given, `resolve_workers` derives it from the cores (`runtime.dist.default_workers`)."""
+    return click.option("--workers", default=None, type=click.IntRange(min=0),
+                        help=f"{help} [default: min(8, cores available / processes on this machine - 1)]")
+
+
+def resolve_workers(workers: int | None) -> int:
+    from logitcache.runtime.dist import default_workers  # lazy: `logitcache --help` stays fast
+
+    return default_workers() if workers is None else workers
+
+
+def teacher_precision_option(help: str):
+    return click.option("--teacher-precision", "teacher_precision", default=None,
+                        type=click.Choice(["fp32", "bf16", "fp16"]), help=help)

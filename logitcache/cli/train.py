@@ -11,7 +11,10 @@ from logitcache.cli.options import (
     device_option,
     out_option,
     reports_errors,
+    resolve_workers,
     shards_option,
+    teacher_precision_option,
+    workers_option,
 )
 
 
@@ -47,10 +50,14 @@ from logitcache.cli.options import (
 @click.option("--clip-grad", default=None, type=float, help="clip the gradient norm to this value")
 @click.option("--label-smoothing", default=0.0, show_default=True, type=float, help="smooth the CE term's labels")
 @click.option("--recipe", default=None,
-              help="view recipe: imagenet | small (default: the cache's with --cache, else the data's default_recipe)")
+              help="view recipe: imagenet | small | deit | tv-v2 (default: the cache's with --cache, else the "
+                   "data's default_recipe)")
 @click.option("--image-size", default=None, type=int, help="model input size in px (default: the recipe's)")
-@click.option("--workers", default=0, show_default=True, type=int, help="DataLoader workers per process")
+@workers_option("DataLoader workers per process (the data order depends on it: give it to reproduce a run "
+                "on another machine)")
 @device_option()
+@teacher_precision_option("online KD: the teacher body's compute precision [default: bf16 on a GPU, fp32 on the "
+                          "CPU]")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="model init, data order, and (without --cache) the views: the dump's seed gives the dump's views")
 @shards_option()
@@ -65,7 +72,8 @@ from logitcache.cli.options import (
 @reports_errors
 def train(data, val, out, student, init, loss, loss_args, ce_weight, loss_weight, cache, group, teacher, weights,
           epochs, batch_size, lr, optimizer, momentum, nesterov, schedule, step_milestones, step_gamma, warmup_epochs,
-          weight_decay, clip_grad, label_smoothing, recipe, image_size, workers, device, seed, shard_selection,
+          weight_decay, clip_grad, label_smoothing, recipe, image_size, workers, device, teacher_precision, seed,
+          shard_selection,
           checkpoint_every, resume, compile_model, skip_bad, pskd_topk, no_progress):
     """Train a student: from a cache (--cache, the cached views replayed), online (--teacher), or teacher-free.
 
@@ -95,7 +103,8 @@ def train(data, val, out, student, init, loss, loss_args, ce_weight, loss_weight
             epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
             schedule=schedule, step_milestones=milestones, step_gamma=step_gamma, warmup_epochs=warmup_epochs,
             weight_decay=weight_decay, clip_grad=clip_grad, label_smoothing=label_smoothing, recipe=recipe,
-            image_size=image_size, workers=workers, device=device, seed=seed, shards=shards_sel,
+            image_size=image_size, workers=resolve_workers(workers), device=device,
+            teacher_precision=teacher_precision, seed=seed, shards=shards_sel,
             checkpoint_every=checkpoint_every, resume=resume, compile=compile_model, skip_bad=skip_bad,
             pskd_topk=pskd_topk, progress=not no_progress,
         )

@@ -10,6 +10,7 @@ from logitcache.cli.options import (
     device_option,
     json_option,
     reports_errors,
+    teacher_precision_option,
 )
 
 
@@ -21,12 +22,14 @@ from logitcache.cli.options import (
 @click.option("--recompute", default=0, type=int, help="recompute N random cached views with --teacher/--weights")
 @click.option("--teacher", default=None, help="with --recompute: the teacher architecture")
 @click.option("--weights", default=None, help="with --recompute: the weights to check the cache against")
-@click.option("--tolerance", default=0.05, show_default=True, type=float,
-              help="with --recompute: largest allowed |log-prob difference| per view")
+@click.option("--tolerance", default=None, type=float,
+              help="with --recompute: largest allowed |log-prob difference| per view beyond the stored dtype's "
+                   "rounding [default: from the measured error of the two teacher precisions, FORMAT.md]")
 @device_option()
+@teacher_precision_option("with --recompute: the recomputing teacher's precision [default: the cache's]")
 @json_option()
 @reports_errors
-def verify(cache, group, data, recompute, teacher, weights, tolerance, device, as_json):
+def verify(cache, group, data, recompute, teacher, weights, tolerance, device, teacher_precision, as_json):
     """Check CACHE: every unit finished, every chunk intact (checksums), values sane; with --data, the
     shards match; with --recompute N, N random views recomputed by the teacher match. Exits non-zero on any
     problem, naming each bad unit."""
@@ -47,14 +50,15 @@ def verify(cache, group, data, recompute, teacher, weights, tolerance, device, a
                        "to run on it)")
         raise SystemExit(1) from None
     if recompute:
-        rc = recompute_views(cache, group, data, teacher, weights, recompute, device=device, tolerance=tolerance)
+        rc = recompute_views(cache, group, data, teacher, weights, recompute, device=device, tolerance=tolerance,
+                             teacher_precision=teacher_precision)
         report.recompute = rc
         if not rc["weights_digest_equal"]:
             report.add("teacher weights", f"digest {rc['weights_digest_given'][:16]}… of the weights given != "
                        f"{rc['weights_digest_cache'][:16]}… recorded in the cache")
         for m in rc["mismatches"]:
             report.add(f"view (epoch {m['epoch']}, shard {m['shard']}, row {m['offset']}) {m['sample']}",
-                       f"recomputed log-probs differ by {m['max_abs_logprob_diff']:.4f} > {tolerance}",
+                       f"recomputed log-probs differ by {m['max_abs_logprob_diff']:.4f} > {rc['tolerance']}",
                        epoch=m["epoch"], shard=m["shard"])
     if as_json:
         _print_json(report.to_json())
@@ -62,8 +66,9 @@ def verify(cache, group, data, recompute, teacher, weights, tolerance, device, a
         click.echo(f"verify {cache} group {report.group}: {report.units_checked} finished unit(s) checked")
         if report.recompute:
             rc = report.recompute
-            click.echo(f"  recomputed {rc['views']} view(s): largest |log-prob difference| "
-                       f"{rc['max_abs_logprob_diff']:.2e}, {len(rc['mismatches'])} over {rc['tolerance']}")
+            click.echo(f"  recomputed {rc['views']} view(s) at {rc['teacher_precision']} (cache: "
+                       f"{rc['cache_teacher_precision']}): largest |log-prob difference| "
+                       f"{rc['max_abs_logprob_diff']:.2e}, {len(rc['mismatches'])} over {rc['tolerance']:.3g}")
         for p in report.problems:
             click.echo(f"  BAD {p['where']}: {p['what']}")
         click.echo("OK" if report.ok else f"FAILED: {len(report.problems)} problem(s) in "

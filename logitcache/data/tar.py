@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -55,8 +56,10 @@ def tar_members(fileobj, url: str, *, require_end: bool = False) -> Iterator[tup
                 return
             if len(header) < _BLOCK:
                 raise fail(f"a {len(header)}-byte header")
-            if header == _ZERO_BLOCK:
-                return  # end-of-archive
+            if header == _ZERO_BLOCK:  # end-of-archive; read the rest (padding), so that a gzip stream's
+                while fileobj.read(1 << 16):  # CRC and length trailer are checked (GzipFile does it at its end)
+                    pass
+                return
             if not _tar_checksum_ok(header):
                 raise fail("header checksum mismatch")
             typeflag = header[156:157]
@@ -84,7 +87,7 @@ def tar_members(fileobj, url: str, *, require_end: bool = False) -> Iterator[tup
                     check_member_name(name, url)
                     last_key = split_member_name(name)[0] or name
                     yield name, data
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zlib.error) as e:
         raise fail(f"{type(e).__name__}: {e}") from e
 
 

@@ -32,7 +32,7 @@ from logitcache.eval.metrics import ClassificationMetrics, ReliabilityBins
 from logitcache.models.weights import extract_state_dict, load_checkpoint, load_state_dict_strict
 from logitcache.models.zoo import build_model, model_normalization, model_spec
 from logitcache.runtime import precision
-from logitcache.runtime.dist import current_env, init_distributed
+from logitcache.runtime.dist import PREFETCH_BATCHES, current_env, init_distributed
 from logitcache.views.ops.geometry import normalize
 from logitcache.views.recipe import Recipe, eval_view, get_recipe, resolve_recipe
 
@@ -104,7 +104,8 @@ def evaluate(
     dataset = ShardDataset(manifest, shards, rank=rank, world_size=world, skip_bad=skip_bad,
                            transform=EvalTransform(recipe))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=False)
+                                         pin_memory=device.type == "cuda", persistent_workers=False,
+                                         prefetch_factor=PREFETCH_BATCHES if workers else None)
     selected = dataset.shards
     total = sum(manifest.shards[s].num_samples for s in selected)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
@@ -123,7 +124,7 @@ def evaluate(
         with torch.inference_mode():
             for images, labels in loader:
                 x = normalize(images.to(device, non_blocking=True), mean_t, std_t)
-                with precision.autocast(device):  # the policy's fast path; metrics from float32 logits
+                with precision.eval_autocast(device):  # float32 (no autocast, no TF32): metrics from fp32 logits
                     out = model(precision.prepare_input(x, device))
                 if isinstance(out, (tuple, list)):  # WeakHeadModel: (logits, weak_logits); score the logits
                     out = out[0]

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from logitcache.runtime.dist import group_collective_device
+
 __all__ = [
     "ClassificationMetrics",
     "ReliabilityBins",
@@ -290,9 +292,7 @@ class ClassificationMetrics:
         state = self.state()
         if not (dist.is_available() and dist.is_initialized()):
             return ClassificationMetrics.from_state(state, n_bins=self.n_bins, topk=self.topk)
-        device = torch.device("cpu")
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device(group_collective_device(group))  # NCCL: this rank's GPU; gloo: the CPU
         world = dist.get_world_size(group)
         count = torch.tensor([len(self)], dtype=torch.int64, device=device)
         counts = [torch.zeros_like(count) for _ in range(world)]

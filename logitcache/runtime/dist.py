@@ -2,12 +2,19 @@
 process group's backend, plus the collectives the rest of the code uses.
 
 Under torchrun (``WORLD_SIZE`` > 1) `init_distributed` joins the process group: NCCL when the device is a GPU,
-gloo otherwise. Collectives go through `DistEnv` so their tensors are always on the device the backend needs
-(NCCL rejects CPU tensors; gloo accepts both, which is why a gloo-only test cannot catch that mistake).
+gloo otherwise (or the backend asked for: the dump's ranks only meet at barriers, over gloo). ``--device cuda``
+means one GPU per rank, ``cuda:LOCAL_RANK`` (`process_device`), for every command. Collectives go through
+`DistEnv` so their tensors are always on the device the backend needs (`collective_device`: NCCL -> the rank's
+GPU, gloo -> the CPU; NCCL rejects CPU tensors, gloo accepts both, which is why a gloo-only run cannot catch that
+mistake: tests/test_dist.py checks the choices with NCCL stubbed and every real collective of a 2-process gloo
+run against what this module says).
+
+`default_workers`: the ``--workers`` default, derived from the cores this process may use.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +49,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size() -> int:
+    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE), 1 outside torchrun."""
+    return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+
 def backend_for(device: str) -> str:
     """The process-group backend for a device: NCCL for GPUs, gloo for CPUs."""
     return "nccl" if str(device).startswith("cuda") else "gloo"
@@ -55,8 +67,20 @@ def process_device(device: str, world: int, local: int) -> str:
 
 
 def collective_device(backend: str | None, device: str) -> str:
-    """Where a collective's tensors must live: on the process's GPU for NCCL, on the CPU otherwise."""
-    return device if backend == "nccl" else "cpu"
+    """Where a collective's tensors must live: on the process's GPU for NCCL (``cuda:LOCAL_RANK`` when the
+    process computes on the CPU but joined an NCCL group), on the CPU otherwise."""
+    if backend == "nccl":
+        return device if str(device).startswith("cuda") else f"cuda:{local_rank()}"
+    return "cpu"
+
+
+def group_collective_device(group=None) -> str:
+    """`collective_device` of the initialised process group (the CPU when there is none), for code that is handed
+    a group rather than a `DistEnv` (`ClassificationMetrics.gather`)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return "cpu"
+    backend = torch.distributed.get_backend(group)
+    return collective_device(backend, f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
 
 
 @dataclass(frozen=True)
@@ -80,7 +104,11 @@ class DistEnv:
         return collective_device(self.backend, self.device)
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.world == 1:
+            return
+        if self.backend == "nccl":  # on this rank's GPU (NCCL would otherwise guess one)
+            torch.distributed.barrier(device_ids=[torch.device(self.collective_device).index])
+        else:
             torch.distributed.barrier()
 
     def all_sum(self, values: list[float]) -> list[float]:
@@ -111,7 +139,7 @@ class DistEnv:
         """Broadcast ``tensor`` in place from ``src`` (moved through the collective device if it lives elsewhere)."""
         if self.world == 1:
             return
-        if str(tensor.device) == self.collective_device or self.backend != "nccl":
+        if tensor.device == torch.device(self.collective_device):
             torch.distributed.broadcast(tensor, src)
             return
         staged = tensor.to(self.collective_device)
@@ -123,20 +151,27 @@ class DistEnv:
             torch.distributed.destroy_process_group()
 
 
-def init_distributed(device: str = "cpu") -> DistEnv:
-    """This process's `DistEnv`; under torchrun, join (or create) the process group with the device's backend
-    and bind the process to ``cuda:LOCAL_RANK``."""
+#: how long a rank waits at a collective for the others (a dump's ranks wait at its last barrier for the rank
+#: with the most units left; torch's defaults are 10 min for NCCL and 30 for gloo)
+TIMEOUT = datetime.timedelta(hours=2)
+
+
+def init_distributed(device: str = "cpu", *, backend: str | None = None) -> DistEnv:
+    """This process's `DistEnv`; under torchrun, bind the process to ``cuda:LOCAL_RANK`` (for ``cuda``) and join
+    (or create) the process group with ``backend`` (default: the device's, `backend_for`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = local_rank()
     if world <= 1:
         return DistEnv(device=str(device))
+    device = process_device(device, world, local)
+    if device.startswith("cuda"):  # before the group exists, so NCCL binds to this GPU
+        torch.cuda.set_device(device)
     owns = False
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend_for(device))
+        backend = backend or backend_for(device)
+        extra = {"device_id": torch.device(device)} if backend == "nccl" else {}
+        torch.distributed.init_process_group(backend, timeout=TIMEOUT, **extra)
         owns = True
-    device = process_device(device, world, local)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
     backend = torch.distributed.get_backend()
     return DistEnv(torch.distributed.get_rank(), world, local, device, backend, owns)
 
@@ -145,10 +180,34 @@ def current_env(device: str = "cpu") -> DistEnv:
     """The `DistEnv` of an already initialised process group (e.g. evaluation inside training), else a single
     process. Never creates a group: without one, per-rank results could not be merged."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank(), str(device),
+        world = torch.distributed.get_world_size()
+        return DistEnv(torch.distributed.get_rank(), world, local_rank(), process_device(device, world, local_rank()),
                        torch.distributed.get_backend())
     return DistEnv(device=str(device))
 
 
 #: the environment of a plain, single process (a safe default: `DistEnv` is immutable)
 SINGLE_PROCESS = DistEnv()
+
+
+#: batches each DataLoader worker keeps ready (torch's default is 2; JPEG decoding is bursty)
+PREFETCH_BATCHES = 4
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask (a container's or a batch job's share), not the
+    machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(cores: int | None = None, processes: int | None = None) -> int:
+    """The ``--workers`` default: ``min(8, cores // processes on this machine - 1)``, at least 0. One core per
+    process stays with the main process (the model step, the teacher, the writer); the rest decode. 8 keep a GPU
+    fed on ImageNet-sized JPEGs with the imagenet recipe; more cost memory for nothing. Defaults: `usable_cores`
+    and torchrun's LOCAL_WORLD_SIZE (e.g. 96 cores, 8 ranks -> 8 workers per rank; 2 cores, 1 process -> 1)."""
+    cores = usable_cores() if cores is None else cores
+    processes = local_world_size() if processes is None else processes
+    return max(0, min(8, cores // max(processes, 1) - 1))

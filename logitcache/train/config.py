@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from logitcache.losses import get_loss, parse_loss_args
+from logitcache.runtime.precision import check_teacher_precision, default_teacher_precision
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -55,6 +56,7 @@ class TrainConfig:
     image_size: int | None = None
     workers: int = 0
     device: str = "cpu"
+    teacher_precision: str | None = None  # online KD: the teacher body's (None: bf16 on a GPU, fp32 elsewhere)
     seed: int = 0
     shards: tuple[int, ...] | None = None
     checkpoint_every: int = 0
@@ -110,6 +112,13 @@ class TrainConfig:
             raise ValueError("--group selects a teacher group inside --cache; there is no --cache")
         if self.weights and not self.teacher:
             raise ValueError("--weights are the teacher's; there is no --teacher (the student's are --init)")
+        if self.teacher and self.teacher_precision is None:  # recorded resolved in config.json
+            object.__setattr__(self, "teacher_precision", default_teacher_precision(self.device))
+        if self.teacher_precision is not None:
+            check_teacher_precision(self.teacher_precision)
+            if not self.teacher:
+                raise ValueError("--teacher-precision is the online teacher's (--teacher); a cache records the "
+                                 "precision it was dumped at (logitcache info)")
 
     # ---------------------------------------------------------------- derived
     @property

@@ -41,6 +41,7 @@ from logitcache.train.lockstep import agree_on_step, frozen_bn, planned_steps, s
 from logitcache.train.pskd_store import STORE_NAME, PredictionStore
 from logitcache.train.rundir import RunDir
 from logitcache.train.sources import CacheSource, FreshSource, OnlineSource, PSKDSource, open_cache
+from logitcache.views.mixing import mixed_targets
 from logitcache.views.recipe import resolve_recipe
 
 #: tests only: SIGKILL the run right before its N+1-th optimizer step (a real kill at a reproducible point)
@@ -180,9 +181,13 @@ def optimizer_step(cfg: TrainConfig, env: DistEnv, s: Setup, batch, epoch: int, 
     with frozen_bn(s.raw_model, repeat), precision.autocast(env.device):
         out = s.model(x)
     logits, weak = (out[0].float(), out[1].float()) if isinstance(out, tuple) else (out.float(), None)
-    terms = s.spec.terms(logits, target, args=s.loss_args, weak=weak, votes=None, epoch=epoch, epochs=cfg.epochs,
+    labels = target
+    if s.recipe.mixes:  # Mixup/CutMix: λ-mixed (box-area λ) label scores, smoothed as timm's mixup_target
+        labels = mixed_targets(target, batch.partner_target.to(env.device), batch.lam, logits.shape[1],
+                               cfg.label_smoothing)
+    terms = s.spec.terms(logits, labels, args=s.loss_args, weak=weak, votes=None, epoch=epoch, epochs=cfg.epochs,
                          ce_weight=cfg.ce_weight, loss_weight=cfg.loss_weight, **s.source.inputs(batch, env.device))
-    if cfg.label_smoothing > 0 and "ce" in terms:
+    if cfg.label_smoothing > 0 and "ce" in terms and not s.recipe.mixes:
         ce_weight = s.spec.ce_weight if cfg.ce_weight is None else cfg.ce_weight
         terms["ce"] = ce_weight * label_smoothing(logits, target, epsilon=cfg.label_smoothing)
     loss = sum(terms.values())
@@ -276,7 +281,8 @@ def build(cfg: TrainConfig, env: DistEnv, run: RunDir) -> tuple[Setup, checkpoin
         recipe = resolve_recipe(cfg.recipe, cfg.image_size, default=manifest.default_recipe,
                                 default_where=f"the manifest of {cfg.data}")
     if cfg.teacher:
-        teacher = Teacher.load(cfg.teacher, cfg.weights, num_classes, recipe.image_size, env.device, cfg.seed)
+        teacher = Teacher.load(cfg.teacher, cfg.weights, num_classes, recipe.image_size, env.device, cfg.seed,
+                               precision=cfg.teacher_precision)
         if cfg.weights is None:
             notes.append(f"teacher {cfg.teacher} has no --weights: randomly initialised from seed {cfg.seed}")
     if "votes" in spec.needs:

@@ -38,6 +38,7 @@ from logitcache.errors import CacheError
 from logitcache.labels.topk import TopKLogits
 from logitcache.replay import RowSource
 from logitcache.runtime.dist import SINGLE_PROCESS, DistEnv
+from logitcache.runtime.precision import default_teacher_precision
 from logitcache.views.recipe import Recipe
 
 GROUP = "pskd"  # the one teacher group of RUN/pskd.zarr
@@ -81,6 +82,7 @@ class PredictionStore:
             normalization=normalization, recipe=recipe.to_json(), param_fields=tuple(recipe.param_fields), k=k,
             temperatures=(1.0,), seed=seed, epochs=SLOTS, value_dtype="float32",
             index_dtype=schema.index_dtype(manifest.num_classes),
+            teacher_precision=default_teacher_precision(env.device),  # the student's forward (`precision.autocast`)
         )
         root = schema.RootMeta(manifest.fingerprint, manifest.num_classes, len(manifest.shards),
                                tuple(s.num_samples for s in manifest.shards))

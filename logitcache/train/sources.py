@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from logitcache.cache.reader import CacheReader
+from logitcache.cache.verify import check_replay
 from logitcache.errors import TemperatureNotRecorded
 from logitcache.replay import (
     CachedViews,
@@ -133,7 +134,7 @@ class CacheSource(FreshSource):
         m = self.cache.meta
         return {"url": self.cfg.cache, "group": self.cache.group, "teacher": m.teacher, "weights": m.weights,
                 "weights_digest": m.weights_digest, "epochs": m.epochs, "k": m.k,
-                "temperatures": list(m.temperatures), "seed": m.seed}
+                "temperatures": list(m.temperatures), "seed": m.seed, "teacher_precision": m.teacher_precision}
 
     def identity(self) -> dict[str, Any]:
         return cache_identity(self.cache)
@@ -148,6 +149,7 @@ def open_cache(cfg: TrainConfig, manifest, spec, loss_args, shards) -> tuple[Cac
     recipe = resolve_recipe(cfg.recipe, cfg.image_size, cached=cache.meta.recipe,
                             cached_where=f"cache {cfg.cache} group '{cache.group}'")
     check_cache_covers(cache, shards, explicit=cfg.shards is not None)
+    check_replay(cache, manifest, recipe, once=True)  # these pixels are the teacher's, on this machine
     missing = [t for t in spec.teacher_temperatures(loss_args)
                if not any(math.isclose(t, u, rel_tol=1e-6) for u in cache.meta.temperatures)]
     if missing:

@@ -1,4 +1,5 @@
-"""`ViewParams`: what a cache stores per view to replay it exactly (a crop box in source pixels and a flip)."""
+"""What a cache stores per view to replay it exactly: `ViewParams` (imagenet, small: a crop box in source pixels
+and a flip) and `ArrayParams` (deit, tv-v2: one int16 per `Recipe.param_fields`)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,56 @@ class ViewParams:
         return cls(top, left, height, width, bool(flip))
 
 
+
+
+@dataclass(frozen=True)
+class ArrayParams:
+    """The params of an augmenting recipe's view (``deit``, ``tv-v2``): one int16 per ``recipe.param_fields``.
+
+    The crop box (``top``, ``left``, ``height``, ``width``, source pixels) and ``flags`` (bit 0: flip, bits 1-2:
+    mix mode) come first; the other fields belong to the ops (see each op's module for what it stores).
+    """
+
+    fields: tuple[str, ...]
+    values: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.fields) != len(self.values):
+            raise RecipeError(f"expected view params {self.fields}, got {len(self.values)} values")
+        info = np.iinfo(np.int16)
+        if any(v < info.min or v > info.max for v in self.values):
+            raise RecipeError(f"view params {self} do not fit int16 (source images up to 32767 px are supported)")
+
+    def get(self, *names: str) -> list[int]:
+        return [self.values[self.fields.index(n)] for n in names]
+
+    @property
+    def top(self) -> int:
+        return self.values[0]
+
+    @property
+    def left(self) -> int:
+        return self.values[1]
+
+    @property
+    def height(self) -> int:
+        return self.values[2]
+
+    @property
+    def width(self) -> int:
+        return self.values[3]
+
+    @property
+    def flip(self) -> bool:
+        return bool(self.values[4] & 1)
+
+    def to_array(self) -> np.ndarray:
+        return np.asarray(self.values, dtype=np.int16)
+
+    @classmethod
+    def from_array(cls, recipe, arr) -> ArrayParams:
+        a = np.asarray(arr).reshape(-1)
+        return cls(tuple(recipe.param_fields), tuple(int(v) for v in a))
+
+    def __str__(self) -> str:
+        return "(" + ", ".join(f"{f}={v}" for f, v in zip(self.fields, self.values, strict=True)) + ")"

@@ -6,39 +6,91 @@
 The sampling is a pure function of ``(seed, epoch, global_index)`` and the source image size, so it does not
 depend on worker count, rank count or reading order. ``apply_view`` is the one function that turns params into
 pixels; "the same view" means the same uint8 pixels after crop/resize/flip and before normalisation (each model
-normalises its own way, see `normalize`).
+normalises its own way, see `normalize`). Mixing recipes (``deit``, ``tv-v2``) mix each such view with a
+partner view of the same (epoch, shard) unit afterwards: `logitcache.views.mixing.UnitMixer`.
 
-Why Pillow does the resizing: Pillow's bilinear (antialiased) resampling is fixed-point integer C code with no
-CPU-specific variants, so the same params give the same bytes on any machine. torch's uint8 antialiased resize
-was measured to give different bytes with ``ATEN_CPU_CAPABILITY=default`` (the path ARM CPUs such as Grace take)
-than with AVX2/AVX512, so a cache dumped on one machine would not replay exactly on another. Cropping happens on
-the tensor first (as torchvision's ``resized_crop`` does), so our ``imagenet`` views equal torchvision's
-``RandomResizedCrop`` + ``RandomHorizontalFlip`` on PIL images, given the same box and flip.
+Why Pillow does the resizing: Pillow's bilinear/bicubic (antialiased) resampling is fixed-point integer C code
+with no CPU-specific variants, so the same params give the same bytes on any machine. torch's uint8 antialiased
+resize was measured to give different bytes with ``ATEN_CPU_CAPABILITY=default`` (the path ARM CPUs such as Grace
+take) than with AVX2/AVX512, so a cache dumped on one machine would not replay exactly on another. Cropping
+happens on the tensor first (as torchvision's ``resized_crop`` does), so our ``imagenet`` views equal
+torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` on PIL images, given the same box and flip.
 
 Recipes are named and versioned; a recipe's settings are serialised into every cache (``Recipe.to_json``) and a
 cache made by a different version of a recipe is refused rather than replayed approximately.
+
+    imagenet v1  RandomResizedCrop 0.08-1 bilinear, flip                      eval: resize 256, center 224
+    small v1     pad 4 + crop, flip                                            eval: resize
+    deit v1      RRC 0.08-1 bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25 (pixel noise),
+                 Mixup 0.8 / CutMix 1.0 switch 0.5                            eval: bicubic resize 256, center 224
+    tv-v2 v1     RRC 0.08-1 bilinear, flip, TrivialAugmentWide, RandomErasing 0.1 (mean colour),
+                 Mixup 0.2 / CutMix 1.0 switch 0.5                            eval: resize 232, center 224
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from logitcache.errors import CacheMismatchError, RecipeError
+from logitcache.views.ops import erasing as erasing_op
+from logitcache.views.ops import mix as mix_op
+from logitcache.views.ops import randaugment as ra_op
+from logitcache.views.ops import trivialaugment as ta_op
 from logitcache.views.ops.geometry import _check_image, _from_pil, _random_resized_crop_box, _to_pil, _window, resize
-from logitcache.views.params import ViewParams
+from logitcache.views.params import ArrayParams, ViewParams
 
-# name -> (current version, default image size, the settings that recipe uses)
-_RECIPES: dict[str, tuple[int, int, tuple[str, ...]]] = {
-    "imagenet": (1, 224, ("scale", "ratio", "flip_p", "interpolation", "eval_crop_fraction")),
-    "small": (1, 28, ("pad", "flip_p", "interpolation")),
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_BILINEAR = "bilinear-antialias-pillow"
+_BICUBIC = "bicubic-antialias-pillow"
+_RESAMPLE = {_BILINEAR: Image.Resampling.BILINEAR, _BICUBIC: Image.Resampling.BICUBIC}
+_TV_INTERP = {_BILINEAR: InterpolationMode.BILINEAR, _BICUBIC: InterpolationMode.BICUBIC}
+_CROP = ("scale", "ratio", "flip_p", "interpolation", "eval_crop_fraction")
+_AUG = ("erasing_p", "erasing_mode", "mixup_alpha", "cutmix_alpha", "mix_switch", "mix_prob", "mix_block",
+        "cutmix_box", "fill_mean", "fill_std")
+_RA_PATTERN = re.compile(r"rand-m(\d+)-mstd([0-9.]+)-inc1")
+
+_BOX_FIELDS = ("top", "left", "height", "width")
+_ERASE_FIELDS = ("erase_top", "erase_left", "erase_height", "erase_width", "erase_seed")
+_MIX_FIELDS = ("mix_partner", "mix_lam", "mix_y", "mix_x")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    version: int
+    image_size: int
+    settings: tuple[str, ...]
+    defaults: dict[str, Any]
+    fields: tuple[str, ...]
+
+
+_RECIPES: dict[str, _Spec] = {
+    "imagenet": _Spec(1, 224, _CROP, {}, (*_BOX_FIELDS, "flip")),
+    "small": _Spec(1, 28, ("pad", "flip_p", "interpolation"), {}, (*_BOX_FIELDS, "flip")),
+    # DeiT (Touvron et al. 2021; facebookresearch/deit main.py defaults), i.e. timm's create_transform(
+    # auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25, re_mode="pixel") + Mixup(0.8,
+    # cutmix 1.0, switch 0.5). flags = flip | mix mode << 1.
+    "deit": _Spec(1, 224, (*_CROP, "randaugment", *_AUG), dict(
+        interpolation=_BICUBIC, randaugment="rand-m9-mstd0.5-inc1", erasing_p=0.25, erasing_mode="pixel",
+        mixup_alpha=0.8, cutmix_alpha=1.0, mix_switch=0.5, mix_prob=1.0, cutmix_box="timm"),
+        (*_BOX_FIELDS, "flags", "ra_op0", "ra_mag0", "ra_op1", "ra_mag1", *_ERASE_FIELDS, *_MIX_FIELDS)),
+    # torchvision's current classification recipe: ResNet-50 IMAGENET1K_V2 ("How to Train State-Of-The-Art Models
+    # Using TorchVision's Latest Primitives", 2021; references/classification/train.py --auto-augment ta_wide
+    # --random-erase 0.1 --mixup-alpha 0.2 --cutmix-alpha 1.0 --val-resize-size 232; its train crop is 176:
+    # --image-size 176). Label smoothing 0.1 is a training setting (--label-smoothing), not part of the views.
+    "tv-v2": _Spec(1, 224, (*_CROP, "trivialaugment", *_AUG), dict(
+        interpolation=_BILINEAR, trivialaugment=31, erasing_p=0.1, erasing_mode="mean", mixup_alpha=0.2,
+        cutmix_alpha=1.0, mix_switch=0.5, mix_prob=1.0, cutmix_box="torchvision", eval_crop_fraction=224 / 232),
+        (*_BOX_FIELDS, "flags", "ta_op", "ta_bin", *_ERASE_FIELDS, *_MIX_FIELDS)),
 }
-_INTERPOLATION = "bilinear-antialias-pillow"  # the only resampling apply_view implements
 
 
 @dataclass(frozen=True)
@@ -50,6 +102,12 @@ class Recipe:
     shorter side to ``floor(image_size / eval_crop_fraction)`` + center crop.
     ``small`` (Fashion-MNIST/CIFAR style): zero-pad ``pad`` px, random crop of the source size, flip; resized to
     ``image_size`` only when the source differs; eval = resize only.
+    ``deit`` / ``tv-v2``: the ``imagenet`` crop and flip with the recipe's filter, then RandAugment
+    (``randaugment``, timm's config string) or TrivialAugmentWide (``trivialaugment`` bins), RandomErasing
+    (``erasing_*``) and Mixup/CutMix (``mixup_alpha``, ``cutmix_alpha``, ``mix_switch``, ``mix_prob``; partner
+    within blocks of ``mix_block`` offsets of the unit; ``cutmix_box`` = timm's or torchvision's box rule).
+    ``fill_mean``/``fill_std``: the mean colour that geometric ops and mean erasing fill with, and the
+    normalisation in which pixel erasing draws its noise (ImageNet's, whatever the model's).
     Bump a recipe's version whenever the pixels its params produce change.
     """
 
@@ -60,35 +118,99 @@ class Recipe:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     pad: int = 4
     flip_p: float = 0.5
-    interpolation: str = _INTERPOLATION
+    interpolation: str = _BILINEAR
     eval_crop_fraction: float = 0.875
-
-    param_fields: ClassVar[tuple[str, ...]] = ("top", "left", "height", "width", "flip")
+    randaugment: str = ""
+    trivialaugment: int = 0
+    erasing_p: float = 0.0
+    erasing_mode: str = "pixel"
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_switch: float = 0.5
+    mix_prob: float = 1.0
+    mix_block: int = 16
+    cutmix_box: str = "timm"
+    fill_mean: tuple[float, float, float] = IMAGENET_MEAN
+    fill_std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
         if self.name not in _RECIPES:
             raise RecipeError(f"unknown recipe {self.name!r}; known: {sorted(_RECIPES)}")
-        current = _RECIPES[self.name][0]
-        if self.version != current:
+        spec = _RECIPES[self.name]
+        if self.version != spec.version:
             raise RecipeError(
                 f"recipe {self.name!r} version {self.version} cannot be replayed by this logitcache, which "
-                f"implements version {current} (the pixels would differ)"
+                f"implements version {spec.version} (the pixels would differ)"
             )
         if not isinstance(self.image_size, int) or self.image_size < 1:
             raise RecipeError(f"image_size must be a positive int, got {self.image_size!r}")
-        if self.interpolation != _INTERPOLATION:
-            raise RecipeError(f"interpolation {self.interpolation!r} is not implemented (only {_INTERPOLATION!r})")
+        if self.interpolation not in _RESAMPLE or (self.name in ("imagenet", "small") and
+                                                    self.interpolation != _BILINEAR):
+            raise RecipeError(f"interpolation {self.interpolation!r} is not implemented for {self.name!r}")
         if not 0.0 <= self.flip_p <= 1.0:
             raise RecipeError(f"flip_p must be in [0, 1], got {self.flip_p}")
         if not (0 < self.scale[0] <= self.scale[1] <= 1.0) or not (0 < self.ratio[0] <= self.ratio[1]):
             raise RecipeError(f"bad scale {self.scale} or ratio {self.ratio}")
         if self.pad < 0 or not 0 < self.eval_crop_fraction <= 1:
             raise RecipeError(f"bad pad {self.pad} or eval_crop_fraction {self.eval_crop_fraction}")
+        if self.randaugment:
+            self.randaugment_settings  # noqa: B018 - parses (and so checks) the config string
+        if not (0 <= self.erasing_p <= 1 and 0 <= self.mix_prob <= 1 and 0 <= self.mix_switch <= 1):
+            raise RecipeError("erasing_p, mix_prob and mix_switch must be in [0, 1]")
+        if self.erasing_mode not in ("pixel", "mean") or self.cutmix_box not in ("timm", "torchvision"):
+            raise RecipeError(f"erasing_mode {self.erasing_mode!r} / cutmix_box {self.cutmix_box!r} unknown")
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0 or not 2 <= self.mix_block <= 64:
+            raise RecipeError("mixup/cutmix alphas must be >= 0 and mix_block in [2, 64]")
+        if self.trivialaugment not in (0, ta_op.NUM_BINS):
+            raise RecipeError(f"trivialaugment implements {ta_op.NUM_BINS} magnitude bins, got {self.trivialaugment}")
+
+    # ---------------------------------------------------------------- derived facts
+    @property
+    def param_fields(self) -> tuple[str, ...]:
+        """The names of a view's int16 params, in stored order."""
+        return _RECIPES[self.name].fields
+
+    def field_index(self, name: str) -> int:
+        return self.param_fields.index(name)
+
+    @property
+    def augments(self) -> bool:
+        """A recipe beyond crop + flip (its params are an `ArrayParams`)."""
+        return self.name not in ("imagenet", "small")
+
+    @property
+    def mixes(self) -> bool:
+        """Views are mixed with a partner of their unit (`logitcache.views.mixing.UnitMixer`)."""
+        return self.augments and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    @property
+    def randaugment_settings(self) -> tuple[float, float]:
+        """(magnitude, magnitude std) of ``randaugment`` (only timm's ``rand-m{M}-mstd{S}-inc1`` form)."""
+        m = _RA_PATTERN.fullmatch(self.randaugment)
+        if m is None:
+            raise RecipeError(f"randaugment {self.randaugment!r}: only timm's 'rand-m<M>-mstd<S>-inc1' form "
+                              f"(2 ops, p 0.5, the increasing op set) is implemented")
+        return float(m.group(1)), float(m.group(2))
+
+    @property
+    def resample(self) -> int:
+        return _RESAMPLE[self.interpolation]
+
+    @property
+    def fill(self) -> tuple[int, ...]:
+        """timm's ``img_mean`` fill colour: round(255 · mean)."""
+        return tuple(min(255, round(255 * m)) for m in self.fill_mean)
+
+    def params_from_array(self, arr) -> ViewParams | ArrayParams:
+        """The stored int16 row of one view as this recipe's params object."""
+        if self.augments:
+            return ArrayParams.from_array(self, arr)
+        return ViewParams.from_array(self, arr)
 
     def to_json(self) -> dict[str, Any]:
         """The recipe's name, version, image size and the settings it uses (what a cache records)."""
         d: dict[str, Any] = {"name": self.name, "version": self.version, "image_size": self.image_size}
-        for key in _RECIPES[self.name][2]:
+        for key in _RECIPES[self.name].settings:
             v = getattr(self, key)
             d[key] = list(v) if isinstance(v, tuple) else v
         d["param_fields"] = list(self.param_fields)
@@ -101,17 +223,18 @@ class Recipe:
         if name not in _RECIPES:
             raise RecipeError(f"unknown recipe {name!r}; known: {sorted(_RECIPES)}")
         fields = d.pop("param_fields", None)
-        if fields is not None and tuple(fields) != cls.param_fields:
-            raise RecipeError(f"recipe {name!r} records param fields {fields}, this version has {cls.param_fields}")
-        allowed = {"name", "version", "image_size", *_RECIPES[name][2]}
+        if fields is not None and tuple(fields) != _RECIPES[name].fields:
+            raise RecipeError(f"recipe {name!r} records param fields {fields}, this version has "
+                              f"{_RECIPES[name].fields}")
+        allowed = {"name", "version", "image_size", *_RECIPES[name].settings}
         unknown = set(d) - allowed
         if unknown:
             raise RecipeError(f"recipe {name!r} has settings this version does not know: {sorted(unknown)}")
         try:
-            for key in ("scale", "ratio"):
+            for key in ("scale", "ratio", "fill_mean", "fill_std"):
                 if key in d:
                     d[key] = tuple(float(x) for x in d[key])
-            return cls(**d)
+            return cls(**{**_RECIPES[name].defaults, **d})
         except (TypeError, ValueError) as e:
             if isinstance(e, RecipeError):
                 raise
@@ -119,11 +242,11 @@ class Recipe:
 
 
 def get_recipe(name: str, image_size: int | None = None) -> Recipe:
-    """The current version of recipe ``name`` at ``image_size`` px (default: imagenet 224, small 28)."""
+    """The current version of recipe ``name`` at ``image_size`` px (default: small 28, the others 224)."""
     if name not in _RECIPES:
         raise RecipeError(f"unknown recipe {name!r}; known: {sorted(_RECIPES)}")
-    version, default_size, _ = _RECIPES[name]
-    return Recipe(name=name, version=version, image_size=int(image_size or default_size))
+    spec = _RECIPES[name]
+    return Recipe(name=name, version=spec.version, image_size=int(image_size or spec.image_size), **spec.defaults)
 
 
 def resolve_recipe(
@@ -161,32 +284,46 @@ def resolve_recipe(
                       f"there is no cache, and {default_where} records no default_recipe")
 
 
-def sample_view(rng: np.random.Generator, height: int, width: int, recipe: Recipe) -> ViewParams:
-    """Draw one view's params for a ``height`` x ``width`` source image (crop first, then the flip)."""
+def sample_view(rng: np.random.Generator, height: int, width: int, recipe: Recipe) -> ViewParams | ArrayParams:
+    """Draw one view's params for a ``height`` x ``width`` source image (crop first, then the flip, then the
+    recipe's other ops in the order they are applied; the mix partner is the unit's, see `UnitMixer`)."""
     if height < 1 or width < 1:
         raise RecipeError(f"cannot sample a view of a {height}x{width} image")
-    if recipe.name == "imagenet":
-        top, left, h, w = _random_resized_crop_box(rng, height, width, recipe.scale, recipe.ratio)
-    else:  # small: a source-sized window over the zero-padded image, offset uniform in [-pad, pad]
+    if recipe.name == "small":  # a source-sized window over the zero-padded image, offset uniform in [-pad, pad]
         p = recipe.pad
         top, left, h, w = int(rng.integers(0, 2 * p + 1)) - p, int(rng.integers(0, 2 * p + 1)) - p, height, width
+    else:
+        top, left, h, w = _random_resized_crop_box(rng, height, width, recipe.scale, recipe.ratio)
     flip = bool(rng.random() < recipe.flip_p)
-    return ViewParams(top, left, h, w, flip)
+    if not recipe.augments:
+        return ViewParams(top, left, h, w, flip)
+    S = recipe.image_size
+    if recipe.randaugment:
+        m, mstd = recipe.randaugment_settings
+        ops = ra_op.draw_randaugment(rng, magnitude=m, magnitude_std=mstd)
+    else:
+        ops = ta_op.draw_trivialaugment(rng)
+    erase = erasing_op.draw_erasing(rng, S, p=recipe.erasing_p)
+    mode, mixed = mix_op.draw_mix(rng, S, mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha,
+                                  switch_prob=recipe.mix_switch, prob=recipe.mix_prob, box_rule=recipe.cutmix_box)
+    return ArrayParams.from_array(recipe, [top, left, h, w, int(flip) | mode << 1, *ops, *erase, 0, *mixed])
 
 
 # ------------------------------------------------------------------ applying (the pixels the model sees)
-def apply_view(image: torch.Tensor, params: ViewParams, recipe: Recipe) -> torch.Tensor:
+def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Recipe) -> torch.Tensor:
     """The view ``params`` of ``image`` (uint8 (3, H, W)) as a new uint8 (3, S, S) tensor, S = image_size.
 
     imagenet: crop the box, resize to S x S (bilinear, antialiased), flip. small: take the source-sized window
     at (top, left) of the zero-padded image, resize to S x S only if the source is not S x S, flip.
+    deit / tv-v2: the imagenet steps with the recipe's filter, then RandAugment / TrivialAugment and erasing;
+    NOT the mix, which needs the partner view (`logitcache.views.mixing.UnitMixer` does it).
     Params that do not fit the image (a replay against the wrong image) raise `RecipeError`.
     Like torchvision's ``PILToTensor``, the result's memory is usually channels-last (HWC): one copy fewer.
     """
     _check_image(image)
     _, H, W = image.shape
     t, l, h, w = params.top, params.left, params.height, params.width
-    if recipe.name == "imagenet":
+    if recipe.name != "small":
         if not (0 <= t and 0 <= l and h >= 1 and w >= 1 and t + h <= H and l + w <= W):
             raise RecipeError(f"view {params} does not fit a {H}x{W} image")
         x = image[:, t : t + h, l : l + w]
@@ -195,23 +332,40 @@ def apply_view(image: torch.Tensor, params: ViewParams, recipe: Recipe) -> torch
             raise RecipeError(f"view {params} does not fit a {H}x{W} image with pad {recipe.pad}")
         x = _window(image, t, l)
     S = recipe.image_size
-    if tuple(x.shape[1:]) == (S, S):
+    if not recipe.augments and tuple(x.shape[1:]) == (S, S):
         return torch.flip(x, dims=(-1,)) if params.flip else x.clone()
-    im = _to_pil(x).resize((S, S), Image.Resampling.BILINEAR)
+    im = _to_pil(x)
+    if im.size != (S, S):
+        im = im.resize((S, S), recipe.resample)
     if params.flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _from_pil(im)
+    if not recipe.augments:
+        return _from_pil(im)
+    try:
+        if recipe.randaugment:
+            im = ra_op.apply_randaugment(im, params.get("ra_op0", "ra_mag0", "ra_op1", "ra_mag1"),
+                                         fill=recipe.fill, resample=recipe.resample)
+        else:
+            im = ta_op.apply_trivialaugment(im, params.get("ta_op", "ta_bin"),
+                                            interpolation=_TV_INTERP[recipe.interpolation])
+        a = np.array(im)
+        erasing_op.apply_erasing(a, params.get(*_ERASE_FIELDS), mode=recipe.erasing_mode, mean=recipe.fill_mean,
+                                 std=recipe.fill_std)
+    except ValueError as e:
+        raise RecipeError(f"view {params}: {e}") from e
+    return torch.from_numpy(a).permute(2, 0, 1)
 
 
 def eval_view(image: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     """The deterministic evaluation view, uint8 (3, S, S).
 
-    imagenet: resize the shorter side to ``floor(S / eval_crop_fraction)`` (256 for 224; the longer side as
-    torchvision's ``Resize(int)`` computes it) and center-crop S x S. small: resize to S x S if needed.
+    imagenet, deit, tv-v2: resize the shorter side to ``floor(S / eval_crop_fraction)`` (256 for 224; the longer
+    side as torchvision's ``Resize(int)`` computes it) with the recipe's filter and center-crop S x S.
+    small: resize to S x S if needed.
     """
     _check_image(image)
     S = recipe.image_size
-    if recipe.name != "imagenet":
+    if recipe.name == "small":
         return resize(image, S, S) if tuple(image.shape[1:]) != (S, S) else image.clone()
     _, H, W = image.shape
     short_target = int(math.floor(S / recipe.eval_crop_fraction))
@@ -219,8 +373,6 @@ def eval_view(image: torch.Tensor, recipe: Recipe) -> torch.Tensor:
         new_h, new_w = short_target, int(short_target * W / H)
     else:
         new_h, new_w = int(short_target * H / W), short_target
-    im = _to_pil(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
+    im = _to_pil(image).resize((new_w, new_h), recipe.resample)
     top, left = int(round((new_h - S) / 2.0)), int(round((new_w - S) / 2.0))
     return _from_pil(im.crop((left, top, left + S, top + S)))
-
-

@@ -1,0 +1,193 @@
+"""The ``deit`` recipe end to end (issue 15): dump with the teacher on the MIXED views, replay, verify --recompute,
+independence from workers/ranks/batch size, cached == online NKD on mixed views, and the replay digests that
+refuse a changed resampler or decoder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from logitcache.cache import verify as verify_mod
+from logitcache.cache.reader import CacheReader
+from logitcache.cache.verify import recompute_views, verify_cache
+from logitcache.data.manifest import load_manifest
+from logitcache.data.tar import tarfile_samples
+from logitcache.dump import DumpConfig, dump
+from logitcache.errors import CacheMismatchError, ReplayMismatchError
+from logitcache.replay import CachedViews, FreshViews, cached_views_stage, collate
+from logitcache.train.config import TrainConfig
+from logitcache.train.loop import train
+from logitcache.views import digest as digest_mod
+from logitcache.views import recipe as recipe_mod
+from logitcache.views.recipe import get_recipe
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+SEED = 0
+
+
+def _dump_cfg(data, out, **kw) -> DumpConfig:
+    # k = C = 10: NKD reads the teacher at BOTH label columns of a mixed view, exactly only without a tail
+    base = dict(data=str(data), out=str(out), teacher="smallcnn", recipe="deit", image_size=28, epochs=1, topk=10,
+                temperatures=(1.0,), seed=SEED, batch_size=5, progress=False)
+    return DumpConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def deit_cache(small_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deit") / "cache.zarr"
+    dump(_dump_cfg(small_shards, out))
+    return out
+
+
+def _objects(root: Path) -> dict[str, bytes]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_file() and not rel.endswith("zarr.json"):
+            out[rel] = p.read_bytes()
+    return out
+
+
+def _views(ds) -> dict[int, tuple]:
+    return {int(it.index): (hashlib.sha256(it.image.numpy().tobytes()).hexdigest(), int(it.partner_target),
+                            float(it.lam), it.view.tobytes()) for it in ds}
+
+
+def test_deit_cache_bytes_do_not_depend_on_workers_or_batch_size(small_shards, deit_cache, tmp_path):
+    again = tmp_path / "again.zarr"
+    dump(_dump_cfg(small_shards, again, workers=2, batch_size=7))
+    assert _objects(again) == _objects(deit_cache)
+    meta = CacheReader(str(deit_cache)).meta
+    assert meta.recipe["name"] == "deit" and meta.param_fields == get_recipe("deit").param_fields
+
+
+def test_cached_views_are_the_dumped_mixed_views(small_shards, deit_cache):
+    reader = CacheReader(str(deit_cache))
+    cached = _views(CachedViews(small_shards, reader, epoch=0, return_items=True))
+    fresh = _views(FreshViews(small_shards, seed=SEED, epoch=0, recipe=get_recipe("deit", 28), return_items=True))
+    assert cached == fresh and len(cached) == 24
+    r = get_recipe("deit", 28)
+    modes = [(np.frombuffer(v[3], np.int16)[r.field_index("flags")] >> 1) & 3 for v in cached.values()]
+    assert {1, 2} <= set(modes)  # both Mixup and CutMix occur
+    assert any(v[2] < 1 for v in cached.values())
+    # the public face: the mixed (C,) label that sums to 1
+    image, row, target = next(iter(CachedViews(small_shards, reader, epoch=0)))
+    assert target.shape == (10,) and math.isclose(float(target.sum()), 1.0, rel_tol=1e-6) and len(row) == 1
+
+
+@pytest.mark.parametrize("name", ["deit", "tv-v2"])
+def test_views_do_not_depend_on_workers_or_ranks(small_shards, name):
+    r = get_recipe(name, 28)
+
+    def run(workers, rank, world):
+        ds = FreshViews(small_shards, seed=3, epoch=1, recipe=r, rank=rank, world_size=world, return_items=True,
+                        shuffle_seed=5)
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate)
+        out = {}
+        for b in loader:
+            for i in range(len(b.target)):
+                out[int(b.index[i])] = (hashlib.sha256(b.image[i].numpy().tobytes()).hexdigest(),
+                                        int(b.partner_target[i]), float(b.lam[i]))
+        return out
+
+    one = run(0, 0, 1)
+    assert len(one) == 24
+    assert run(2, 0, 1) == one
+    assert {**run(0, 0, 2), **run(2, 1, 2)} == one
+
+
+def test_verify_recompute_agrees_on_the_mixed_views(small_shards, deit_cache):
+    res = recompute_views(str(deit_cache), None, str(small_shards), "smallcnn", None, 10)
+    assert res["views"] == 10 and res["mismatches"] == [] and res["weights_digest_equal"]
+    assert res["max_abs_logprob_diff"] < 5e-3
+    # the teacher on the UNmixed views would not agree: the cache holds its outputs on the mixed ones
+    rep = verify_cache(str(deit_cache), data=str(small_shards))
+    assert rep.ok and rep.replay_units_checked == 2
+
+
+def test_cached_and_online_nkd_agree_on_mixed_views(small_shards, deit_cache, tmp_path):
+    common = dict(data=str(small_shards), student="smallcnn", loss="nkd", epochs=1, batch_size=24, lr=0.05,
+                  seed=SEED, progress=False, label_smoothing=0.1)
+    train(TrainConfig(out=str(tmp_path / "cached"), cache=str(deit_cache), **common))
+    train(TrainConfig(out=str(tmp_path / "online"), teacher="smallcnn", recipe="deit", image_size=28, **common))
+    a, b = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()][0]["train"]
+            for d in ("cached", "online"))
+    for term in ("ce", "nkd_target", "nkd_nontarget"):
+        assert math.isclose(a[term], b[term], rel_tol=2e-3), term
+    assert a["ce"] == b["ce"]  # the same mixed views and λ-mixed labels: CE is bit-identical
+
+
+def test_mixed_ce_uses_lambda_mixed_targets(small_shards):
+    from logitcache.losses.ce import cross_entropy
+    from logitcache.views.mixing import mixed_targets
+
+    batch = collate(list(FreshViews(small_shards, seed=1, epoch=0, recipe=get_recipe("deit", 28), return_items=True)))
+    y = mixed_targets(batch.target, batch.partner_target, batch.lam, 10)
+    logits = torch.randn(len(y), 10, generator=torch.Generator().manual_seed(0))
+    lp = torch.log_softmax(logits, 1)
+    own, other = lp.gather(1, batch.target[:, None])[:, 0], lp.gather(1, batch.partner_target[:, None])[:, 0]
+    expected = -(batch.lam * own + (1 - batch.lam) * other).mean()
+    torch.testing.assert_close(cross_entropy(logits, y), expected.float())
+
+
+@pytest.mark.parametrize("change", ["resampler", "decoder"])
+def test_a_changed_resampler_or_decoder_makes_train_refuse_naming_versions(small_shards, deit_cache, tmp_path,
+                                                                           monkeypatch, change):
+    monkeypatch.setattr(verify_mod, "_REPLAY_CHECKED", set())
+    if change == "resampler":  # a Pillow whose bicubic filter changed
+        from PIL import Image
+        monkeypatch.setitem(recipe_mod._RESAMPLE, recipe_mod._BICUBIC, Image.Resampling.BILINEAR)
+        versions = {**digest_mod.library_versions(), "pillow": "99.0.0"}
+    else:  # a decoder that rounds differently
+        import logitcache.data.shards as shards_mod
+        real = shards_mod.decode_sample
+
+        def off_by_one(*a, **k):
+            image, label = real(*a, **k)
+            return image ^ 1, label
+        monkeypatch.setattr(shards_mod, "decode_sample", off_by_one)
+        versions = {**digest_mod.library_versions(), "decoder": "torchcodec"}
+    monkeypatch.setattr(digest_mod, "library_versions", lambda: versions)
+    cfg = TrainConfig(data=str(small_shards), out=str(tmp_path / "run"), student="smallcnn", loss="nkd",
+                      cache=str(deit_cache), epochs=1, batch_size=8, progress=False)
+    with pytest.raises(ReplayMismatchError) as e:
+        train(cfg)
+    msg = str(e.value)
+    assert "not the pixels the teacher saw" in msg
+    assert ("pillow: " in msg and "99.0.0 here" in msg) if change == "resampler" else "torchcodec here" in msg
+    assert isinstance(e.value, CacheMismatchError)
+    monkeypatch.setattr(verify_mod, "_REPLAY_CHECKED", set())
+    with pytest.raises(ReplayMismatchError):
+        CachedViews(small_shards, str(deit_cache), epoch=0)
+    rep = verify_cache(str(deit_cache), data=str(small_shards))
+    assert not rep.ok and any("not the pixels the teacher saw" in p["what"] for p in rep.problems)
+
+
+def test_a_cache_of_another_recipe_version_is_refused(small_shards, deit_cache, tmp_path):
+    with pytest.raises(CacheMismatchError, match="another recipe"):
+        CachedViews(small_shards, str(deit_cache), epoch=0, recipe=get_recipe("tv-v2", 28))
+    with pytest.raises(CacheMismatchError, match="mixup_alpha"):
+        CachedViews(small_shards, str(deit_cache), epoch=0,
+                    recipe=recipe_mod.Recipe.from_json({**get_recipe("deit", 28).to_json(), "mixup_alpha": 0.5}))
+
+
+def test_webdataset_stage_replays_the_mixed_views(small_shards, deit_cache):
+    wds = pytest.importorskip("webdataset", reason="the stage is for webdataset pipelines (ecosystem extra)")
+
+    m = load_manifest(small_shards)
+    stage = cached_views_stage(small_shards, deit_cache, epoch=0)
+    pipeline = wds.DataPipeline(wds.SimpleShardList([m.shard_url(i) for i in range(len(m.shards))][::-1]),
+                                tarfile_samples, stage, wds.to_tuple("image", "soft", "target", "index"))
+    ours = {int(i): (img, t) for img, _, t, i in pipeline}
+    ref = CachedViews(small_shards, str(deit_cache), epoch=0, return_index=True)
+    n = 0
+    for img, _, t, i in ref:
+        assert torch.equal(ours[int(i)][0], img) and torch.equal(ours[int(i)][1], t)
+        n += 1
+    assert n == len(ours) == 24

@@ -1,0 +1,288 @@
+"""Augmentation ops with explicit params (issue 15): each op against its reference library on fixed params,
+purity (same params -> same bytes, here and in another process), odd images, and the deit / tv-v2 recipes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from logitcache.errors import RecipeError
+from logitcache.views.mixing import UnitMixer, mixed_targets
+from logitcache.views.ops import color, erasing, mix, randaugment, trivialaugment
+from logitcache.views.params import ArrayParams
+from logitcache.views.recipe import Recipe, apply_view, eval_view, get_recipe, sample_view
+from logitcache.views.rng import view_rng
+
+
+def _pil(h=37, w=53, seed=0, gray=False) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (h, w, 1 if gray else 3), dtype=np.uint8)
+    return Image.fromarray(np.repeat(a, 3, axis=2) if gray else a)
+
+
+def _tensor(h, w, seed=0, gray=False) -> torch.Tensor:
+    return torch.from_numpy(np.array(_pil(h, w, seed, gray))).permute(2, 0, 1)
+
+
+FILL = (124, 116, 104)
+
+
+# ------------------------------------------------------------------ each op against its reference
+def test_randaugment_ops_equal_timms_on_fixed_params():
+    aa = pytest.importorskip("timm.data.auto_augment", reason="timm (dev extra) is the reference implementation")
+    assert tuple(aa._RAND_INCREASING_TRANSFORMS) == randaugment.RA_OPS
+    img = _pil()
+    checked = 0
+    for name in randaugment.RA_OPS:
+        for m in (0.0, 0.1, 4.5, 8.8, 9.0, 9.5, 10.0):
+            for neg in (False, True):
+                saved = aa.random.random
+                aa.random.random = (lambda: 0.9) if neg else (lambda: 0.1)  # timm negates when random() > 0.5
+                try:
+                    fn = aa.LEVEL_TO_ARG[name]
+                    ref_args = fn(m, {"translate_const": 100, "img_mean": FILL}) if fn else ()
+                finally:
+                    aa.random.random = saved
+                ours = randaugment.level_args(name, m, neg)
+                assert tuple(ref_args) == tuple(ours), (name, m, neg)
+                got = randaugment.apply_op(img, name, ours, fill=FILL, resample=Image.Resampling.BICUBIC)
+                if name == "PosterizeIncreasing" and ours[0] == 0:
+                    # Pillow >= 12 refuses 0 bits, so timm raises at magnitude 10; we keep no bit (old Pillow)
+                    assert np.asarray(got).max() == 0
+                    continue
+                ref = aa.NAME_TO_OP[name](img, *ref_args, fillcolor=FILL, resample=Image.Resampling.BICUBIC)
+                assert np.array_equal(np.asarray(ref), np.asarray(got)), (name, m, neg)
+                checked += 1
+    assert checked > 150
+
+
+def test_randaugment_draws_follow_timms_distribution():
+    codes = np.array([randaugment.draw_randaugment(view_rng(0, 0, i)) for i in range(4000)])
+    ops, mags = codes[:, 0::2].ravel(), codes[:, 1::2].ravel()
+    applied = ops > 0
+    assert 0.46 < applied.mean() < 0.54  # p = 0.5 per layer
+    op_ids = (ops[applied] & 15) - 1
+    assert set(op_ids) == set(range(15))  # uniform over the 15 increasing ops, with replacement
+    m = mags[applied] / 10
+    assert abs(m.mean() - 9.0) < 0.05 and abs(m.std() - 0.5) < 0.05 and m.max() <= 10.0
+    unsigned = {randaugment.RA_OPS.index(n) for n in ("AutoContrast", "Equalize", "Invert", "PosterizeIncreasing",
+                                                      "SolarizeIncreasing", "SolarizeAdd")}
+    neg = ops[applied] & randaugment.NEG_FLAG > 0
+    assert not neg[np.isin(op_ids, list(unsigned))].any()
+    assert 0.45 < neg[~np.isin(op_ids, list(unsigned))].mean() < 0.55
+
+
+def test_trivialaugment_equals_torchvisions_on_fixed_params():
+    from torchvision.transforms import v2
+
+    ta = v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR)
+    img = _pil(40, 56)
+    for op, (name, mags, signed) in enumerate(trivialaugment.TA_OPS):
+        for b in (0, 7, 30):
+            for neg in (False, True) if signed else (False,):
+                m = 0.0 if mags is None else float(mags[b]) * (-1 if neg else 1)
+                ref = ta._apply_image_or_video_transform(img, name, m, interpolation=ta.interpolation, fill=ta._fill)
+                code = op + (trivialaugment.NEG_FLAG if neg else 0)
+                got = trivialaugment.apply_trivialaugment(img, [code, b if mags is not None else 0],
+                                                          interpolation=InterpolationMode.BILINEAR)
+                assert np.array_equal(np.asarray(ref), np.asarray(got)), (name, b, neg)
+
+
+def test_colorjitter_equals_torchvisions_functional_ops():
+    img = _pil()
+    p = color.draw_colorjitter(view_rng(0, 0, 1), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+    order, b, c, s, h = p
+    ref = img
+    for fn in color.ORDERS[order]:
+        ref = [lambda x: F.adjust_brightness(x, b / 1000), lambda x: F.adjust_contrast(x, c / 1000),
+               lambda x: F.adjust_saturation(x, s / 1000), lambda x: F.adjust_hue(x, h / 1000)][fn](ref)
+    assert np.array_equal(np.asarray(ref), np.asarray(color.apply_colorjitter(img, p)))
+    assert color.draw_colorjitter(view_rng(0, 0, 1), hue=0.1) == p
+    with pytest.raises(ValueError, match="not valid"):
+        color.apply_colorjitter(img, [99, 1000, 1000, 1000, 0])
+
+
+def test_random_erasing_boxes_and_pinned_noise():
+    boxes = [erasing.draw_erasing(view_rng(0, 0, i), 32, p=0.25) for i in range(2000)]
+    hit = [b for b in boxes if b[2]]
+    assert 0.2 < len(hit) / len(boxes) < 0.3
+    for top, left, h, w, seed in hit:
+        assert 0 < h < 32 and 0 < w < 32 and top + h <= 32 and left + w <= 32 and 0 <= seed < 2**15
+        assert 0.02 * 1024 * 0.8 <= h * w <= 1024 / 3 * 1.2
+    n1 = erasing.noise(7, 5, 6, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    n2 = erasing.noise(7, 5, 6, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert n1.shape == (5, 6, 3) and np.array_equal(n1, n2)
+    assert not np.array_equal(n1, erasing.noise(8, 5, 6, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    # the noise is N(mean, std) in [0, 1] units, quantised to uint8 (clipped)
+    big = erasing.noise(1, 200, 200, (0.5, 0.5, 0.5), (0.1, 0.1, 0.1)).astype(np.float64) / 255
+    assert abs(big.mean() - 0.5) < 0.005 and abs(big.std() - 0.1) < 0.005
+    a = np.zeros((8, 8, 3), np.uint8)
+    erasing.apply_erasing(a, [1, 2, 3, 4, 0], mode="mean", mean=(0.485, 0.456, 0.406), std=(1, 1, 1))
+    assert (a[1:4, 2:6] == np.array([124, 116, 104], np.uint8)).all() and a.sum() == 12 * (124 + 116 + 104)
+    with pytest.raises(ValueError, match="does not fit"):
+        erasing.apply_erasing(a, [6, 6, 4, 4, 0], mode="mean", mean=(0.5,) * 3, std=(1,) * 3)
+
+
+def test_mixup_and_cutmix_pixels_and_lambda():
+    a = np.full((10, 10, 3), 200, np.uint8)
+    b = np.full((10, 10, 3), 10, np.uint8)
+    m = mix.apply_mix(a, b, mix.MIX_MIXUP, 64, 0, 0)  # λ = 64/256
+    assert (m == (64 * 200 + 192 * 10 + 128) // 256).all()
+    assert mix.mix_lambda(mix.MIX_MIXUP, 64, 0, 0, 10) == 0.25
+    c = mix.apply_mix(a, b, mix.MIX_CUTMIX, 4, 0, 5)  # side 4 at (0, 5): rows [0, 2), cols [3, 7)
+    assert (c[:2, 3:7] == 10).all() and (c == 10).sum() == 2 * 4 * 3
+    assert mix.mix_lambda(mix.MIX_CUTMIX, 4, 0, 5, 10) == 1 - 8 / 100  # the box area, as timm's correct_lam
+    # timm's rand_bbox gives the same box for the same (λ, centre)
+    timm_mixup = pytest.importorskip("timm.data.mixup")
+    for lam, cy, cx in ((0.3, 4, 7), (0.9, 0, 9), (0.05, 5, 5)):
+        saved = timm_mixup.np.random.randint
+        centre = iter((cy, cx))
+        timm_mixup.np.random.randint = lambda lo, hi, size=None, _v=centre: next(_v)
+        try:
+            (yl, yh, xl, xh), lam_t = timm_mixup.cutmix_bbox_and_lam((3, 10, 10), lam)
+        finally:
+            timm_mixup.np.random.randint = saved
+        cut = int(10 * np.sqrt(1 - lam))
+        assert mix.cutmix_box(10, cut, cy, cx) == (yl, yh, xl, xh)
+        assert mix.mix_lambda(mix.MIX_CUTMIX, cut, cy, cx, 10) == pytest.approx(lam_t)
+
+
+def test_mixed_targets_are_timms():
+    t, p = torch.tensor([1, 2]), torch.tensor([3, 2])
+    y = mixed_targets(t, p, torch.tensor([0.25, 0.5]), 5, smoothing=0.1)
+    timm_mixup = pytest.importorskip("timm.data.mixup")
+    ref0 = timm_mixup.mixup_target(torch.tensor([1, 3]), 5, lam=0.25, smoothing=0.1)[0]
+    torch.testing.assert_close(y[0], ref0)
+    torch.testing.assert_close(y.sum(1), torch.ones(2))
+    assert y[1, 2] == pytest.approx(1 - 0.1 + 0.02)
+
+
+def test_partners_form_cycles_inside_a_block_and_depend_only_on_the_unit():
+    p = mix.block_partners(0, 1, 2, 3, list(range(48, 64)))
+    assert sorted(p) == list(range(48, 64)) and sorted(p.values()) == list(range(48, 64))
+    assert all(k != v for k, v in p.items())
+    assert p == mix.block_partners(0, 1, 2, 3, list(reversed(range(48, 64))))
+    assert p != mix.block_partners(0, 2, 2, 3, list(range(48, 64)))
+    assert mix.block_partners(0, 1, 2, 3, [5]) == {}
+
+
+# ------------------------------------------------------------------ recipes
+@pytest.mark.parametrize("name", ["deit", "tv-v2"])
+def test_recipe_views_apply_twice_to_identical_bytes(name):
+    r = get_recipe(name, 32)
+    x = _tensor(45, 60)
+    for i in range(40):
+        p = sample_view(view_rng(0, 0, i), 45, 60, r)
+        assert isinstance(p, ArrayParams) and p.to_array().dtype == np.int16 and len(p.to_array()) == len(
+            r.param_fields)
+        a, b = apply_view(x, p, r), apply_view(x, r.params_from_array(p.to_array()), r)
+        assert a.dtype == torch.uint8 and a.shape == (3, 32, 32) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["deit", "tv-v2"])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 64), (64, 2), (3, 3), (64, 64)])
+@pytest.mark.parametrize("gray", [False, True])
+def test_tiny_grayscale_and_extreme_aspect_images(name, shape, gray):
+    r = get_recipe(name, 16)
+    samples = [_Sample(i, _tensor(*shape, seed=i, gray=gray)) for i in range(5)]
+    out = _run_unit(r, samples)
+    assert len(out) == 5 and all(o.image.shape == (3, 16, 16) for o in out)
+    replay = _run_unit(r, samples, stored=np.stack([o.params for o in out]))
+    assert all(torch.equal(a.image, b.image) and a.lam == b.lam for a, b in zip(out, replay, strict=True))
+    assert eval_view(samples[0].image, r).shape == (3, 16, 16)
+
+
+class _Sample:
+    def __init__(self, offset, image, label=None):
+        self.offset, self.index, self.image, self.label = offset, 1000 + offset, image, offset if label is None \
+            else label
+        self.where = f"test:{offset}"
+
+
+def _run_unit(recipe, samples, stored=None, seed=0, epoch=0, shard=0):
+    m = UnitMixer(recipe, seed=seed, epoch=epoch, shard=shard, stored=stored)
+    out = []
+    for s in samples:
+        out += m.push(s)
+    return out + m.finish()
+
+
+def test_unit_mixer_labels_and_refusals():
+    r = get_recipe("deit", 16)
+    samples = [_Sample(i, _tensor(20, 24, seed=i)) for i in range(20)]  # blocks [0, 16) and [16, 20)
+    out = _run_unit(r, samples)
+    i_flags, i_partner = r.field_index("flags"), r.field_index("mix_partner")
+    for o in out:
+        mode, d = (int(o.params[i_flags]) >> 1) & 3, int(o.params[i_partner])
+        assert mode in (1, 2) and d != 0 and (o.sample.offset + d) // 16 == o.sample.offset // 16
+        assert o.partner_label == o.sample.offset + d and 0 <= o.lam <= 1
+    # one decoded sample left in a block: no partner, not mixed
+    lone = _run_unit(r, samples[:17])
+    assert (int(lone[16].params[i_flags]) >> 1) & 3 == 0 and lone[16].lam == 1.0
+    assert torch.equal(lone[16].image, apply_view(samples[16].image, r.params_from_array(lone[16].params), r))
+    # a stored partner that is not among the decoded samples (skipped here, not at dump time) is refused
+    stored = np.stack([o.params for o in out])
+    with pytest.raises(RecipeError, match="not among the decoded samples"):
+        _run_unit(r, [s for s in samples if s.offset != out[0].sample.offset + int(out[0].params[i_partner])],
+                  stored=stored)
+
+
+def test_recipe_versions_and_settings_are_checked():
+    r = get_recipe("deit")
+    assert Recipe.from_json(r.to_json()) == r and r.image_size == 224 and r.mixes
+    with pytest.raises(RecipeError, match="version 2"):
+        Recipe.from_json({**r.to_json(), "version": 2})
+    with pytest.raises(RecipeError, match="param fields"):
+        Recipe.from_json({**r.to_json(), "param_fields": ["top"]})
+    with pytest.raises(RecipeError, match="rand-m"):
+        Recipe.from_json({**r.to_json(), "randaugment": "rand-m9-mstd0.5"})
+    assert not get_recipe("imagenet").mixes and get_recipe("tv-v2").param_fields[5:7] == ("ta_op", "ta_bin")
+
+
+_CHILD = """
+import hashlib, json, sys
+import numpy as np, torch
+from logitcache.views.recipe import get_recipe
+from test_augment_ops import _Sample, _jitter_digests, _run_unit, _tensor
+out = {}
+for name in ("deit", "tv-v2"):
+    r = get_recipe(name, 24)
+    views = _run_unit(r, [_Sample(i, _tensor(30 + i, 40, seed=i)) for i in range(18)], seed=3, epoch=1, shard=2)
+    out[name] = [hashlib.sha256(v.image.numpy().tobytes() + v.params.tobytes()).hexdigest() for v in views]
+out["colorjitter"] = _jitter_digests()
+print(json.dumps(out))
+"""
+
+
+def _jitter_digests() -> list[str]:
+    img = _pil(24, 30, seed=4)
+    out = []
+    for i in range(8):
+        p = color.draw_colorjitter(view_rng(0, 0, i), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2)
+        out.append(hashlib.sha256(np.asarray(color.apply_colorjitter(img, p)).tobytes() + bytes(str(p), "ascii"))
+                   .hexdigest())
+    return out
+
+
+def test_params_to_pixels_identical_in_another_process():
+    import os
+    here = os.path.dirname(__file__)
+    res = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
+                              "PYTHONHASHSEED": "123"})
+    theirs = json.loads(res.stdout)
+    for name in ("deit", "tv-v2"):
+        r = get_recipe(name, 24)
+        views = _run_unit(r, [_Sample(i, _tensor(30 + i, 40, seed=i)) for i in range(18)], seed=3, epoch=1, shard=2)
+        ours = [hashlib.sha256(v.image.numpy().tobytes() + v.params.tobytes()).hexdigest() for v in views]
+        assert ours == theirs[name]
+    assert _jitter_digests() == theirs["colorjitter"]
