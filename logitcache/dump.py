@@ -13,6 +13,7 @@ on the unit, so an interrupted-and-resumed dump equals an uninterrupted one, wha
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import signal
@@ -29,13 +30,14 @@ from tqdm import tqdm
 
 from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
-from logitcache.cache.schema import UnitRows
 from logitcache.cache.store import ObjectStore, load_group_meta
 from logitcache.cache.verify import verify_cache
 from logitcache.cache.writer import CacheWriter
 from logitcache.data.manifest import ShardCheck, file_size, load_manifest
 from logitcache.data.shards import iter_shard
-from logitcache.errors import CacheMetadataError
+from logitcache.errors import CacheMetadataError, LogitcacheError
+from logitcache.labels.codecs import DEFAULT_STEP_BITS, PackedCodec
+from logitcache.labels.tails import UNIFORM, PriorAccumulator, SampledTail, TailRule, parse_tail, tail_settings
 from logitcache.labels.topk import TopKLogits, _normalise_temperatures
 from logitcache.runtime.dist import PREFETCH_BATCHES, DistEnv, init_distributed
 from logitcache.runtime.precision import check_teacher_precision
@@ -65,12 +67,20 @@ class DumpConfig:
     batch_size: int = 64
     workers: int = 0
     device: str = "cpu"
-    value_dtype: str = "float16"
+    value_dtype: str = "float16"  # format 1 only
     shards: tuple[int, ...] | None = None
     skip_bad: bool = False
     repair: bool = False
     progress: bool = True
     teacher_precision: str | None = None  # None: bf16 on a GPU, fp32 elsewhere (`runtime.precision`)
+    #: how the mass outside the top-k is reconstructed: uniform | prior | sampled[:M] (format 2)
+    tail: str = "uniform"
+    #: format 2's value step 2^-step_bits nats (labels.codecs)
+    step_bits: int = DEFAULT_STEP_BITS
+    #: cache format for a new cache (an existing cache keeps its own): 2 (default) or 1
+    format: int = 2
+    #: tail 'prior': calibration views (epoch 0, first shards); None: 20 per class
+    prior_views: int | None = None
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -81,6 +91,11 @@ class DumpConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.value_dtype not in schema.VALUE_DTYPES:
             raise ValueError(f"--value-dtype must be one of {schema.VALUE_DTYPES}")
+        parse_tail(self.tail)  # ValueError naming the choices
+        if self.format not in (1, 2):
+            raise ValueError(f"--format must be 1 or 2, got {self.format}")
+        if self.format == 1 and self.tail != "uniform":
+            raise ValueError("format 1 has only the uniform tail: use format 2 for --tail " + self.tail)
         if self.teacher_precision is not None:
             check_teacher_precision(self.teacher_precision)
 
@@ -204,9 +219,14 @@ def plan(cfg: DumpConfig) -> dict[str, Any]:
     views_per_epoch = sum(manifest.shards[s].num_samples for s in shards)
 
     recipe = dump_recipe(cfg, manifest)
-    raw = schema.raw_bytes_per_view(
-        cfg.topk, len(_temps(cfg)), len(recipe.param_fields), manifest.num_classes, cfg.value_dtype
-    )
+    if cache_format(cfg) == 2:
+        codec = PackedCodec(cfg.topk, manifest.num_classes, len(_temps(cfg)), len(recipe.param_fields),
+                            cfg.step_bits, parse_tail(cfg.tail)[1])
+        raw = codec.n_fields * np.dtype(codec.dtype).itemsize
+    else:
+        raw = schema.raw_bytes_per_view(
+            cfg.topk, len(_temps(cfg)), len(recipe.param_fields), manifest.num_classes, cfg.value_dtype
+        )
     return {
         "cache": cfg.out,
         "group": cfg.group_name,
@@ -232,6 +252,7 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     teacher = Teacher.load(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, env.device, cfg.seed,
                            precision=cfg.teacher_precision)
     writer = open_writer(cfg, env, manifest, group_meta(cfg, manifest, recipe, teacher, temps))
+    writer = calibrate_prior(cfg, env, manifest, recipe, teacher, writer, temps)
     prov = provenance(argv)
     run_key = writer.start_run(writer_shards(cfg), cfg.epochs, prov) if env.is_main else None
     if cfg.repair and env.is_main:
@@ -249,7 +270,7 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     n_views = sum(manifest.shards[s].num_samples * len(es) for s, es in pending.items())
     bar = tqdm(total=n_views, unit="view", desc=f"dump {cfg.group_name}", disable=not cfg.progress or not env.is_main,
                dynamic_ncols=True)
-    units = UnitAccumulator(writer, cfg.value_dtype)
+    units = UnitAccumulator(writer)
     kill_after = int(os.environ.get(KILL_AFTER_BATCHES_ENV, "0"))  # fault injection for the resume tests
     with torch.inference_mode():
         for n_batch, batch in enumerate(loader, start=1):
@@ -257,8 +278,7 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
                 os.kill(os.getpid(), signal.SIGKILL)
             if len(batch.offsets):
                 logits = teacher.logits(batch.images)
-                units.add(batch, TopKLogits.from_logits(logits, batch.labels, cfg.topk, temps,
-                                                        sample_ids=batch.sample_ids).to("cpu"))
+                units.add(batch, soft_labels(writer.meta, cfg, batch, logits, temps).to("cpu"))
             bar.update(len(batch.offsets))
             if batch.end_of_unit:
                 units.finish(batch)
@@ -305,15 +325,77 @@ def selected_shards(cfg: DumpConfig, manifest) -> list[int]:
     return list(cfg.shards) if cfg.shards is not None else list(range(len(manifest.shards)))
 
 
+def cache_format(cfg: DumpConfig) -> int:
+    """The format this dump writes: an existing cache's own (so it stays readable as it was), else cfg.format."""
+    existing = CacheWriter.existing_format(cfg.out)
+    return existing[0] if existing is not None else cfg.format
+
+
 def group_meta(cfg: DumpConfig, manifest, recipe, teacher: Teacher, temps: tuple[float, ...]) -> schema.GroupMeta:
     """What the group records about this dump: everything that determines its bytes (`GroupMeta.settings`)."""
+    packed = cache_format(cfg) == 2
+    if not packed and cfg.tail != "uniform":
+        raise LogitcacheError(f"{cfg.out} is a format 1 cache: it has only the uniform tail (--tail {cfg.tail})")
+    _, m = parse_tail(cfg.tail)
+    codec = PackedCodec(cfg.topk, manifest.num_classes, len(temps), len(recipe.param_fields), cfg.step_bits, m)
     return schema.GroupMeta(
         teacher=cfg.teacher, weights=cfg.weights, weights_digest=teacher.digest, num_classes=manifest.num_classes,
         normalization=teacher.normalization, recipe=recipe.to_json(), param_fields=tuple(recipe.param_fields),
         k=cfg.topk, temperatures=temps, seed=cfg.seed, epochs=cfg.epochs,
-        shards=None if cfg.shards is None else tuple(sorted(cfg.shards)), value_dtype=cfg.value_dtype,
-        index_dtype=schema.index_dtype(manifest.num_classes), teacher_precision=teacher.precision,
+        shards=None if cfg.shards is None else tuple(sorted(cfg.shards)),
+        value_dtype=None if packed else cfg.value_dtype,
+        index_dtype=None if packed else schema.index_dtype(manifest.num_classes),
+        codec=codec.to_json() if packed else None,
+        tail=tail_settings(cfg.tail, prior_views=prior_views(cfg, manifest)) if packed else None,
+        teacher_precision=teacher.precision,
     )
+
+
+def prior_views(cfg: DumpConfig, manifest) -> int:
+    return cfg.prior_views if cfg.prior_views is not None else 20 * manifest.num_classes
+
+
+def tail_rule(meta: schema.GroupMeta) -> TailRule:
+    """The rule the dump needs per row: only ``sampled`` draws anything while dumping."""
+    return SampledTail(int(meta.tail["m"])) if meta.tail_name == "sampled" else UNIFORM
+
+
+def soft_labels(meta: schema.GroupMeta, cfg: DumpConfig, batch: ViewBatch, logits, temps) -> TopKLogits:
+    """A batch's rows as the group's format stores them; the sampled tail's draws are a pure function of
+    (seed, epoch, shard, the batch's first offset), so the cache bytes do not depend on ranks or workers."""
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(
+        f"tail|{cfg.seed}|{batch.epoch}|{batch.shard}|{int(batch.offsets[0])}".encode()).digest()[:8], "little"))
+    return TopKLogits.from_logits(logits.cpu(), batch.labels, cfg.topk, temps, sample_ids=batch.sample_ids,
+                                  keep_rest=meta.packed, tail=tail_rule(meta) if meta.packed else UNIFORM,
+                                  generator=g)
+
+
+def calibrate_prior(cfg: DumpConfig, env: DistEnv, manifest, recipe, teacher: Teacher, writer: CacheWriter,
+                    temps) -> CacheWriter:
+    """Tail ``prior``: before any unit, the main rank runs the teacher over the epoch-0 views of the first shards
+    (in shard order) until ``prior_views`` views are covered and records the class prior (once per group)."""
+    if writer.meta.tail_name != "prior" or writer.meta.tail_prior_digest:
+        return writer
+    if env.is_main:
+        shards, n = [], 0
+        for s in selected_shards(cfg, manifest):
+            if n >= prior_views(cfg, manifest):
+                break
+            shards.append(s)
+            n += manifest.shards[s].num_samples
+        acc = PriorAccumulator(manifest.num_classes)
+        views = UnitViews(manifest, {s: [0] for s in shards}, recipe, cfg.seed, cfg.batch_size, cfg.skip_bad)
+        loader = torch.utils.data.DataLoader(views, batch_size=None, num_workers=cfg.workers,
+                                             collate_fn=lambda b: b)
+        with torch.inference_mode():
+            for batch in loader:
+                if len(batch.offsets):
+                    logits = teacher.logits(batch.images).cpu()
+                    acc.add(logits, TopKLogits.from_logits(logits, batch.labels, cfg.topk, temps).indices,
+                            batch.labels)
+        writer.put_prior(acc.prior())
+    env.barrier()
+    return CacheWriter.open(cfg.out, cfg.group_name)
 
 
 def open_writer(cfg: DumpConfig, env: DistEnv, manifest, meta: schema.GroupMeta) -> CacheWriter:
@@ -324,7 +406,8 @@ def open_writer(cfg: DumpConfig, env: DistEnv, manifest, meta: schema.GroupMeta)
         # created or its epochs grown; key digests are checked as each shard is read, sha256 by verify --data
         check_shard_sizes(manifest, selected_shards(cfg, manifest))
         root = schema.RootMeta(manifest.fingerprint, manifest.num_classes, len(manifest.shards),
-                               tuple(s.num_samples for s in manifest.shards))
+                                tuple(s.num_samples for s in manifest.shards),
+                               format_version=(2, 0) if meta.packed else schema.FORMAT_1)
         try:
             writer = CacheWriter.create_or_open(cfg.out, cfg.group_name, meta, root, manifest.to_json())
         except CacheMetadataError as e:
@@ -349,8 +432,8 @@ def pending_units(finished, shards: list[int], epochs: int) -> dict[int, list[in
 class UnitAccumulator:
     """Collects a unit's rows batch by batch and writes the unit (marker last) when its last batch arrives."""
 
-    def __init__(self, writer: CacheWriter, value_dtype: str):
-        self.writer, self.value_dtype = writer, value_dtype
+    def __init__(self, writer: CacheWriter):
+        self.writer = writer
         self.parts: dict[tuple[int, int], list] = defaultdict(list)
         self.written = 0
         self.skipped_by_shard: dict[int, int] = {}
@@ -359,7 +442,7 @@ class UnitAccumulator:
         self.parts[(batch.epoch, batch.shard)].append((batch.offsets, batch.view_params, topk))
 
     def finish(self, batch: ViewBatch) -> None:
-        _write_unit(self.writer, batch, self.parts.pop((batch.epoch, batch.shard), []), self.value_dtype)
+        _write_unit(self.writer, batch, self.parts.pop((batch.epoch, batch.shard), []))
         self.written += 1
         self.skipped_by_shard[batch.shard] = len(batch.skipped)
 
@@ -388,15 +471,17 @@ def forget_damaged_units(url: str, group: str) -> list[tuple[int, int]]:
     return damaged
 
 
-def _write_unit(writer, batch: ViewBatch, parts: list, value_dtype: str) -> None:
+def _write_unit(writer: CacheWriter, batch: ViewBatch, parts: list) -> None:
     if parts:
         offsets = torch.cat([p[0] for p in parts]).numpy()
         tk = TopKLogits.cat([p[2] for p in parts])
-        rows = UnitRows.from_topk(tk, torch.cat([p[1] for p in parts]).numpy(), value_dtype)
+        rows = writer.encode_rows(tk, torch.cat([p[1] for p in parts]).numpy())  # the group's format (1 or 2) and codec
         correct = float((tk.indices[:, 0] == tk.target).sum())
         mass = float(tk.topk_mass(1.0).double().sum())
     else:
-        offsets, rows, correct, mass = np.zeros(0, dtype=np.int64), UnitRows.empty(writer.meta), 0.0, 0.0
+        offsets = np.zeros(0, dtype=np.int64)
+        rows = writer.empty_rows()
+        correct = mass = 0.0
     stats = {"views": float(len(offsets)), "teacher_correct": correct, "topk_mass_sum": mass}
     writer.write_unit(batch.epoch, batch.shard, offsets, rows, batch.unit_length, stats, batch.skipped,
                       replay=batch.replay)

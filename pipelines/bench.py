@@ -56,18 +56,19 @@ def rows_losses(r):
 def rows_storage(r):
     out = []
     for row in r["rows"]:
-        if row["k"] in (1, 5, 10, 20) and row["value_dtype"] == "float16":
-            out.append(("storage", f"bytes/view, k={row['k']}, C=1000, {len(r['temperatures'])} temperature(s)",
-                        f"KL(dense‖cache) {row['kl_T1']:.3f} nats; NKD grad err {row['grad_relerr_nkd_T1']:.1e}",
-                        f"{row['bytes_per_view']:.1f} B", "≤ 40 B at k=10" if row["k"] == 10 else ""))
-        if row["k"] == r["num_classes"]:
-            out.append(("fidelity", f"k = C, {row['value_dtype']} values: loss rel. error KD/DKD/NKD",
-                        "", f"{max(row.get('relerr_kd_T4', 0), row['relerr_dkd_T1'], row['relerr_nkd_T1']):.1e}",
-                        "≤ 1e-3"))
-    t = r["teacher"]
-    out.append(("storage", "synthetic teacher (see bench_storage.py)",
-                f"acc {t['accuracy']:.2f}, mean top-1 prob {t['mean_top1_prob']:.2f}, top-10 mass "
-                f"{t['mean_top10_mass']:.2f}", "", ""))
+        if row["teacher"] != "default" or row["k"] != 10:
+            continue
+        target = {"format 2": "≤ 24 B, KL/NKD ≤ format 1",
+                  "format 2 prior": "NKD ≤ 2% at ≤ 32 B"}.get(row["setting"], "")
+        out.append(("storage", f"{row['setting']} ({row['codec']}, tail {row['tail']}), k=10, C=1000, "
+                    f"{len(r['temperatures'])} temperature(s)",
+                    f"KL(dense‖cache) {row['kl_T1']:.3f} nats; NKD grad err {row['grad_relerr_nkd_T1']:.1e}; "
+                    f"{row['objects_per_unit']:.0f} objects/unit, du/logical {row['allocated_over_logical']:.2f}",
+                    f"{row['bytes_per_view']:.1f} B", target))
+    for name, t in r["teachers"].items():
+        out.append(("storage", f"synthetic teacher '{name}' (see bench_storage.py)",
+                    f"acc {t['accuracy']:.2f}, mean top-1 prob {t['mean_top1_prob']:.2f}, top-10 mass "
+                    f"{t['mean_top10_mass']:.2f}", "", ""))
     return out
 
 

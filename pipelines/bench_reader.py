@@ -77,7 +77,7 @@ def write_cache(url: str, shards: int, shard_size: int, epochs: int, seed: int =
     from logitcache.views.rng import view_rng
 
     recipe = get_recipe("imagenet", 224)
-    root = schema.RootMeta("synthetic", C, shards, (shard_size,) * shards)
+    root = schema.RootMeta("synthetic", C, shards, (shard_size,) * shards, format_version=schema.FORMAT_1)
     meta = schema.GroupMeta(
         teacher="synthetic", weights=None, weights_digest="-", num_classes=C,
         normalization={"mean": [0.0] * 3, "std": [1.0] * 3}, recipe=recipe.to_json(),

@@ -1,4 +1,7 @@
-"""A small cache written straight through CacheWriter, for cache/verify tests."""
+"""A small cache written straight through CacheWriter, for cache/verify tests.
+
+It is a FORMAT 1 cache (five arrays), written through the format-1 writer path that stays for that purpose: the
+tests that use it are also the tests that format-1 caches stay readable and verifiable."""
 
 import numpy as np
 import torch
@@ -13,7 +16,7 @@ SHARD_LENGTHS = (6, 4)
 
 
 def _metas(epochs=2, k=K, fingerprint="a" * 64):
-    root = schema.RootMeta(fingerprint, C, len(SHARD_LENGTHS), SHARD_LENGTHS)
+    root = schema.RootMeta(fingerprint, C, len(SHARD_LENGTHS), SHARD_LENGTHS, format_version=schema.FORMAT_1)
     meta = schema.GroupMeta(
         teacher="resnet34", weights="teacher.pt", weights_digest="b" * 64, num_classes=C,
         normalization={"mean": [0.5] * 3, "std": [0.25] * 3}, recipe={"name": "small", "version": 1},

@@ -7,6 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +214,25 @@ def test_webdataset_stage_replays_the_mixed_views(small_shards, deit_cache):
         assert torch.equal(ours[int(i)][0], img) and torch.equal(ours[int(i)][1], t)
         n += 1
     assert n == len(ours) == 24
+
+
+def test_two_rank_torchrun_deit_dump_equals_one_rank(small_shards, deit_cache, teacher_weights, tmp_path):
+    out = tmp_path / "ddp.zarr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "logitcache.cli", "dump", "--data", str(small_shards), "--out", str(out), "--teacher", "smallcnn",
+           "--weights", teacher_weights, "--recipe", "deit", "--image-size", "28", "--epochs", "1", "--topk", "10",
+           "--temperatures", "1", "--batch-size", "3", "--seed", str(SEED)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _objects(out) == _objects(deit_cache)  # ranks and batch size change nothing, markers included
+
+
+def test_tv_v2_end_to_end(small_shards, teacher_weights, tmp_path):
+    out = tmp_path / "tv.zarr"
+    dump(_dump_cfg(small_shards, out, teacher_weights, recipe="tv-v2"))
+    cached = _views(CachedViews(small_shards, str(out), epoch=0, return_items=True))
+    fresh = _views(FreshViews(small_shards, seed=SEED, epoch=0, recipe=get_recipe("tv-v2", 28), return_items=True))
+    assert cached == fresh and len(cached) == 24 and any(v[2] < 1 for v in cached.values())
+    res = recompute_views(str(out), None, str(small_shards), "smallcnn", teacher_weights, 8)
+    assert res["views"] == 8 and res["mismatches"] == []

@@ -90,11 +90,15 @@ def test_cache_holds_what_the_teacher_saw(imagenet_shards, reference_cache):
             z = teacher.logits(torch.stack(xs))
         lp = torch.log_softmax(z, 1)
         labels = torch.tensor([s.label for s in samples])
-        np.testing.assert_array_equal(unit.topk_indices, torch.topk(z, 5).indices.numpy())
-        np.testing.assert_allclose(unit.topk_logprobs.astype(np.float32), torch.topk(lp, 5).values.numpy(),
-                                   rtol=2e-3, atol=2e-3)  # float16 storage
-        np.testing.assert_allclose(unit.target_logprob, lp.gather(1, labels[:, None])[:, 0].numpy(), rtol=1e-5)
-        outside += int((unit.topk_indices != labels.numpy()[:, None]).all(1).sum())
+        tk = r.topk_rows(unit, np.arange(len(samples)), labels)
+        # format 2 (the default): log-probabilities within the codec's bound after normalising (2.5 steps)
+        bound = 2.5 * meta.packed_codec().step + 1e-4
+        np.testing.assert_array_equal(tk.indices.numpy(), torch.topk(z, 5).indices.numpy())
+        np.testing.assert_allclose(tk.topk_log_probs(1.0).numpy(), torch.topk(lp, 5).values.numpy(), rtol=0,
+                                   atol=bound)
+        np.testing.assert_allclose(tk.target_log_probs(1.0).numpy(), lp.gather(1, labels[:, None])[:, 0].numpy(),
+                                   rtol=0, atol=bound)
+        outside += int((tk.indices != labels[:, None]).all(1).sum())
     assert outside > 0  # a random teacher is mostly wrong: the exact target log-prob was exercised
 
 
@@ -182,7 +186,7 @@ def test_info_and_verify_cli(reference_cache, imagenet_shards):
 def test_repair_redoes_exactly_the_damaged_unit(imagenet_shards, reference_cache, tmp_path):
     out = tmp_path / "c.zarr"
     shutil.copytree(reference_cache, out)
-    chunk = out / schema.chunk_key("resnet18", schema.TOPK_INDICES, 1, 2, 4)
+    chunk = out / schema.unit_chunk_keys("resnet18", CacheReader(str(out)).meta, 1, 2)[schema.ROWS]
     data = bytearray(chunk.read_bytes())
     data[-7] ^= 0xFF
     chunk.write_bytes(bytes(data))

@@ -94,15 +94,15 @@ def unit_objects(url: str) -> dict[str, bytes]:
     for root, _, files in os.walk(base):
         for f in files:
             key = os.path.relpath(os.path.join(root, f), base)
-            if "/c/" in key or f"/{schema.UNITS_DIR}/" in key:
+            if "/c/" in key or "/c." in key or f"/{schema.UNITS_DIR}/" in key:  # format 1 or 2 chunk keys
                 with open(os.path.join(root, f), "rb") as fh:
                     out[key] = fh.read()
     return out
 
 
-def chunk_path(url: str, array: str, e: int, s: int) -> str:
-    spec = next(a for a in schema.ARRAYS if a.name == array)
-    return os.path.join(url, schema.chunk_key("smallcnn", array, e, s, 3 + (spec.trailing != "")))
+def chunk_path(url: str, e: int, s: int) -> str:
+    """The one stored chunk of unit (e, s) (format 2, what dump writes)."""
+    return os.path.join(url, schema.unit_chunk_keys("smallcnn", CacheReader(url).meta, e, s)[schema.ROWS])
 
 
 def assert_finished_units_intact(url: str, n_finished: int) -> None:
@@ -119,8 +119,8 @@ def assert_finished_units_intact(url: str, n_finished: int) -> None:
 @pytest.mark.parametrize(
     "pattern, nth, error, what",
     [
-        # the 3rd unit's 2nd chunk: two units finished before
-        (r"/c/", 5 * 2 + 2, OSError(errno.ENOSPC, "No space left on device"), "no space left on the device"),
+        # the 3rd unit's chunk (one per unit in format 2): two units finished before
+        (r"/rows/c\.", 3, OSError(errno.ENOSPC, "No space left on device"), "no space left on the device"),
         # the 3rd unit's marker: all its chunks are on disk, the unit is still unfinished
         (r"/units/", 3, PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
     ],
@@ -147,11 +147,11 @@ def test_write_fault_is_named_and_finished_units_stay_valid(
 
 
 def test_disk_full_on_a_plain_path_via_the_cli(small_shards, tmp_path, clean_cache, monkeypatch):
-    """The local store (zarr's LocalStore + our atomic marker write), a fault at the 7th chunk write, seen
+    """The local store (zarr's LocalStore + our atomic marker write), a fault at the 2nd chunk write, seen
     through the CLI: a one-line error, non-zero exit; a rerun completes the cache."""
     import zarr.storage
 
-    fault = WriteFault(r"/c/", 7, OSError(errno.ENOSPC, "No space left on device"))
+    fault = WriteFault(r"/rows/c\.", 2, OSError(errno.ENOSPC, "No space left on device"))
     real_set = zarr.storage.LocalStore.set
 
     async def failing_set(self, key, value):
@@ -187,13 +187,13 @@ def test_fault_while_creating_the_cache_is_a_clear_error(faulty, small_shards, t
 def test_damaged_chunks_are_named_and_repair_redoes_exactly_them(small_shards, tmp_path, clean_cache):
     out = str(tmp_path / "cache.zarr")
     shutil.copytree(clean_cache, out)
-    os.remove(chunk_path(out, schema.TOPK_INDICES, 0, 1))  # deleted: would read back as fill values
-    flipped = chunk_path(out, schema.TOPK_LOGPROBS, 1, 0)
+    os.remove(chunk_path(out, 0, 1))  # deleted: would read back as fill values
+    flipped = chunk_path(out, 1, 0)
     data = bytearray(open(flipped, "rb").read())
     data[len(data) // 2] ^= 0x10
     with open(flipped, "wb") as f:
         f.write(bytes(data))
-    untouched = chunk_path(out, schema.LSE, 1, 1)
+    untouched = chunk_path(out, 1, 1)
     stamp = os.stat(untouched).st_mtime_ns
 
     r = CliRunner().invoke(main, ["verify", out, "--json"])
@@ -201,8 +201,8 @@ def test_damaged_chunks_are_named_and_repair_redoes_exactly_them(small_shards, t
     report = json.loads(r.stdout)
     assert report["bad_units"] == [[0, 1], [1, 0]]
     named = " ".join(p["what"] for p in report["problems"])
-    assert "smallcnn/topk_indices/c/0/1/0/0 is missing" in named
-    assert "smallcnn/topk_logprobs/c/1/0/0/0 differs" in named
+    assert "smallcnn/rows/c.0.1.0.0 is missing" in named
+    assert "smallcnn/rows/c.1.0.0.0 differs" in named
 
     r = CliRunner().invoke(main, ["dump", "--data", str(small_shards), "--out", out, "--teacher", "smallcnn",
                                   "--recipe", "small", "--image-size", "28", "--topk", "3", "--epochs", "2",

@@ -116,12 +116,11 @@ def s3_cache(s3_data):
 def _unit_objects(url: str) -> dict[str, bytes]:
     """Every chunk and marker object of a cache (the bytes that must not depend on where the cache lives)."""
     objects = ObjectStore(url)
+    meta = CacheReader(url).meta
     out = {}
-    for name in schema.ARRAY_NAMES:
-        for e in range(SMALL["epochs"]):
-            for s in range(2):
-                ndim = 3 + (name != schema.TARGET_LOGPROB)
-                key = schema.chunk_key("smallcnn", name, e, s, ndim)
+    for e in range(SMALL["epochs"]):
+        for s in range(2):
+            for key in schema.unit_chunk_keys("smallcnn", meta, e, s).values():
                 out[key] = objects.get(key)
     for key in objects.list(f"smallcnn/{schema.UNITS_DIR}"):
         out[key] = objects.get(key)
@@ -159,7 +158,7 @@ def test_shards_scan_writes_the_manifest_on_s3(s3_prefix, small_shards, tmp_path
 # ------------------------------------------------------------------ dump / info / verify
 def test_cli_dump_to_s3_equals_local_dump_byte_for_byte(s3_cache, local_cache):
     remote, local = _unit_objects(s3_cache), _unit_objects(local_cache)
-    assert len(remote) == 5 * 4 + 4 and all(v is not None for v in remote.values())
+    assert len(remote) == 1 * 4 + 4 and all(v is not None for v in remote.values())  # format 2: 1 chunk/unit
     assert remote == local
 
 
@@ -196,8 +195,9 @@ def test_verify_names_a_damaged_chunk_on_s3(s3_data, s3_prefix, local_cache):
     fs = _s3fs()
     fs.put(local_cache, out[len("s3://"):], recursive=True)  # a copy of the local cache, damaged below
     assert verify_cache(out).ok
-    flipped = schema.chunk_key("smallcnn", schema.LSE, 1, 0, 4)
-    deleted = schema.chunk_key("smallcnn", schema.VIEW_PARAMS, 0, 1, 4)
+    meta = CacheReader(local_cache).meta
+    flipped = schema.unit_chunk_keys("smallcnn", meta, 1, 0)[schema.ROWS]
+    deleted = schema.unit_chunk_keys("smallcnn", meta, 0, 1)[schema.ROWS]
     bucket_path = out[len("s3://"):]
     data = bytearray(fs.cat_file(f"{bucket_path}/{flipped}"))
     data[len(data) // 2] ^= 0x01

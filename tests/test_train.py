@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from logitcache.cache.reader import CacheReader
+from logitcache.cache.verify import cache_info, verify_cache
 from logitcache.cli import main
 from logitcache.dump import DumpConfig, dump
 from logitcache.errors import LogitcacheError, TemperatureNotRecorded
@@ -42,7 +43,7 @@ def cache(small_shards, teacher_weights, tmp_path_factory):
     out = tmp_path_factory.mktemp("train_cache") / "cache.zarr"
     dump(DumpConfig(data=str(small_shards), out=str(out), teacher="smallcnn", weights=str(teacher_weights),
                     recipe="small", epochs=2, topk=10, temperatures=(1.0, 4.0), seed=SEED, batch_size=8,
-                    progress=False))
+                    progress=False, step_bits=14))  # k = C: a fine step keeps the rows exact to ~1e-4
     return out
 
 
@@ -143,6 +144,48 @@ def test_cached_and_online_nkd_agree_on_the_first_step(small_shards, cache, teac
     for term in ("ce", "nkd_target", "nkd_nontarget"):
         assert math.isclose(a["train"][term], b["train"][term], rel_tol=2e-3), term
     assert a["train"]["ce"] == b["train"]["ce"]  # the same views and the same student: CE is bit-identical
+
+
+def test_a_format_1_cache_still_trains_verifies_and_grows(small_shards, teacher_weights, tmp_path):
+    """Written by the format-1 writer path (kept for that purpose, and for PS-KD's store)."""
+    out = str(tmp_path / "v1.zarr")
+    common = dict(data=str(small_shards), out=out, teacher="smallcnn", weights=str(teacher_weights), recipe="small",
+                  topk=3, temperatures=(1.0, 4.0), seed=SEED, batch_size=8, progress=False)
+    dump(DumpConfig(epochs=1, format=1, **common))
+    r = CacheReader(out)
+    assert r.root_meta.format_version == (1, 0) and not r.meta.packed and r.meta.value_dtype == "float16"
+    assert verify_cache(out).ok
+    info = cache_info(out)["groups"]["smallcnn"]
+    assert info["format"] == "1.0" and info["codec"] == "arrays-float16" and info["objects_per_unit"] == 6
+    train(cfg(small_shards, tmp_path / "run", loss="nkd", cache=out))
+    (line,) = metrics(tmp_path / "run")
+    assert all(math.isfinite(line["train"][t]) for t in ("nkd_target", "nkd_nontarget"))
+    dump(DumpConfig(epochs=2, **common))  # more epochs later: the cache keeps its format
+    assert CacheReader(out).root_meta.format_version == (1, 0) and verify_cache(out).ok
+    with pytest.raises(ValueError, match="uniform tail"):
+        DumpConfig(epochs=1, format=1, tail="prior", **common)
+
+
+@pytest.mark.parametrize("tail", ["uniform", "prior", "sampled:3"])
+def test_format_2_tails_dump_verify_and_train(small_shards, teacher_weights, tmp_path, tail):
+    out = str(tmp_path / "c.zarr")
+    dump(DumpConfig(data=str(small_shards), out=out, teacher="smallcnn", weights=str(teacher_weights), recipe="small",
+                    epochs=1, topk=3, temperatures=(1.0, 4.0), seed=SEED, batch_size=8, progress=False, tail=tail,
+                    prior_views=12))
+    r = CacheReader(out)
+    assert r.root_meta.format_version == (2, 0) and r.meta.tail_name == tail.split(":")[0]
+    assert r.tail.key.split(":")[0] == tail.split(":")[0]
+    if tail == "prior":  # 12 calibration views -> the first shard(s) of epoch 0; the prior is checked on reading
+        assert r.meta.tail["prior_views"] == 12 and r.meta.tail_prior_digest
+    assert verify_cache(out).ok
+    info = cache_info(out)["groups"]["smallcnn"]
+    assert info["format"] == "2.0" and info["codec"] == "packed-q5" and info["tail"] == tail.split(":")[0]
+    assert info["objects_per_unit"] == 2 + (1 / 2 if tail == "prior" else 0)  # chunk + marker (+ prior / 2 units)
+    rows, _ = r.rows(0, list(range(24)), [0] * 24)
+    assert torch.isfinite(rows.log_probs(1.0)).all() and torch.isfinite(rows.log_probs(4.0)).all()
+    train(cfg(small_shards, tmp_path / "run", loss="nkd", cache=out))
+    (line,) = metrics(tmp_path / "run")
+    assert all(math.isfinite(line["train"][t]) for t in ("nkd_target", "nkd_nontarget"))
 
 
 def test_impossible_combinations_are_refused(small_shards, cache, tmp_path):

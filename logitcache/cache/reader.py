@@ -33,10 +33,11 @@ import numpy as np
 import torch
 
 from logitcache.cache import schema
-from logitcache.cache.schema import ARRAYS, GroupMeta, RootMeta, UnitMarker, UnitRows
+from logitcache.cache.schema import GroupMeta, PackedUnit, RootMeta, UnitMarker, UnitRows
 from logitcache.cache.store import (
     ObjectStore,
     _check_group_name,
+    _open_zarr_root,
     check_array_metadata,
     format_shards,
     list_groups,
@@ -47,6 +48,8 @@ from logitcache.cache.store import (
     sha256_hex,
 )
 from logitcache.errors import CacheError, CacheMetadataError, DamagedUnitError
+from logitcache.labels.codecs import decode_unit
+from logitcache.labels.tails import TailRule, tail_from_settings
 from logitcache.labels.topk import TopKLogits
 
 
@@ -144,10 +147,13 @@ class CacheReader:
             raise CacheError(f"{self.url} has no teacher group '{group}' (it has {groups})")
         meta = load_group_meta(objects, group)
         check_array_metadata(objects, group, meta, root, self.url)
+        g = _open_zarr_root(self.url, self.storage_options, mode="r")[group]  # only metadata that passed
         self._state = {
             "root": root,
             "groups": groups,
             "group": group,
+            "zgroup": g,
+            "arrays": {spec.name: g[spec.name] for spec in schema.group_arrays(meta)},
             "meta": meta,
             "objects": objects,
             "markers": None,
@@ -198,6 +204,27 @@ class CacheReader:
             st["markers"] = {k: m for k, m in markers.items() if k[0] < st["meta"].epochs}
         return st["markers"]
 
+    @property
+    def tail(self) -> TailRule:
+        """The group's tail rule (``prior``: with its class prior, checked against the recorded digest)."""
+        st = self._open()
+        if "tail" not in st:
+            meta, prior = st["meta"], None
+            if meta.tail_name == "prior":
+                if not meta.tail_prior_digest:
+                    raise CacheError(f"{self.url} group '{st['group']}': tail 'prior' but no class prior was "
+                                     f"written (the dump stopped before its calibration pass ended; rerun it)")
+                prior = torch.from_numpy(np.asarray(st["arrays"][schema.TAIL_PRIOR][...], dtype=np.float32))
+            try:
+                st["tail"] = tail_from_settings(meta.tail, prior, meta.tail_prior_digest)
+            except ValueError as e:
+                raise CacheError(f"{self.url} group '{st['group']}': {e}") from e
+        return st["tail"]
+
+    @property
+    def codec_name(self) -> str:
+        return self.meta.codec_name
+
     def cached_epoch(self, epoch: int) -> int:
         """The cached epoch whose views training epoch ``epoch`` replays (views cycle past the cached epochs)."""
         return epoch % self.meta.epochs
@@ -205,7 +232,7 @@ class CacheReader:
     def unit_where(self, epoch: int, shard: int) -> str:
         return f"{self.url} group '{self.group}' unit (epoch {epoch}, shard {shard})"
 
-    def read_unit(self, epoch: int, shard: int) -> UnitRows:
+    def read_unit(self, epoch: int, shard: int) -> UnitRows | PackedUnit:
         """All rows of a finished unit (its length from the marker), checked: every stored object present with
         the sha256 its marker records, sizes as the format says, values sane (`unit_value_problems`). Any
         problem raises `DamagedUnitError` naming the unit and the verify/--repair commands; an unfinished unit
@@ -233,7 +260,8 @@ class CacheReader:
         return (f"{self.url} group '{st['group']}': unit (epoch {epoch}, shard {shard}) is unfinished (no "
                 f"marker); rerun the dump to complete it")
 
-    def unit_problems(self, epoch: int, shard: int, marker: UnitMarker) -> tuple[UnitRows | None, list[str]]:
+    def unit_problems(self, epoch: int, shard: int, marker: UnitMarker
+                      ) -> tuple[UnitRows | PackedUnit | None, list[str]]:
         """THE integrity check of one finished unit (the reader's and `verify`'s): the unit's stored objects
         against its marker (presence, sha256), then decoded from those very bytes, then value sanity.
         Returns the rows (None when they cannot be decoded) and the problems found."""
@@ -241,8 +269,7 @@ class CacheReader:
         meta, root, group = st["meta"], st["root"], st["group"]
         if marker.length != root.shard_lengths[shard]:
             return None, [f"length {marker.length} != shard length {root.shard_lengths[shard]}"]
-        keys = {spec.name: schema.chunk_key(group, spec.name, epoch, shard, 3 + (spec.trailing != ""))
-                for spec in ARRAYS}
+        keys = schema.unit_chunk_keys(group, meta, epoch, shard)
         got = st["objects"].get_many(list(keys.values()))  # one round trip on object stores
         problems = []
         for name, key in keys.items():
@@ -253,9 +280,12 @@ class CacheReader:
                 problems.append(f"chunk {key} differs from its checksum in the marker")
         if problems:
             return None, problems
+        if meta.packed:  # format 2: its codec decodes the checked chunk (value sanity: format 1 only, for now)
+            mat = np.asarray(st["arrays"][schema.ROWS][epoch, shard])[:, :marker.length]
+            return PackedUnit(decode_unit(meta.packed_codec(), mat, meta.temperatures)), []
         L = root.max_shard_len
         arrays = {}
-        for spec in ARRAYS:
+        for spec in schema.ARRAYS:
             shape = (L, *meta.trailing_size(spec.trailing))
             try:
                 arrays[spec.name] = decode_chunk(got[keys[spec.name]], meta.array_dtype(spec), shape,
@@ -267,9 +297,9 @@ class CacheReader:
         rows = UnitRows(**arrays)
         return rows, unit_value_problems(rows, marker, meta)
 
-    def topk_rows(self, rows: UnitRows, offsets, targets) -> TopKLogits:
+    def topk_rows(self, rows: UnitRows | PackedUnit, offsets, targets) -> TopKLogits:
         """A `TopKLogits` for the given offsets of a unit (targets come from the data)."""
-        return rows.select(offsets).topk(self.meta, targets)
+        return rows.select(offsets).topk(self.meta, targets, tail=self.tail)
 
     def locate(self, global_indices) -> tuple[np.ndarray, np.ndarray]:
         """(shard, offset) of global sample indices, from the shard lengths recorded in the cache."""
@@ -303,6 +333,7 @@ class CacheReader:
         return topk, np.concatenate(views)[perm.numpy()]
 
 
+
 class UnitTable:
     """The soft-label rows of one (epoch, shard) unit as tensors, read and converted once per shard; one
     `TopKLogits` row per offset (the data supplies each row's target)."""
@@ -310,7 +341,7 @@ class UnitTable:
     def __init__(self, reader: CacheReader, epoch: int, shard: int):
         unit = reader.read_unit(epoch, shard)  # an unfinished unit raises CacheError naming it
         self.marker = reader.markers()[(epoch, shard)]
-        self.rows = unit.topk(reader.meta)  # shape checks once per unit (single rows skip them)
+        self.rows = unit.topk(reader.meta, tail=reader.tail)  # shape checks once per unit (single rows skip them)
         self.view_params = unit.view_params
         self.skipped = frozenset(self.marker.skipped)
         self.where = f"{reader.url} group '{reader.group}' unit (epoch {epoch}, shard {shard})"
@@ -322,7 +353,11 @@ class UnitTable:
         if offset in self.skipped or offset >= len(self):
             raise CacheError(f"{self.where} has no row for offset {offset} (skipped when it was written)")
         o, r = slice(offset, offset + 1), self.rows
+
+        def sl(t):
+            return None if t is None else t[o]
+
         return TopKLogits._trusted(  # the unit's arrays were checked as a whole in __init__
             r.indices[o], r.logits[o], torch.tensor([int(target)]), r.target_logprob[o], r.lse[o], r.temperatures,
-            r.num_classes,
+            r.num_classes, sl(r.log_rest), r.tail, sl(r.tail_indices), sl(r.tail_logprobs),
         )

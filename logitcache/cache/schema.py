@@ -1,5 +1,10 @@
 """THE cache format: version, arrays, dtypes, codecs, chunks, metadata keys, unit markers.
 
+Format 2.0 (written by default): one array, ``rows``, shaped (epochs, shards, fields, max_shard_len) and chunked
+so a unit is ONE stored object holding every field of its views, packed by `logitcache.labels.codecs`; an
+optional ``tail_prior`` array (tail rule ``prior``). Format 1.x (five arrays, below) stays readable and
+writable (existing caches keep their format when a dump extends them; PS-KD's store uses it).
+
 Writer, reader, `verify` and `info` all take these facts from here; FORMAT.md describes the same format for
 readers in other languages. Layout of a cache (a zarr v3 hierarchy; any fsspec URL):
 
@@ -27,12 +32,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitcache.errors import CacheMetadataError
+from logitcache.errors import CacheError, CacheMetadataError
+from logitcache.labels.codecs import PackedCodec
+from logitcache.labels.tails import UNIFORM, TailRule
 from logitcache.labels.topk import TopKLogits
 
 FORMAT_NAME = "logitcache-cache"
 #: bump the major on any change an old reader would misread; the minor for additions old readers can ignore
-FORMAT_VERSION = (1, 1)  # 1.1: per-run records in <group>/runs/ (1.0 readers ignore them)
+FORMAT_VERSION = (2, 0)  # format 1 is 1.1 since per-run records in <group>/runs/ (older readers ignore them)
+#: the majors this version reads (and writes: a cache keeps its format when a dump extends it)
+READABLE_MAJORS = (1, 2)
+FORMAT_1 = (1, 0)
 ATTRS_KEY = "logitcache"
 DATASET_MANIFEST_KEY = "dataset_manifest.json"
 UNITS_DIR = "units"
@@ -87,6 +97,16 @@ ARRAYS: tuple[ArraySpec, ...] = (
     ),
 )
 ARRAY_NAMES = tuple(a.name for a in ARRAYS)
+
+# format 2: every field of a unit's views in one chunk (labels.codecs.PackedCodec), plus the tail prior
+ROWS = "rows"
+TAIL_PRIOR = "tail_prior"
+PACKED = ArraySpec(ROWS, "packed", "FL", "bitshuffle",
+                   "format 2: a unit's views packed field by field (FORMAT.md 'The rows array')")
+PRIOR = ArraySpec(TAIL_PRIOR, "float32", "CC", "shuffle",
+                  "tail rule 'prior': mean tail probability of class j given the top-1 class c, [c, j]")
+#: format 2 chunk keys use '.' (c.<e>.<s>.0.0): no directory per epoch and shard on local disks
+CHUNK_SEPARATOR_2 = "."
 BLOSC_CNAME = "zstd"
 BLOSC_CLEVEL = 9  # vs 5: -0.8 B/view on the fp16 values at k=10; chunks are small, speed is not an issue
 VALUE_DTYPES = ("float16", "float32")
@@ -172,8 +192,23 @@ def run_key(group: str, run_id: str) -> str:
 
 
 def chunk_key(group: str, array: str, epoch: int, shard: int, ndim: int) -> str:
-    """Store key of a unit's chunk (zarr v3 default chunk key encoding: 'c/' + '/'-joined chunk coords)."""
+    """Store key of a format-1 unit's chunk (zarr v3 default chunk key encoding: 'c/' + '/'-joined coords)."""
     return f"{group}/{array}/c/{epoch}/{shard}" + "/0" * (ndim - 2)
+
+
+def group_arrays(meta: GroupMeta) -> tuple[ArraySpec, ...]:
+    """The arrays a group of this metadata holds."""
+    if not meta.packed:
+        return ARRAYS
+    # the prior exists once the dump's calibration pass wrote it (its digest is then in the metadata)
+    return (PACKED, PRIOR) if meta.tail_name == "prior" and meta.tail_prior_digest else (PACKED,)
+
+
+def unit_chunk_keys(group: str, meta: GroupMeta, epoch: int, shard: int) -> dict[str, str]:
+    """Array name -> store key of unit (epoch, shard)'s chunk, in either format."""
+    if meta.packed:
+        return {ROWS: f"{group}/{ROWS}/c.{epoch}.{shard}.0.0"}
+    return {a.name: chunk_key(group, a.name, epoch, shard, 3 + (a.trailing != "")) for a in ARRAYS}
 
 
 # ------------------------------------------------------------------ what a cache may name (safe opening)
@@ -205,6 +240,8 @@ def array_metadata_problems(spec: ArraySpec, d: Any, meta: GroupMeta, root: Root
     out = []
     if d.get("zarr_format") != 3 or d.get("node_type") != "array":
         out.append(f"not a zarr v3 array (zarr_format {d.get('zarr_format')!r}, node_type {d.get('node_type')!r})")
+    if spec.name in (ROWS, TAIL_PRIOR):
+        out += _packed_problems(spec, d, meta)
     codecs = d.get("codecs")
     names = [c.get("name") if isinstance(c, dict) else c for c in codecs] if isinstance(codecs, list) else None
     if names is None or any(n not in ALLOWED_CODECS for n in names):
@@ -216,8 +253,12 @@ def array_metadata_problems(spec: ArraySpec, d: Any, meta: GroupMeta, root: Root
     trailing = list(meta.trailing_size(spec.trailing))
     lead = [meta.epochs, root.num_shards, root.max_shard_len] if root is not None else None
     shape = d.get("shape")
+    if spec.name in (ROWS, TAIL_PRIOR):  # format 2's packed arrays: leading dims and sizes checked by the reader
+        lead = None
     # axis 0 may run ahead of the group's epochs while a dump grows them (arrays are resized first)
-    if not isinstance(shape, list) or len(shape) != 3 + len(trailing) or shape[3:] != trailing or (
+    if spec.name in (ROWS, TAIL_PRIOR):
+        pass
+    elif not isinstance(shape, list) or len(shape) != 3 + len(trailing) or shape[3:] != trailing or (
             lead is not None and (shape[1:3] != lead[1:] or not isinstance(shape[0], int)
                                   or not lead[0] <= shape[0] <= MAX_EPOCHS)):
         want = f"{[*lead, *trailing]}" if lead is not None else f"(epochs, shards, rows, *{trailing})"
@@ -225,16 +266,41 @@ def array_metadata_problems(spec: ArraySpec, d: Any, meta: GroupMeta, root: Root
     grid = d.get("chunk_grid")
     chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) and isinstance(
         grid.get("configuration"), dict) else None
-    if not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(chunks, list) or (
+    if spec.name not in (ROWS, TAIL_PRIOR) and (
+            not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(chunks, list)) or (
             lead is not None and chunks != [1, 1, lead[2], *trailing]):
         want = [1, 1, lead[2], *trailing] if lead is not None else "(1, 1, rows, ...)"
         out.append(f"chunk shape {_short(chunks)} != {want} (one chunk per unit)")
     cke = d.get("chunk_key_encoding")
-    if cke not in (None, {"name": "default", "configuration": {"separator": "/"}}, {"name": "default"}):
+    default_cke = (None, {"name": "default", "configuration": {"separator": "/"}}, {"name": "default"})
+    if spec.name not in (ROWS, TAIL_PRIOR) and cke not in default_cke:
         out.append(f"chunk_key_encoding {_short(cke)} is not the default '/' encoding")
     for key in ("storage_transformers",):
         if d.get(key):
             out.append(f"{key} are not allowed")
+    return out
+
+
+def _packed_problems(spec: ArraySpec, d: dict, meta: GroupMeta) -> list[str]:
+    """Format 2's arrays: the shape, one chunk per unit (or one for the prior), '.'-separated chunk keys."""
+    out = []
+    shape = d.get("shape")
+    grid = d.get("chunk_grid")
+    chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
+    if spec.name == ROWS:
+        fields = meta.packed_codec().n_fields
+        if not isinstance(shape, list) or len(shape) != 4 or shape[2] != fields:
+            out.append(f"shape {shape} is not (epochs, shards, {fields} fields, rows)")
+        elif chunks != [1, 1, fields, shape[3]]:
+            out.append(f"chunks {chunks} are not one unit ([1, 1, {fields}, {shape[3]}])")
+    else:
+        c = meta.num_classes
+        if shape != [c, c] or chunks != [c, c]:
+            out.append(f"shape {shape} / chunks {chunks} are not one ({c}, {c}) chunk")
+    enc = d.get("chunk_key_encoding")
+    if not isinstance(enc, dict) or enc.get("name") != "default" or \
+            enc.get("configuration", {}).get("separator") != CHUNK_SEPARATOR_2:
+        out.append(f"chunk_key_encoding {enc} is not the default with separator '{CHUNK_SEPARATOR_2}'")
     return out
 
 
@@ -305,8 +371,14 @@ class GroupMeta:
     temperatures: tuple[float, ...]
     seed: int
     epochs: int
-    value_dtype: str = "float16"
-    index_dtype: str = "int16"
+    value_dtype: str | None = "float16"  # format 1 only (None in format 2)
+    index_dtype: str | None = "int16"  # format 1 only
+    #: format 2: the packed codec's settings (`PackedCodec.to_json`); None: format 1's five arrays
+    codec: dict[str, Any] | None = None
+    #: format 2: the tail rule's settings (`labels.tails.tail_settings`); None: uniform (format 1's rule)
+    tail: dict[str, Any] | None = None
+    #: tail 'prior': sha256 of the class prior (float32 bytes), set once the calibration pass wrote it
+    tail_prior_digest: str | None = None
     #: the shards dumped so far (a dump may cover part of the data, `--shards`); None: every shard of the data.
     #: Completeness is judged over these shards x epochs.
     shards: tuple[int, ...] | None = None
@@ -320,7 +392,7 @@ class GroupMeta:
     #: fields that may differ between a cache and a rerun: epochs and shards grow, provenance accumulates, and
     #: `weights` only says where the weights came from (the same file by another path is the same teacher):
     #: `weights_digest` decides whether the teacher is the same
-    MUTABLE = ("epochs", "shards", "provenance", "weights")
+    MUTABLE = ("epochs", "shards", "provenance", "weights", "tail_prior_digest")
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_json().items() if k not in self.MUTABLE}
@@ -359,13 +431,19 @@ class GroupMeta:
         provenance = d.get("provenance", [])
         if not isinstance(provenance, list) or not all(isinstance(p, dict) for p in provenance):
             raise CacheMetadataError(f"{where}: 'provenance' must be a list of objects")
-        value_dtype = _str(d, "value_dtype", where, optional=True) or "float16"
-        index = _str(d, "index_dtype", where, optional=True) or "int16"
-        if value_dtype not in VALUE_DTYPES:
-            raise CacheMetadataError(f"{where}: 'value_dtype' {value_dtype!r} is not one of {VALUE_DTYPES}")
-        if index != index_dtype(num_classes):
-            raise CacheMetadataError(f"{where}: 'index_dtype' {index!r} != {index_dtype(num_classes)!r} for "
-                                f"{num_classes} classes")
+        codec, tail = d.get("codec"), d.get("tail")
+        for key, v in (("codec", codec), ("tail", tail)):
+            if v is not None and not isinstance(v, dict):
+                raise CacheMetadataError(f"{where}: {key!r} must be a JSON object or null, got {_short(v)}")
+        value_dtype = _str(d, "value_dtype", where, optional=True)
+        index = _str(d, "index_dtype", where, optional=True)
+        if codec is None:  # format 1: the five arrays' dtypes
+            value_dtype, index = value_dtype or "float16", index or "int16"
+            if value_dtype not in VALUE_DTYPES:
+                raise CacheMetadataError(f"{where}: 'value_dtype' {value_dtype!r} is not one of {VALUE_DTYPES}")
+            if index != index_dtype(num_classes):
+                raise CacheMetadataError(f"{where}: 'index_dtype' {index!r} != {index_dtype(num_classes)!r} for "
+                                         f"{num_classes} classes")
         precision = _str(d, "teacher_precision", where, optional=True)
         if precision is not None and precision not in ("fp32", "bf16", "fp16"):
             raise CacheMetadataError(f"{where}: 'teacher_precision' {precision!r} is not fp32, bf16 or fp16")
@@ -383,6 +461,9 @@ class GroupMeta:
             epochs=_int(d, "epochs", where, 1, MAX_EPOCHS),
             value_dtype=value_dtype,
             index_dtype=index,
+            codec=codec,
+            tail=tail,
+            tail_prior_digest=_str(d, "tail_prior_digest", where, optional=True),
             shards=None if shards is None else tuple(shards),
             provenance=tuple(provenance),
             # groups written before it was recorded read as what the dump did then
@@ -391,10 +472,34 @@ class GroupMeta:
         )
 
     def trailing_size(self, trailing: str) -> tuple[int, ...]:
-        return {"": (), "k": (self.k,), "R": (len(self.temperatures),), "P": (len(self.param_fields),)}[trailing]
+        return {"": (), "k": (self.k,), "R": (len(self.temperatures),), "P": (len(self.param_fields),),
+                "FL": (), "CC": ()}[trailing]
 
     def array_dtype(self, spec: ArraySpec) -> str:
+        if spec.dtype == "packed":
+            return self.packed_codec().dtype
         return {"index": self.index_dtype, "value": self.value_dtype}.get(spec.dtype, spec.dtype)
+
+    @property
+    def packed(self) -> bool:
+        """Format 2 (one packed array) rather than format 1's five arrays."""
+        return self.codec is not None
+
+    def packed_codec(self) -> PackedCodec:
+        c = self.codec or {}
+        if c.get("name") != "packed":
+            raise CacheError(f"unknown codec {c.get('name')!r} (this logitcache knows 'packed')")
+        return PackedCodec(self.k, self.num_classes, len(self.temperatures), len(self.param_fields),
+                           step_bits=int(c["step_bits"]), tail_samples=int(c.get("tail_samples", 0)),
+                           knee=float(c.get("knee", 0.0)))
+
+    @property
+    def codec_name(self) -> str:
+        return self.packed_codec().name if self.packed else f"arrays-{self.value_dtype}"
+
+    @property
+    def tail_name(self) -> str:
+        return (self.tail or {}).get("name", "uniform")
 
 
 def historical_teacher_precision(provenance) -> str:
@@ -448,7 +553,7 @@ class UnitMarker:
         return json.dumps(d, sort_keys=True, indent=1).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, where: str = "", arrays: tuple[str, ...] = ARRAY_NAMES) -> UnitMarker:
+    def from_bytes(cls, data: bytes, *, where: str = "", arrays: tuple[str, ...] | None = None) -> UnitMarker:
         """Parsed and checked: types, ``length`` within the limit, ``skipped`` inside the unit, and ``chunks``
         naming exactly ``arrays`` (an unexpected or missing chunk key is malformed, never ignored)."""
         try:
@@ -468,6 +573,8 @@ class UnitMarker:
         if not (0 <= marker.epoch < MAX_EPOCHS and 0 <= marker.shard < MAX_SHARDS
                 and 0 <= marker.length <= MAX_SHARD_LEN):
             problems.append(f"epoch/shard/length {marker.epoch}/{marker.shard}/{marker.length} beyond the limits")
+        if arrays is None:  # either format's arrays (the marker's group says which; readers check it per unit)
+            arrays = (ROWS,) if set(marker.chunks) == {ROWS} else ARRAY_NAMES
         extra, missing = sorted(set(marker.chunks) - set(arrays)), sorted(set(arrays) - set(marker.chunks))
         if extra:
             problems.append(f"unexpected chunk key(s) {extra}")
@@ -516,6 +623,38 @@ def zarr_array_kwargs(spec: ArraySpec, meta: GroupMeta, root: RootMeta) -> dict[
     }
 
 
+def packed_array_kwargs(meta: GroupMeta, root: RootMeta) -> dict[str, Any]:
+    """Arguments for ``zarr.create_array`` of format 2's ``rows`` array."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    fields, L = meta.packed_codec().n_fields, root.max_shard_len
+    return {
+        "shape": (meta.epochs, root.num_shards, fields, L),
+        "chunks": (1, 1, fields, L),
+        "dtype": meta.packed_codec().dtype,
+        "fill_value": 0,
+        "compressors": [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=PACKED.shuffle), Crc32cCodec()],
+        "chunk_key_encoding": {"name": "default", "separator": CHUNK_SEPARATOR_2},
+        "dimension_names": ("epoch", "shard", "field", "row"),
+        "attributes": {"doc": PACKED.doc},
+        "config": {"write_empty_chunks": True},
+    }
+
+
+def prior_array_kwargs(meta: GroupMeta) -> dict[str, Any]:
+    """Arguments for ``zarr.create_array`` of the (C, C) ``tail_prior`` array."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    c = meta.num_classes
+    return {
+        "shape": (c, c), "chunks": (c, c), "dtype": "float32", "fill_value": 0.0,
+        "compressors": [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=PRIOR.shuffle), Crc32cCodec()],
+        "chunk_key_encoding": {"name": "default", "separator": CHUNK_SEPARATOR_2},
+        "dimension_names": ("top1_class", "class"), "attributes": {"doc": PRIOR.doc},
+        "config": {"write_empty_chunks": True},
+    }
+
+
 # ------------------------------------------------------------------ the rows of one unit
 @dataclass
 class UnitRows:
@@ -552,9 +691,10 @@ class UnitRows:
         return cls(np.zeros((0, meta.k)), np.zeros((0, meta.k)), np.zeros(0), np.zeros((0, len(meta.temperatures))),
                    np.zeros((0, len(meta.param_fields))))
 
-    def topk(self, meta: GroupMeta, targets=None) -> TopKLogits:
+    def topk(self, meta: GroupMeta, targets=None, *, tail: TailRule | None = None) -> TopKLogits:
         """THE conversion of stored rows back into `TopKLogits` (every reader goes through here). ``targets``:
-        the labels from the data (default zeros, for callers that set each row's target themselves)."""
+        the labels from the data (default zeros, for callers that set each row's target themselves). ``tail`` is
+        format 2's (format 1 has one rule, uniform with the rest derived as 1 - Σ known)."""
         lse = torch.from_numpy(self.lse.astype(np.float32))
         logprobs = torch.from_numpy(self.topk_logprobs.astype(np.float32))
         n = len(self)
@@ -574,3 +714,51 @@ class UnitRows:
         return UnitRows(**{name: getattr(self, name)[o] for name in ARRAY_NAMES})
 
 
+
+
+@dataclass
+class PackedRows:
+    """Format 2: one unit's views as the codec's (F, n) matrix (`labels.codecs.encode_topk`)."""
+
+    matrix: np.ndarray
+
+    def __len__(self) -> int:
+        return self.matrix.shape[1]
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {ROWS: self.matrix}
+
+
+@dataclass
+class PackedUnit:
+    """Format 2: a unit read back and decoded (`labels.codecs.decode_unit`): ``n`` views."""
+
+    fields: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return self.fields["indices"].shape[0]
+
+    @property
+    def view_params(self) -> np.ndarray:
+        return self.fields["params"]
+
+    def select(self, offsets) -> PackedUnit:
+        o = np.asarray(offsets)
+        return PackedUnit({name: a[o] for name, a in self.fields.items()})
+
+    def topk(self, meta: GroupMeta, targets=None, *, tail: TailRule | None = None) -> TopKLogits:
+        """THE conversion of format 2's decoded rows into `TopKLogits` (see `UnitRows.topk`)."""
+        f = self.fields
+        n = len(self)
+        target = torch.zeros(n, dtype=torch.int64) if targets is None else torch.as_tensor(
+            np.asarray(targets), dtype=torch.int64)
+
+        def t(name, dtype=torch.float32):
+            return torch.from_numpy(np.ascontiguousarray(f[name])).to(dtype) if name in f else None
+
+        return TopKLogits(
+            indices=t("indices", torch.int64), logits=t("logits"), target=target,
+            target_logprob=t("target_logprob"), lse=t("lse"), temperatures=meta.temperatures,
+            num_classes=meta.num_classes, log_rest=t("log_rest"), tail=UNIFORM if tail is None else tail,
+            tail_indices=t("tail_indices", torch.int64), tail_logprobs=t("tail_logprobs"),
+        )

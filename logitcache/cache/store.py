@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from logitcache.cache import schema
-from logitcache.cache.schema import ARRAYS, GroupMeta, RootMeta, UnitMarker
+from logitcache.cache.schema import GroupMeta, RootMeta, UnitMarker
 from logitcache.errors import CacheError, CacheMetadataError
 from logitcache.runtime.atomic import write_atomic
 
@@ -131,9 +131,10 @@ def _open_zarr_root(url: str, storage_options: dict[str, Any] | None, *, mode: s
         return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
     return zarr.open_group(store, mode=mode, zarr_format=3, **kwargs)
 
-def check_array_metadata(objects: ObjectStore, group: str, meta: GroupMeta, root: RootMeta, url: str) -> None:
+def check_array_metadata(objects: ObjectStore, group: str, meta: GroupMeta, root: RootMeta | None,
+                         url: str) -> None:
     """Every array's zarr.json passes `schema.array_metadata_problems` (`CacheMetadataError` naming it)."""
-    for spec in ARRAYS:
+    for spec in schema.group_arrays(meta):
         key = f"{group}/{spec.name}/zarr.json"
         if objects.get(key) is None:
             raise CacheMetadataError(f"{url}: array {group}/{spec.name} is missing ({key} not found)")
@@ -142,6 +143,13 @@ def check_array_metadata(objects: ObjectStore, group: str, meta: GroupMeta, root
         if problems:
             raise CacheMetadataError(f"{url}: refusing array {group}/{spec.name}: " + "; ".join(problems)
                                      + f" (metadata {key})")
+
+
+def _checked_arrays(zgroup, objects: ObjectStore, group: str, meta: GroupMeta, url: str,
+                    root: RootMeta | None = None) -> dict[str, Any]:
+    """The group's arrays, each opened only after its zarr.json passed `schema.array_metadata_problems`."""
+    check_array_metadata(objects, group, meta, root, url)
+    return {spec.name: zgroup[spec.name] for spec in schema.group_arrays(meta)}
 
 
 def read_json_object(objects: ObjectStore, key: str) -> Any:
@@ -167,10 +175,10 @@ def load_root_meta(objects: ObjectStore) -> RootMeta:
     if not isinstance(attrs, dict) or attrs.get("format") != schema.FORMAT_NAME:
         raise CacheError(f"{url} is not a logitcache cache (no '{schema.ATTRS_KEY}' root attributes in zarr.json)")
     root = RootMeta.from_json(attrs, where=f"{url}: zarr.json attributes")
-    if root.format_version[0] != schema.FORMAT_VERSION[0]:
+    if root.format_version[0] not in schema.READABLE_MAJORS:
         raise CacheError(
             f"{url} has format version {list(root.format_version)}; this logitcache reads "
-            f"{schema.FORMAT_VERSION[0]}.x"
+            + " and ".join(f"{m}.x" for m in schema.READABLE_MAJORS)
         )
     return root
 
@@ -274,6 +282,19 @@ def _os_error(e: OSError) -> str:
 
 
 # ------------------------------------------------------------------ reading helpers shared by reader/verify/info
+def read_root_meta(zroot, url: str) -> RootMeta:
+    d = zroot.attrs.get(schema.ATTRS_KEY)
+    if not isinstance(d, dict) or d.get("format") != schema.FORMAT_NAME:
+        raise CacheError(f"{url} is not a logitcache cache (no '{schema.ATTRS_KEY}' root attributes)")
+    major = int(d["format_version"][0])
+    if major not in schema.READABLE_MAJORS:
+        raise CacheError(
+            f"{url} has format version {d['format_version']}; this logitcache reads "
+            + " and ".join(f"{m}.x" for m in schema.READABLE_MAJORS)
+        )
+    return RootMeta.from_json(d)
+
+
 def list_groups(objects: ObjectStore) -> list[str]:
     """Teacher groups of a cache: the child folders holding a zarr group (listed without zarr's member scan,
     which warns about the plain JSON objects next to the arrays)."""

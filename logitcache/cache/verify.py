@@ -12,6 +12,7 @@ random cached views are recomputed with the given teacher and compared, which ca
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from logitcache.cache import schema
-from logitcache.cache.reader import CacheReader
+from logitcache.cache.reader import LOGPROB_SLACK, CacheReader
 from logitcache.cache.store import ObjectStore, list_groups
 from logitcache.data.manifest import load_manifest, verify_shards
 from logitcache.data.shards import iter_shard
@@ -55,6 +56,8 @@ def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[
             "teacher": meta.teacher, "weights": meta.weights, "weights_digest": meta.weights_digest,
             "recipe": meta.recipe, "k": meta.k, "temperatures": list(meta.temperatures), "seed": meta.seed,
             "epochs": meta.epochs, "value_dtype": meta.value_dtype, "num_classes": meta.num_classes,
+            "format": ".".join(map(str, r.root_meta.format_version)), "codec": meta.codec_name,
+            "tail": meta.tail_name, **_disk_figures(objects, g, len(markers)),
             "teacher_precision": meta.teacher_precision,
             "teacher_precision_recorded": meta.teacher_precision_recorded,
             "shards": None if meta.shards is None else list(meta.shards), "units_finished": len(markers),
@@ -68,6 +71,22 @@ def cache_info(url: str, storage_options: dict[str, Any] | None = None) -> dict[
             "provenance": list(meta.provenance),
         }
     return out
+
+
+def _disk_figures(objects: ObjectStore, group: str, units: int) -> dict[str, Any]:
+    """What a local filesystem allocates for the group (st_blocks, as `du` counts, directories included) and the
+    stored objects per finished unit; None on object stores (they bill logical bytes)."""
+    if not objects.is_local:
+        return {"allocated_bytes": None, "objects_per_unit": None}
+    allocated, files, unit_objects = 0, 0, 0
+    for dirpath, _dirs, names in os.walk(objects.path(group)):
+        allocated += os.stat(dirpath).st_blocks * 512
+        for name in names:
+            allocated += os.stat(os.path.join(dirpath, name)).st_blocks * 512
+            files += 1
+            unit_objects += name != "zarr.json"  # chunks and markers (the prior's one chunk included)
+    return {"allocated_bytes": allocated, "objects": files,
+            "objects_per_unit": unit_objects / units if units else None}
 
 
 @dataclass
@@ -119,9 +138,16 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
                     break
     if n_unfinished > listed:
         report.add("units", f"... and {n_unfinished - listed} more unfinished unit(s)")
+    if meta.tail_name == "prior":
+        try:
+            reader.tail  # noqa: B018 - loads the class prior and checks its digest
+        except CacheError as err:
+            report.add(f"group {reader.group} class prior", str(err))
     for (e, s), marker in sorted(markers.items()):
         report.units_checked += 1
-        _, problems = reader.unit_problems(e, s, marker)
+        rows, problems = reader.unit_problems(e, s, marker)
+        if rows is not None and meta.packed and check_values:  # format 2: sanity of the decoded rows
+            problems = problems + _value_problems(rows.topk(meta), marker, meta)
         for what in problems if check_values else [p for p in problems if "chunk" in p]:
             report.add(f"unit (epoch {e}, shard {s})", what, epoch=e, shard=s)
     if data is not None:
@@ -138,6 +164,35 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
             except ReplayMismatchError as e:
                 report.add("replay", str(e))
     return report
+
+
+def _value_problems(tk, marker, meta: schema.GroupMeta) -> list[str]:
+    """Sanity of a unit's rows as `TopKLogits` (either format)."""
+    valid = np.ones(len(tk), dtype=bool)
+    valid[list(marker.skipped)] = False
+    j1 = meta.temperatures.index(1.0)
+    idx = tk.indices.numpy()[valid]
+    lp = (tk.logits - tk.lse[:, j1:j1 + 1]).numpy()[valid]
+    tlp, lse = tk.target_logprob.numpy()[valid], tk.lse.numpy()[valid]
+    slack = LOGPROB_SLACK
+    if meta.packed:  # quantised values: a decoded top-1 may sit a step above 0
+        slack = max(slack, 2 * meta.packed_codec().step)
+    out = []
+    for name, a in (("topk_logprobs", lp), ("target_logprob", tlp), ("lse", lse)):
+        if not np.isfinite(a).all():
+            out.append(f"{name} has {int((~np.isfinite(a)).sum())} non-finite value(s)")
+    if idx.size and (idx.min() < 0 or idx.max() >= meta.num_classes):
+        out.append(f"topk_indices outside [0, {meta.num_classes})")
+    if idx.size and meta.k > 1 and (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
+        out.append("topk_indices repeat a class within a row")
+    if lp.size and (np.diff(lp, axis=1) > slack).any():
+        out.append("topk_logprobs are not sorted largest first")
+    if lp.size and (lp.max() > slack or tlp.max(initial=-np.inf) > slack):
+        out.append("a log-probability is > 0")
+    mass = np.exp(lp.astype(np.float64)).sum(axis=1)
+    if mass.size and mass.max() > 1 + meta.k * slack:
+        out.append(f"top-k mass {mass.max():.6f} > 1")
+    return out
 
 
 def _data_problems(reader, root: schema.RootMeta, data: str) -> list[tuple[str, str | None]]:
@@ -232,6 +287,7 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
                     keep(e, mixers[e].push(sample))
         for e in epochs:
             keep(e, mixers[e].finish())
+    tables: dict[tuple[int, int], Any] = {}
     worst, mismatches = 0.0, []
     with torch.inference_mode():
         for i in range(0, len(views), 64):
@@ -239,18 +295,26 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
             lp = torch.log_softmax(logits.double(), dim=1)
             for j in range(logits.shape[0]):
                 e, s, o = where[i + j]
-                rows = reader.read_unit(e, s)
-                idx = torch.from_numpy(rows.topk_indices[o].astype(np.int64))
-                cached = torch.from_numpy(rows.topk_logprobs[o].astype(np.float64))
-                cached_target = torch.tensor([float(rows.target_logprob[o])], dtype=torch.float64)
+                if (e, s) not in tables:
+                    tables[(e, s)] = reader.read_unit(e, s)
+                row = reader.topk_rows(tables[(e, s)], [o], [labels[i + j]])  # either format
+                idx = row.indices[0]
+                cached = row.topk_log_probs(1.0)[0].double()
+                cached_target = row.target_log_probs(1.0)[:1].double()
                 d_topk, d_target = (lp[j, idx] - cached).abs(), (lp[j, labels[i + j]] - cached_target).abs()
                 diff = max(float(d_topk.max()), float(d_target.max()))
-                excess = max(float((d_topk - precision.storage_rounding(cached, meta.value_dtype)).max()),
-                             float((d_target - precision.storage_rounding(cached_target, "float32")).max()))
+                if meta.packed:  # format 2: the codec's stated bound after normalising (FORMAT.md), not a mismatch
+                    bound = 2.5 * meta.packed_codec().step
+                    excess = max(float((d_topk - bound).max()), float((d_target - bound).max()))
+                else:
+                    excess = max(float((d_topk - precision.storage_rounding(cached, meta.value_dtype)).max()),
+                                 float((d_target - precision.storage_rounding(cached_target, "float32")).max()))
                 worst = max(worst, diff)
                 if excess > tolerance:
                     mismatches.append({"epoch": e, "shard": s, "offset": o, "sample": keys[i + j],
                                        "max_abs_logprob_diff": diff})
+    if meta.packed:  # format 2's rounding is one constant: report the difference a view may show
+        tolerance += 2.5 * meta.packed_codec().step
     return {"views": len(views), "tolerance": tolerance, "max_abs_logprob_diff": worst,
             "cache_teacher_precision": meta.teacher_precision, "teacher_precision": teacher_precision,
             "mismatches": mismatches, "weights_digest_cache": meta.weights_digest,

@@ -1,6 +1,9 @@
 """`CacheWriter`: creates or extends a teacher group and writes units — each unit's chunks first (read back and
 hashed), its completion marker last — so a crash leaves the unit unfinished, never half-certified.
 
+Writes format 2 (one packed chunk per unit) for a group whose metadata names a codec, format 1 (five arrays)
+otherwise; `encode_rows` turns a unit's `TopKLogits` + view params into what `write_unit` stores, in either.
+
 Faults: an `OSError` while writing (disk full, permission denied, a failing object store) becomes
 `CacheWriteError` naming the unit and the object; every unit finished before stays valid and a rerun completes
 the rest. `write_empty_chunks` is a runtime option of zarr, not stored metadata: the writer sets it itself.
@@ -16,9 +19,10 @@ import json
 from typing import Any
 
 import numpy as np
+import torch
 
 from logitcache.cache import schema
-from logitcache.cache.schema import ARRAYS, GroupMeta, RootMeta, UnitMarker, UnitRows
+from logitcache.cache.schema import GroupMeta, PackedRows, RootMeta, UnitMarker, UnitRows
 from logitcache.cache.store import (
     CREATE_RACE_SECONDS,
     ObjectStore,
@@ -34,6 +38,9 @@ from logitcache.cache.store import (
     sha256_hex,
 )
 from logitcache.errors import CacheError, CacheMismatchError, CacheWriteError
+from logitcache.labels.codecs import encode_topk
+from logitcache.labels.tails import prior_digest
+from logitcache.labels.topk import TopKLogits
 
 
 # ------------------------------------------------------------------ writer
@@ -51,7 +58,8 @@ class CacheWriter:
         self._zroot = _open_zarr_root(url, storage_options, mode="r+")
         g = self._zroot[group]
         # write_empty_chunks is a runtime option, not stored metadata: every writer must set it (CONTRACTS §3)
-        self._arrays = {a.name: _open_array_for_write(g, a.name) for a in ARRAYS}
+        self._arrays = {a.name: _open_array_for_write(g, a.name) for a in schema.group_arrays(self.meta)
+                        if a is not schema.PRIOR}
 
     @classmethod
     def open(cls, url: str, group: str, *, storage_options: dict[str, Any] | None = None) -> CacheWriter:
@@ -67,11 +75,13 @@ class CacheWriter:
         manifest_json: dict[str, Any],
         *,
         storage_options: dict[str, Any] | None = None,
+        prior=None,
     ) -> CacheWriter:
         """Create the cache/group, or check an existing one matches and grow its epochs if asked for more.
 
         Refuses (`CacheMismatchError`) a cache made from other data or a group made with other settings, and
-        names every setting that differs.
+        names every setting that differs. ``prior``: the (C, C) class prior of tail rule ``prior``, written now
+        when the group has none yet (`put_prior`).
         """
         import time
 
@@ -81,7 +91,10 @@ class CacheWriter:
         deadline = time.monotonic() + CREATE_RACE_SECONDS
         while True:
             try:
-                return cls._create_or_open(url, group, meta, root, manifest_json, storage_options)
+                w = cls._create_or_open(url, group, meta, root, manifest_json, storage_options)
+                if prior is not None and w.meta.tail_prior_digest is None:
+                    w.put_prior(prior)
+                return w
             except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError,
                     _GroupBeingCreated) as e:
                 # another process (a concurrent `dump --shards` on another host) is creating the same cache or
@@ -93,6 +106,14 @@ class CacheWriter:
             except OSError as e:
                 raise CacheWriteError(
                     f"{url}: cannot create or extend teacher group '{group}': {_os_error(e)}") from e
+
+    @staticmethod
+    def existing_format(url: str, storage_options: dict[str, Any] | None = None) -> tuple[int, int] | None:
+        """The format version of the cache at ``url``, None when there is none yet (a dump keeps it)."""
+        objects = ObjectStore(url, storage_options)
+        if objects.get("zarr.json") is None:
+            return None
+        return load_root_meta(objects).format_version  # checked before zarr parses it
 
     @classmethod
     def _create_or_open(cls, url, group, meta, root, manifest_json, storage_options) -> CacheWriter:
@@ -110,13 +131,22 @@ class CacheWriter:
                     f"{url} was made from other data: dataset fingerprint {stored_root.dataset_fingerprint[:16]}… "
                     f"!= {root.dataset_fingerprint[:16]}… of the data given"
                 )
+        major = load_root_meta(objects).format_version[0]
+        if (major == 2) != meta.packed:
+            raise CacheMismatchError(
+                f"{url} is a format {major}.x cache: its groups {'need' if major == 2 else 'cannot have'} a codec "
+                f"(format 2's packed rows); dump into a new cache to change the format"
+            )
         if objects.get(f"{group}/zarr.json") is None:
             g = zroot.create_group(group, attributes={schema.ATTRS_KEY: meta.to_json()})
-            for spec in ARRAYS:
-                g.create_array(spec.name, **schema.zarr_array_kwargs(spec, meta, root))
+            if meta.packed:
+                g.create_array(schema.ROWS, **schema.packed_array_kwargs(meta, load_root_meta(objects)))
+            else:
+                for spec in schema.ARRAYS:
+                    g.create_array(spec.name, **schema.zarr_array_kwargs(spec, meta, root))
         else:
             stored = load_group_meta(objects, group)
-            if any(objects.get(f"{group}/{spec.name}/zarr.json") is None for spec in ARRAYS):
+            if any(objects.get(f"{group}/{spec.name}/zarr.json") is None for spec in schema.group_arrays(stored)):
                 raise _GroupBeingCreated(f"{url}: group '{group}' has no arrays (yet?)")
             check_array_metadata(objects, group, stored, load_root_meta(objects), url)
             g = zroot[group]
@@ -127,7 +157,9 @@ class CacheWriter:
                     + "\n  ".join(diff)
                 )
             if meta.epochs > stored.epochs:  # more epochs later: grow axis 0 (arrays first), old units untouched
-                for spec in ARRAYS:
+                for spec in schema.group_arrays(stored):
+                    if spec is schema.PRIOR:
+                        continue
                     arr = g[spec.name]
                     arr.resize((meta.epochs, *arr.shape[1:]))
                 # only `epochs` changes in the group's attributes; a run's shards and provenance are its own
@@ -161,6 +193,36 @@ class CacheWriter:
         except OSError as e:
             raise CacheWriteError(f"{self.url}: cannot record this run in {key}: {_os_error(e)}") from e
 
+    def put_prior(self, prior) -> str:
+        """Write tail rule ``prior``'s (C, C) class prior once, before any unit, and record its digest."""
+        arr = np.ascontiguousarray(np.asarray(prior, dtype=np.float32))
+        c = self.meta.num_classes
+        if arr.shape != (c, c):
+            raise CacheError(f"class prior shaped {arr.shape}, expected ({c}, {c})")
+        zroot = _open_zarr_root(self.url, self.objects.storage_options, mode="r+")
+        g = zroot[self.group]
+        if schema.TAIL_PRIOR in g:
+            del g[schema.TAIL_PRIOR]
+        g.create_array(schema.TAIL_PRIOR, **schema.prior_array_kwargs(self.meta))[...] = arr
+        digest = prior_digest(torch.from_numpy(arr))
+        d = g.attrs[schema.ATTRS_KEY]
+        d["tail_prior_digest"] = digest
+        g.attrs[schema.ATTRS_KEY] = d
+        self.meta = GroupMeta.from_json(d)
+        return digest
+
+    def encode_rows(self, tk: TopKLogits, view_params: np.ndarray) -> UnitRows | PackedRows:
+        """What `write_unit` stores for a unit's rows, in the group's format (format 2 needs ``keep_rest``)."""
+        if self.meta.packed:
+            return PackedRows(encode_topk(self.meta.packed_codec(), tk, np.asarray(view_params, dtype=np.int16)))
+        return UnitRows.from_topk(tk, view_params, self.meta.value_dtype)
+
+    def empty_rows(self) -> UnitRows | PackedRows:
+        m = self.meta
+        if m.packed:
+            return PackedRows(np.zeros((m.packed_codec().n_fields, 0), dtype=m.packed_codec().dtype))
+        return UnitRows.empty(m)
+
     def finished_units(self) -> dict[tuple[int, int], UnitMarker]:
         return read_markers(self.objects, self.group)
 
@@ -169,7 +231,7 @@ class CacheWriter:
         epoch: int,
         shard: int,
         offsets: np.ndarray,
-        rows: UnitRows,
+        rows: UnitRows | PackedRows,
         length: int,
         stats: dict[str, float],
         skipped: tuple[int, ...] = (),
@@ -186,12 +248,19 @@ class CacheWriter:
             # the marker is removed first so a crash mid-rewrite (repair) leaves the unit unfinished, not stale
             self.objects.delete(marker_key)
             hashes, chunk_keys = {}, []
+            keys = schema.unit_chunk_keys(self.group, self.meta, epoch, shard)
             for name, values in rows.as_dict().items():
                 arr = self._arrays[name]
-                key = schema.chunk_key(self.group, name, epoch, shard, arr.ndim)
-                full = np.zeros((L, *arr.shape[3:]), dtype=arr.dtype)
-                full[offsets] = values
+                key = keys[name]
+                if name == schema.ROWS:  # (fields, rows): views are columns
+                    full = np.zeros(arr.shape[2:], dtype=arr.dtype)
+                    full[:, offsets] = values
+                else:
+                    full = np.zeros((L, *arr.shape[3:]), dtype=arr.dtype)
+                    full[offsets] = values
                 arr[epoch, shard] = full
+                # format 2's chunks share one folder, which a listing (du, verify) may have cached: read afresh
+                self.objects.fs.invalidate_cache(self.objects.path(key))
                 stored = self.objects.get(key)
                 if stored is None:
                     raise CacheError(f"chunk {key} was not written (write_empty_chunks must be on)")

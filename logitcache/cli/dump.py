@@ -44,14 +44,22 @@ from logitcache.cli.options import (
                           "whatever it is) [default: bf16 on a GPU, fp32 on the CPU]")
 @shards_option()
 @click.option("--value-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
-              help="dtype of the stored top-k log-probabilities")
+              help="format 1: dtype of the stored top-k log-probabilities")
+@click.option("--tail", default="uniform", show_default=True,
+              help="how the mass outside the top-k is reconstructed: uniform | prior (class-conditional, 0 B/view) "
+                   "| sampled[:M] (M classes with importance weights, unbiased; default M=8); format 2")
+@click.option("--format", "cache_format", default=2, show_default=True, type=click.IntRange(1, 2),
+              help="format of a NEW cache (an existing cache keeps its own)")
+@click.option("--prior-views", default=None, type=int,
+              help="--tail prior: calibration views (epoch 0, first shards; default 20 per class)")
 @click.option("--skip-bad", is_flag=True, help="skip corrupt samples (counted and reported) instead of stopping")
 @click.option("--repair", is_flag=True, help="verify the cache first and redo exactly the damaged units")
 @click.option("--dry-run", is_flag=True, help="print the plan (units, views, bytes) and write nothing")
 @json_option()
 @reports_errors
 def dump(teacher, weights, data, out, group, epochs, topk, temperatures, seed, recipe, image_size, batch_size,
-         workers, device, teacher_precision, shard_selection, value_dtype, skip_bad, repair, dry_run, as_json):
+         workers, device, teacher_precision, shard_selection, value_dtype, tail, cache_format, prior_views, skip_bad,
+         repair, dry_run, as_json):
     """Run a teacher once over augmented views of --data and store its top-k logits in --out.
 
     Resumable: rerun the same command after an interruption and it finishes the unfinished units.
@@ -67,7 +75,7 @@ def dump(teacher, weights, data, out, group, epochs, topk, temperatures, seed, r
         batch_size=batch_size, workers=resolve_workers(workers), device=device, value_dtype=value_dtype,
         skip_bad=skip_bad, teacher_precision=teacher_precision,
         repair=repair, shards=tuple(parse_shard_selection(shard_selection)) if shard_selection else None,
-        progress=not as_json,
+        progress=not as_json, tail=tail, format=cache_format, prior_views=prior_views,
     )
     if dry_run:
         p = plan(cfg)

@@ -43,13 +43,16 @@ def info(cache, group, as_json):
                    + ("" if g["teacher_precision_recorded"] else
                       "  (not recorded: a dump before it was; inferred from its --device: cuda -> bf16, else fp32)"))
         click.echo(f"  recipe           {g['recipe']}")
-        click.echo(f"  k / temperatures {g['k']} / {g['temperatures']}   seed {g['seed']}   "
-                   f"values {g['value_dtype']}")
+        click.echo(f"  k / temperatures {g['k']} / {g['temperatures']}   seed {g['seed']}")
+        click.echo(f"  format / codec   {g['format']} / {g['codec']}   tail {g['tail']}")
         covered = "all shards" if g["shards"] is None else f"{len(g['shards'])} of {root['num_shards']} shards"
         click.echo(f"  units            {g['units_finished']}/{g['units_total']} finished "
                    f"({g['epochs']} epoch(s) x {covered})")
         bpv = f"{g['bytes_per_view']:.1f}" if g["bytes_per_view"] else "-"
         click.echo(f"  size             {g['bytes']} bytes, {g['views']} views, {bpv} B/view")
+        if g.get("allocated_bytes") is not None and g.get("objects_per_unit") is not None:
+            click.echo(f"  on local disk    {g['allocated_bytes']} bytes allocated (du), {g['objects']} objects, "
+                       f"{g['objects_per_unit']:.1f} per finished unit")
         if g["teacher_top1"] is not None:
             click.echo(f"  teacher on views top-1 {100 * g['teacher_top1']:.2f}%, mean top-k mass "
                        f"{g['mean_topk_mass']:.4f}, {g['samples_skipped']} sample(s) skipped")

@@ -18,6 +18,13 @@ true bound, exceeded only through rounding), and when rounding leaves no mass at
 ``min(p_k, TAIL_FLOOR)`` so log-probabilities stay finite. With k = C there is no tail and the reconstruction
 is the dense softmax.
 
+**Format 2 rows** also carry ``log_rest`` (N, R): the log of the teacher mass outside top-k ∪ {target} at each
+recorded temperature, stored explicitly (derived by subtraction, the rounding of a large top-1 probability would
+land in the small tail mass). With it the tail mass is ``exp(log_rest)`` and its *shape* comes from the group's
+tail rule (`logitcache.labels.tails`): ``uniform`` (the rule above), ``prior`` (the class-conditional mean tail
+recorded once per group) or ``sampled`` (m classes drawn from the teacher's tail with importance weights, so the
+reconstruction is unbiased: E[p̂] = p at every recorded temperature).
+
 A temperature that was not recorded is an error (`TemperatureNotRecorded`), never an approximation.
 """
 
@@ -30,9 +37,7 @@ import torch
 from torch import Tensor
 
 from logitcache.errors import NonFiniteLogitsError, TemperatureNotRecorded
-
-#: smallest probability a tail class gets (keeps log-probabilities finite; contributes < 1e-9 in total at C=1000).
-TAIL_FLOOR = 1e-12
+from logitcache.labels.tails import TAIL_FLOOR, UNIFORM, TailRule
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,13 @@ class TopKLogits:
     lse: Tensor
     temperatures: tuple[float, ...]
     num_classes: int
+    #: format 2: (N, R) log of the mass outside top-k ∪ {target} per temperature (-inf: none); None: 1 - known
+    log_rest: Tensor | None = None
+    #: how the rest is shaped over the unknown classes (shared by all rows)
+    tail: TailRule = UNIFORM
+    #: the sampled tail's classes (N, m) and their T = 1 log-probabilities (N, m); None for other tails
+    tail_indices: Tensor | None = None
+    tail_logprobs: Tensor | None = None
 
     def __post_init__(self) -> None:
         n, k = self.indices.shape
@@ -57,16 +69,25 @@ class TopKLogits:
             raise ValueError("temperature 1.0 must be recorded (it anchors target_logprob)")
         if not 1 <= k <= self.num_classes:
             raise ValueError(f"k={k} must be in [1, num_classes={self.num_classes}]")
+        if self.log_rest is not None and self.log_rest.shape != (n, len(self.temperatures)):
+            raise ValueError(f"log_rest shape {tuple(self.log_rest.shape)} != (N, {len(self.temperatures)})")
+        if (self.tail_indices is None) != (self.tail_logprobs is None) or (
+            self.tail_indices is not None and (self.tail_indices.shape[0] != n
+                                               or self.tail_indices.shape != self.tail_logprobs.shape)):
+            raise ValueError("tail_indices and tail_logprobs must both be given, shaped (N, m)")
+        self.tail.check(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def _trusted(cls, indices, logits, target, target_logprob, lse, temperatures, num_classes) -> TopKLogits:
+    def _trusted(cls, indices, logits, target, target_logprob, lse, temperatures, num_classes, log_rest=None,
+                 tail=UNIFORM, tail_indices=None, tail_logprobs=None) -> TopKLogits:
         """Build without the shape checks, for rows sliced from an already checked `TopKLogits` or unit (the
         replay stage builds one row per sample; the checks would cost more than the row)."""
         obj = object.__new__(cls)
         for name, value in (("indices", indices), ("logits", logits), ("target", target),
                             ("target_logprob", target_logprob), ("lse", lse), ("temperatures", temperatures),
-                            ("num_classes", num_classes)):
+                            ("num_classes", num_classes), ("log_rest", log_rest), ("tail", tail),
+                            ("tail_indices", tail_indices), ("tail_logprobs", tail_logprobs)):
             object.__setattr__(obj, name, value)
         return obj
 
@@ -79,11 +100,15 @@ class TopKLogits:
         temperatures: tuple[float, ...] | list[float] = (1.0,),
         *,
         sample_ids: list[str] | None = None,
+        keep_rest: bool = False,
+        tail: TailRule = UNIFORM,
+        generator: torch.Generator | None = None,
     ) -> TopKLogits:
         """Keep the top-k of dense teacher ``logits`` (N, C); reductions in float32.
 
         Non-finite logits raise `NonFiniteLogitsError` naming the rows (``sample_ids[i]`` when given), so a
-        broken teacher is never written to a cache.
+        broken teacher is never written to a cache. ``keep_rest``: also record ``log_rest`` (what format 2
+        stores); ``tail``: a tail rule that needs per-row data (``sampled``) draws it here, from ``generator``.
         """
         z = logits.detach().float()
         bad = ~torch.isfinite(z).all(dim=1)
@@ -101,7 +126,21 @@ class TopKLogits:
         lse = torch.stack([torch.logsumexp(z / t, dim=1) for t in temps], dim=1)
         target = target.long().to(z.device)
         target_logprob = z.gather(1, target[:, None])[:, 0] - lse[:, temps.index(1.0)]
-        return cls(indices, values, target, target_logprob, lse, temps, num_classes)
+        if not (keep_rest or tail.per_row):
+            return cls(indices, values, target, target_logprob, lse, temps, num_classes)
+        unknown = torch.ones_like(z, dtype=torch.bool)
+        unknown.scatter_(1, indices, False)
+        unknown.scatter_(1, target[:, None], False)
+        log_rest = torch.stack(
+            [torch.logsumexp((z / t).masked_fill(~unknown, -math.inf), dim=1) - lse[:, j] for j, t in enumerate(temps)],
+            dim=1,
+        )
+        tail_indices = tail_logprobs = None
+        if tail.per_row:
+            tail_indices = tail.draw(z, unknown, max(temps), generator)
+            tail_logprobs = (z - lse[:, temps.index(1.0), None]).gather(1, tail_indices)
+        return cls(indices, values, target, target_logprob, lse, temps, num_classes, log_rest, tail,
+                   tail_indices, tail_logprobs)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -130,6 +169,8 @@ class TopKLogits:
 
     def log_probs(self, temperature: float = 1.0) -> Tensor:
         """Dense (N, C) teacher log-probabilities at ``temperature``, the tail filled by the tail rule."""
+        if self.log_rest is not None:
+            return self._log_probs_with_rest(temperature)
         n, c = len(self), self.num_classes
         topk_lp = self.topk_log_probs(temperature).double()
         target_lp = self.target_log_probs(temperature).double()
@@ -151,6 +192,20 @@ class TopKLogits:
         out.scatter_(1, self.indices, topk_lp)
         return out.float()
 
+    def _log_probs_with_rest(self, temperature: float) -> Tensor:
+        """Format 2: the known classes exact (as stored), the recorded rest shaped by ``self.tail``."""
+        n, c = len(self), self.num_classes
+        topk_lp = self.topk_log_probs(temperature).double()
+        target_lp = self.target_log_probs(temperature).double()
+        log_rest = self.log_rest[:, self._temperature_column(temperature)].double()
+        known = torch.zeros(n, c, dtype=torch.bool, device=self.indices.device)
+        known.scatter_(1, self.indices, True)
+        known.scatter_(1, self.target[:, None], True)
+        out = self.tail.fill(self, temperature, log_rest, known, topk_lp[:, -1])
+        out.scatter_(1, self.target[:, None], target_lp[:, None])
+        out.scatter_(1, self.indices, topk_lp)
+        return out.float()
+
     def probs(self, temperature: float = 1.0) -> Tensor:
         return self.log_probs(temperature).exp()
 
@@ -158,6 +213,9 @@ class TopKLogits:
     def __getitem__(self, rows) -> TopKLogits:
         if isinstance(rows, int):
             rows = slice(rows, rows + 1)
+        def sl(t):
+            return None if t is None else t[rows]
+
         return TopKLogits(
             self.indices[rows],
             self.logits[rows],
@@ -166,6 +224,10 @@ class TopKLogits:
             self.lse[rows],
             self.temperatures,
             self.num_classes,
+            sl(self.log_rest),
+            self.tail,
+            sl(self.tail_indices),
+            sl(self.tail_logprobs),
         )
 
     @classmethod
@@ -175,19 +237,22 @@ class TopKLogits:
         for p in parts[1:]:
             if p.temperatures != first.temperatures or p.num_classes != first.num_classes or p.k != first.k:
                 raise ValueError("cannot concatenate TopKLogits with different k, temperatures or classes")
+            if p.tail != first.tail or (p.log_rest is None) != (first.log_rest is None):
+                raise ValueError("cannot concatenate TopKLogits with different tail rules (format 1 and 2 rows?)")
+
+        def cat(name):
+            ts = [getattr(p, name) for p in parts]
+            return None if ts[0] is None else torch.cat(ts)
+
         return cls(
-            torch.cat([p.indices for p in parts]),
-            torch.cat([p.logits for p in parts]),
-            torch.cat([p.target for p in parts]),
-            torch.cat([p.target_logprob for p in parts]),
-            torch.cat([p.lse for p in parts]),
-            first.temperatures,
-            first.num_classes,
+            cat("indices"), cat("logits"), cat("target"), cat("target_logprob"), cat("lse"),
+            first.temperatures, first.num_classes, cat("log_rest"), first.tail, cat("tail_indices"),
+            cat("tail_logprobs"),
         )
 
     def to(self, device, non_blocking: bool = False) -> TopKLogits:
-        def mv(t: Tensor) -> Tensor:
-            return t.to(device, non_blocking=non_blocking)
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
 
         return TopKLogits(
             mv(self.indices),
@@ -197,6 +262,10 @@ class TopKLogits:
             mv(self.lse),
             self.temperatures,
             self.num_classes,
+            mv(self.log_rest),
+            self.tail,
+            mv(self.tail_indices),
+            mv(self.tail_logprobs),
         )
 
     # ------------------------------------------------------------------ helpers
@@ -209,7 +278,6 @@ class TopKLogits:
             "re-dump with --temperatures including it"
         )
 
-
 def _normalise_temperatures(temperatures) -> tuple[float, ...]:
     temps = [float(t) for t in temperatures]
     if any(not math.isfinite(t) or t <= 0 for t in temps):
@@ -221,7 +289,6 @@ def _normalise_temperatures(temperatures) -> tuple[float, ...]:
         if not any(math.isclose(t, u) for u in out):
             out.append(1.0 if math.isclose(t, 1.0) else t)
     return tuple(out)
-
 
 def teacher_log_probs(teacher: Tensor | TopKLogits, temperature: float = 1.0) -> Tensor:
     """Dense (N, C) float32 teacher log-probabilities at ``temperature`` from dense logits or a `TopKLogits`.

@@ -85,7 +85,8 @@ class PredictionStore:
             teacher_precision=default_teacher_precision(env.device),  # the student's forward (`precision.autocast`)
         )
         root = schema.RootMeta(manifest.fingerprint, manifest.num_classes, len(manifest.shards),
-                               tuple(s.num_samples for s in manifest.shards))
+                               tuple(s.num_samples for s in manifest.shards),
+                               format_version=schema.FORMAT_1)  # float32 values, k = C: the exact reference
         if env.is_main:
             if fresh and os.path.exists(url):
                 shutil.rmtree(url)  # predictions of an earlier, abandoned run in this directory

@@ -1,0 +1,214 @@
+"""Format 2's soft-label codec and tail rules (logitcache.labels): round trips, error bounds, unbiasedness."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from logitcache.labels.codecs import PackedCodec, decode_unit, encode_topk
+from logitcache.labels.tails import (
+    TAIL_FLOOR,
+    UNIFORM,
+    PriorAccumulator,
+    PriorTail,
+    SampledTail,
+    parse_tail,
+    tail_from_settings,
+    tail_settings,
+)
+from logitcache.labels.topk import TopKLogits, teacher_log_probs
+from logitcache.losses import dkd, kd, nkd
+
+
+def _teacher(n=48, c=40, seed=0, scale=4.0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g) * scale
+    y = torch.randint(0, c, (n,), generator=g)
+    return z, y
+
+
+def _params(n, p=5, seed=0):
+    return np.random.default_rng(seed).integers(-300, 3000, (n, p)).astype(np.int16)
+
+
+def decoded_rows(codec, tk, params, target, temperatures, tail=UNIFORM) -> tuple[TopKLogits, np.ndarray]:
+    """What the cache reader does with a unit's matrix (the target comes from the data)."""
+    d = decode_unit(codec, encode_topk(codec, tk, params), temperatures)
+    idx, logits = torch.from_numpy(d["indices"]), torch.from_numpy(d["logits"])
+    lse, tl = torch.from_numpy(d["lse"]), torch.from_numpy(d["target_logprob"])
+    extra = {}
+    if "tail_indices" in d:
+        extra = {"tail_indices": torch.from_numpy(d["tail_indices"]),
+                 "tail_logprobs": torch.from_numpy(d["tail_logprobs"])}
+    rows = TopKLogits(idx, logits, target, tl, lse, temperatures, tk.num_classes,
+                      torch.from_numpy(d["log_rest"]), tail, **extra)
+    return rows, d["params"]
+
+
+@pytest.mark.parametrize("k", [1, 5, 10, 40])
+@pytest.mark.parametrize("tail", ["uniform", "sampled:4"])
+def test_round_trip_within_the_stated_bound(k, tail):
+    z, y = _teacher()
+    temps = (1.0, 4.0)
+    name, m = parse_tail(tail)
+    rule = SampledTail(m) if name == "sampled" else UNIFORM
+    tk = TopKLogits.from_logits(z, y, k, temps, keep_rest=True, tail=rule, generator=torch.Generator().manual_seed(1))
+    codec = PackedCodec(k, 40, len(temps), 5, step_bits=5, tail_samples=m)
+    params = _params(len(y))
+    rows, p = decoded_rows(codec, tk, params, y, temps, rule)
+    assert (rows.indices == tk.indices).all()
+    assert (p == params).all()
+    # knee 0: the top-1 within step/2, the others within step (2 x step / 2), at T = 1 and after normalising
+    step = codec.step
+    err = (rows.topk_log_probs(1.0) - tk.topk_log_probs(1.0)).abs()
+    assert err[:, 0].max() <= step + 1e-5  # step/2 for the value + step/2 for the normalisation
+    assert err.max() <= 1.5 * step + 1e-5
+    terr = (rows.target_log_probs(1.0) - tk.target_log_probs(1.0)).abs()
+    assert terr.max() <= 1.5 * step + 1e-5
+    # every row is a distribution at every recorded temperature
+    for t in temps if not m else ():  # (a sampled tail sums to 1 only in expectation)
+        assert rows.probs(t).sum(1).sub(1).abs().max() < 1e-4
+    if k < 40:
+        rest = rows.log_rest.exp() - tk.log_rest.exp()
+        assert rest.abs().max() <= 0.05 * tk.log_rest.exp().max()
+    if m:
+        assert (rows.tail_indices.sort(1).values == tk.tail_indices.sort(1).values).all()
+
+
+def test_k_equals_c_is_exact_to_float16_rounding():
+    z, y = _teacher(n=16, c=30, seed=3)
+    temps = (1.0, 4.0)
+    tk = TopKLogits.from_logits(z, y, 30, temps, keep_rest=True)
+    assert torch.isneginf(tk.log_rest).all()  # nothing outside the known classes
+    codec = PackedCodec(30, 30, 2, 5, step_bits=14)
+    rows, _ = decoded_rows(codec, tk, _params(16), y, temps)
+    for t in temps:
+        torch.testing.assert_close(rows.log_probs(t), torch.log_softmax(z / t, 1), atol=2e-4, rtol=0)
+    student = torch.randn(16, 30, generator=torch.Generator().manual_seed(9))
+    for fn in (lambda tch: kd(student, tch, temperature=4.0), lambda tch: nkd(student, tch, y),
+               lambda tch: dkd(student, tch, y, alpha=1.0, beta=8.0, temperature=4.0)):
+        assert float(fn(rows)) == pytest.approx(float(fn(z)), rel=1e-5, abs=1e-5)
+
+
+def test_codec_refuses_what_it_cannot_hold():
+    with pytest.raises(ValueError, match="k=0"):
+        PackedCodec(0, 10, 1, 5)
+    codec = PackedCodec(2, 10, 1, 1)
+    with pytest.raises(ValueError, match="shape"):
+        codec.decode(np.zeros((3, 4), dtype=np.uint16))
+    with pytest.raises(ValueError, match="rest"):
+        z, y = _teacher(n=4, c=10)
+        encode_topk(codec, TopKLogits.from_logits(z, y, 2), _params(4, 1))
+
+
+def test_explicit_rest_matters_for_a_confident_teacher():
+    # the top-1 holds ~all the mass: 1 - sum(known) would turn its rounding into the tail mass
+    z, y = _teacher(n=32, c=50, seed=4, scale=1.0)
+    z[:, 0] += 12.0
+    temps = (1.0,)
+    tk = TopKLogits.from_logits(z, y, 3, temps, keep_rest=True)
+    rows, _ = decoded_rows(PackedCodec(3, 50, 1, 0, step_bits=5), tk, _params(32, 0), y, temps)
+    rel = (rows.log_rest.exp() / tk.log_rest.exp() - 1).abs()
+    assert rel.max() < 0.05  # the rest keeps its relative precision however small it is
+
+
+def test_uniform_tail_with_rest_equals_format_1_rule():
+    z, y = _teacher(n=8, c=20, seed=5)
+    old = TopKLogits.from_logits(z, y, 4, (1.0, 4.0))
+    new = TopKLogits.from_logits(z, y, 4, (1.0, 4.0), keep_rest=True)
+    for t in (1.0, 4.0):
+        # the same rule (the recorded rest avoids the cancellation in 1 - sum(known))
+        torch.testing.assert_close(new.log_probs(t), old.log_probs(t), atol=1e-3, rtol=0)
+        known = torch.zeros(8, 20, dtype=torch.bool).scatter_(1, old.indices, True)
+        known[torch.arange(8), y] = True
+        exact = torch.softmax(z.double() / t, 1).masked_fill(known, 0).sum(1)
+        err_new = (new.probs(t).double().masked_fill(known, 0).sum(1) - exact).abs().max()
+        assert err_new < 1e-6
+
+
+def test_sampled_tail_is_unbiased():
+    # the mean of the reconstruction over many independent draws -> the dense distribution, and so the mean
+    # of the NKD / KD gradients -> the dense gradients; a biased rule (uniform) stays away
+    z, y = _teacher(n=6, c=30, seed=6, scale=2.5)
+    temps = (1.0, 4.0)
+    student = torch.randn(6, 30, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(8)
+    draws = 3000
+    tk = TopKLogits.from_logits(z.repeat(draws, 1), y.repeat(draws), 3, temps, keep_rest=True, tail=SampledTail(4),
+                                generator=g)
+    for t in temps:
+        mean_p = tk.probs(t).double().view(draws, 6, 30).mean(0)
+        dense = torch.softmax(z.double() / t, 1)
+        uniform = TopKLogits.from_logits(z, y, 3, temps, keep_rest=True).probs(t).double()
+        err, err_uniform = (mean_p - dense).abs().max(), (uniform - dense).abs().max()
+        assert err < 0.2 * err_uniform, (t, err, err_uniform)
+
+    def grad(fn, teacher, s):
+        s = s.clone().requires_grad_(True)
+        (gr,) = torch.autograd.grad(fn(teacher, s), s)
+        return gr
+
+    for fn in (lambda tch, s: nkd(s, tch, y.repeat(len(s) // 6)), lambda tch, s: kd(s, tch, temperature=4.0)):
+        ref = grad(fn, z, student)
+        mean_g = grad(fn, tk, student.repeat(draws, 1)).view(draws, 6, 30).mean(0) * draws
+        uni = grad(fn, TopKLogits.from_logits(z, y, 3, temps, keep_rest=True), student)
+        rel, rel_uniform = (mean_g - ref).norm() / ref.norm(), (uni - ref).norm() / ref.norm()
+        assert rel < 0.25 * rel_uniform, (rel, rel_uniform)
+
+
+def test_prior_tail_uses_the_class_conditional_mean():
+    # two kinds of rows: top-1 class 0 puts its tail on class 5, top-1 class 1 on class 9
+    c = 12
+    z = torch.full((40, c), -6.0)
+    z[:20, 0], z[:20, 5] = 6.0, 0.0
+    z[20:, 1], z[20:, 9] = 6.0, 0.0
+    z += 0.1 * torch.randn(40, c, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0] * 20 + [1] * 20)
+    acc = PriorAccumulator(c)
+    tk1 = TopKLogits.from_logits(z, y, 1)
+    acc.add(z, tk1.indices, y)
+    rule = PriorTail(acc.prior(), prior_views=acc.views)
+    rows = TopKLogits.from_logits(z, y, 1, keep_rest=True)
+    rows = TopKLogits(rows.indices, rows.logits, rows.target, rows.target_logprob, rows.lse, rows.temperatures, c,
+                      rows.log_rest, rule)
+    p = rows.probs(1.0)
+    assert p[:20, 5].min() > 10 * p[:20, 9].max()
+    assert p[20:, 9].min() > 10 * p[20:, 5].max()
+    assert p.sum(1).sub(1).abs().max() < 1e-5
+    dense = torch.softmax(z, 1)
+    kl = lambda q: (dense * (dense.log() - q.log())).sum(1).mean()  # noqa: E731
+    assert kl(p) < 0.2 * kl(TopKLogits.from_logits(z, y, 1, keep_rest=True).probs(1.0))
+    assert teacher_log_probs(rows, 1.0).shape == (40, c)
+
+
+def test_rows_slice_and_concatenate_with_their_tail():
+    z, y = _teacher(n=6, c=20)
+    tk = TopKLogits.from_logits(z, y, 3, (1.0,), keep_rest=True, tail=SampledTail(2),
+                                generator=torch.Generator().manual_seed(0))
+    back = TopKLogits.cat([tk[i] for i in range(6)])
+    torch.testing.assert_close(back.log_probs(), tk.log_probs())
+    with pytest.raises(ValueError, match="tail"):
+        TopKLogits.cat([tk[0], TopKLogits.from_logits(z[:1], y[:1], 3, (1.0,), keep_rest=True)])
+
+
+def test_parse_tail():
+    assert parse_tail("uniform") == ("uniform", 0)
+    assert parse_tail("sampled:12") == ("sampled", 12)
+    assert parse_tail("sampled") == ("sampled", 8)
+    for bad in ("gauss", "sampled:0", "sampled:x", "prior:3"):
+        with pytest.raises(ValueError):
+            parse_tail(bad)
+    assert math.log(TAIL_FLOOR) < -20
+
+
+def test_tail_settings_round_trip_and_digest_check():
+    assert tail_from_settings(tail_settings("uniform", prior_views=5)) == UNIFORM
+    assert tail_from_settings(tail_settings("sampled:3", prior_views=5)) == SampledTail(3)
+    prior = torch.rand(4, 4)
+    rule = tail_from_settings(tail_settings("prior", prior_views=7), prior, PriorTail(prior).digest)
+    assert rule.to_json() == {"name": "prior", "prior_views": 7}
+    with pytest.raises(ValueError, match="digest"):
+        tail_from_settings({"name": "prior"}, prior + 1, rule.digest)
+    with pytest.raises(ValueError, match="needs"):
+        tail_from_settings({"name": "prior"})
