@@ -76,8 +76,8 @@ def refused(rc_out, *names) -> str:
 
 # ------------------------------------------------------------------ fixtures
 # format 1: the cases edit its five arrays (format 2's packed rows get the same presence/sha256 and metadata checks)
-DUMP = ["--format", "1", "--teacher", "smallcnn", "--recipe", "small", "--image-size", "28", "--topk", "3", "--epochs", "2",
-        "--batch-size", "8"]
+DUMP = ["--format", "1", "--teacher", "smallcnn", "--recipe", "small", "--image-size", "28", "--topk", "3",
+        "--epochs", "2", "--batch-size", "8"]
 
 
 @pytest.fixture(scope="module")
