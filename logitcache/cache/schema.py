@@ -247,6 +247,8 @@ def array_metadata_problems(spec: ArraySpec, d: Any, meta: GroupMeta, root: Root
     if names is None or any(n not in ALLOWED_CODECS for n in names):
         out.append(f"codecs {names} are not all in the allowed set {sorted(ALLOWED_CODECS)}")
     allowed_dtypes = {"index": INDEX_DTYPES, "value": VALUE_DTYPES}.get(spec.dtype, (spec.dtype,))
+    if spec.name in (ROWS, TAIL_PRIOR):  # format 2: the codec's integer words, the prior's float32
+        allowed_dtypes = ("uint8", "uint16", "uint32", "float32")
     if d.get("data_type") != meta.array_dtype(spec) or d.get("data_type") not in allowed_dtypes:
         out.append(f"data_type {d.get('data_type')!r} != {meta.array_dtype(spec)!r}")
     # shape and chunk shape exactly as the metadata says: a declared 10^12 rows is refused, never allocated
