@@ -26,6 +26,17 @@ For people with their own training loop::
             # teacher: TopKLogits (N rows); teacher_log_probs(teacher, T) gives dense (N, C) log-probabilities
             ...
 
+Several views per decode (``views_per_decode=N``, `train --views-per-decode`): a dataset made for epoch
+``e`` (a multiple of N) yields a *pass*: each image is decoded once and yields its views for epochs e … e+N-1
+(cached epochs ``(e + j) mod E``; N must divide E), spread by `logitcache.data.spread` so that no batch of
+``batch_size`` (give the DataLoader's) holds two views of one image::
+
+    for first in range(0, epochs, 4):
+        views = CachedViews("data/train", "cache.zarr", epoch=first, shuffle_seed=0, views_per_decode=4,
+                            batch_size=128)
+        for images, teacher, target in DataLoader(views, batch_size=128, num_workers=8, collate_fn=collate):
+            ...   # 4 epochs' worth of views: every (image, epoch) view exactly once
+
 Samples the dump skipped as corrupt have no teacher row (their rows are zero padding): they are left out,
 never trained on. Under torchrun, ranks read disjoint whole shards, so they may see different sample counts.
 """
@@ -48,6 +59,7 @@ from logitcache.data.decode import decode_sample
 from logitcache.data.manifest import Manifest, ShardCheck, load_manifest
 from logitcache.data.shards import ShardDataset, iter_shard, shuffle_buffer
 from logitcache.data.split import split_shards
+from logitcache.data.spread import spread_possible, spread_views, window_plan
 from logitcache.errors import BadSampleError, CacheError, CacheMismatchError, DataError
 from logitcache.labels.topk import TopKLogits
 from logitcache.views.mixing import UnitMixer, mixed_targets
@@ -67,6 +79,7 @@ class ReplayItem(NamedTuple):
     view: np.ndarray  # int16 (P,) the view's params, in Recipe.param_fields order
     partner_target: int = -1  # mixing recipes: the label of the view mixed in (= target when not mixed)
     lam: float = 1.0  # the weight of `target` in the mixed label (1.0 when not mixed)
+    epoch: int = -1  # the training epoch whose view this is (with views_per_decode N, one of the pass's N)
 
 
 # ------------------------------------------------------------------ collate
@@ -211,6 +224,16 @@ class RowSource:
 
 
 # ------------------------------------------------------------------ the stages
+def by_sample(streams: Iterable[Iterable[ReplayItem]]) -> Iterator[list[ReplayItem]]:
+    """The views that the units' mixers finished at one push, grouped by sample (a mixing recipe finishes a block
+    of samples at once; the units of a pass finish the same block at the same push)."""
+    groups: dict[int, list[ReplayItem]] = {}
+    for stream in streams:
+        for item in stream:
+            groups.setdefault(item.index, []).append(item)
+    yield from groups.values()
+
+
 class _Views(torch.utils.data.IterableDataset):
     """Shared part: shard order and split (`ShardDataset`), decode, per-worker seeded shuffle buffer."""
 
@@ -227,12 +250,21 @@ class _Views(torch.utils.data.IterableDataset):
         shuffle_seed: int | None,
         shuffle_buffer: int,
         return_items: bool,
+        views_per_decode: int = 1,
+        batch_size: int | None = None,
     ):
         super().__init__()
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if views_per_decode < 1:
+            raise ValueError(f"views_per_decode must be >= 1, got {views_per_decode}")
+        if views_per_decode > 1 and (batch_size is None or batch_size < 1):
+            raise ValueError("views_per_decode > 1 needs the DataLoader's batch_size (the views of one image are "
+                             "spread over different batches)")
+        self.views_per_decode, self.batch_size = views_per_decode, batch_size
+        self._check_pass_start(epoch)
         self.manifest = load_manifest(data)
         self.split = ShardDataset(self.manifest, shards, rank=rank, world_size=world_size,
                                   shuffle_seed=shuffle_seed, epoch=epoch)
@@ -240,8 +272,20 @@ class _Views(torch.utils.data.IterableDataset):
         self.shuffle_seed, self.shuffle_buffer, self.return_items = shuffle_seed, shuffle_buffer, return_items
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch to yield (with views_per_decode N: the first epoch of the pass, a multiple of N)."""
+        self._check_pass_start(epoch)
         self.epoch = epoch
         self.split.set_epoch(epoch)
+
+    def _check_pass_start(self, epoch: int) -> None:
+        if epoch % self.views_per_decode:
+            raise ValueError(f"with views_per_decode={self.views_per_decode} a dataset yields a pass of "
+                             f"{self.views_per_decode} epochs and starts at a multiple of it; got epoch {epoch}")
+
+    @property
+    def view_epochs(self) -> list[int]:
+        """The training epochs whose views this pass yields (``[epoch]`` when views_per_decode is 1)."""
+        return list(range(self.epoch, self.epoch + self.views_per_decode))
 
     @property
     def rank(self) -> int:
@@ -255,30 +299,57 @@ class _Views(torch.utils.data.IterableDataset):
         """Samples (including any that will be skipped) in this rank's shards this epoch."""
         return self.split.num_samples()
 
-    def num_batches(self, batch_size: int, num_workers: int) -> int:
-        """Batches a DataLoader(batch_size, num_workers) yields on this rank this epoch when nothing is skipped
-        (each worker batches its own samples, so each worker ends with its own partial batch)."""
+    def worker_samples(self, num_workers: int) -> list[int]:
+        """Samples (including any that will be skipped) each of this rank's DataLoader workers reads."""
+        order, nw = self.split.shard_order(), max(num_workers, 1)
+        return [sum(self.manifest.shards[s].num_samples
+                    for s in split_shards(order, self.rank, self.world_size, w, nw)) for w in range(nw)]
 
-        order = self.split.shard_order()
-        n = 0
-        for w in range(max(num_workers, 1)):
-            mine = split_shards(order, self.rank, self.world_size, w, max(num_workers, 1))
-            n += math.ceil(sum(self.manifest.shards[s].num_samples for s in mine) / batch_size)
-        return n
+    def num_batches(self, batch_size: int, num_workers: int) -> int:
+        """Batches a DataLoader(batch_size, num_workers) yields on this rank this pass (views_per_decode views
+        per sample) when nothing is skipped (each worker batches its own samples and ends with its own partial
+        batch)."""
+        return sum(math.ceil(self.views_per_decode * n / batch_size) for n in self.worker_samples(num_workers))
+
+    def check_spread(self, num_workers: int) -> None:
+        """Refuse (ValueError) a split where some DataLoader worker of this rank holds fewer than batch_size
+        samples: with views_per_decode > 1 their views could not all go to different batches."""
+        if self.views_per_decode == 1:
+            return
+        for w, n in enumerate(self.worker_samples(num_workers)):
+            if not spread_possible(n, self.batch_size):
+                raise ValueError(
+                    f"views_per_decode={self.views_per_decode}: rank {self.rank} worker {w} reads {n} sample(s) in "
+                    f"pass starting at epoch {self.epoch}, fewer than one batch ({self.batch_size}); the views of one "
+                    f"image cannot all go to different batches. Use fewer workers or ranks, a smaller batch, or "
+                    f"views_per_decode 1")
 
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        items: Iterator[ReplayItem] = (
-            item for shard in self.split.assigned_shards() for item in self._shard_items(shard)
-        )
-        if self.shuffle_seed is not None and self.shuffle_buffer > 1:
-            rng = random.Random(f"logitcache-order/{self.shuffle_seed}/{self.epoch}/{self.rank}/{worker}")
-            items = shuffle_buffer(items, self.shuffle_buffer, rng)
+        shards = self.split.assigned_shards()
+        if self.views_per_decode == 1:
+            items: Iterator[ReplayItem] = (item for shard in shards for item in self._shard_items(shard))
+            if self.shuffle_seed is not None and self.shuffle_buffer > 1:
+                rng = random.Random(f"logitcache-order/{self.shuffle_seed}/{self.epoch}/{self.rank}/{worker}")
+                items = shuffle_buffer(items, self.shuffle_buffer, rng)
+        else:  # each decoded image yields N views, spread over different batches of this worker's stream
+            n = sum(self.manifest.shards[s].num_samples for s in shards)
+            plan = window_plan(n, self.views_per_decode, self.batch_size, self.shuffle_buffer)
+            rng = None if self.shuffle_seed is None else random.Random(
+                f"logitcache-spread/{self.shuffle_seed}/{self.epoch}/{self.views_per_decode}/{self.rank}/{worker}")
+            groups = (group for shard in shards for group in self._shard_groups(shard))
+            items = spread_views(groups, plan, self.batch_size, rng, where=f"rank {self.rank} worker {worker}")
         for item in items:
             yield item if self.return_items else self._public(item)
 
     def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
+        """One item per sample: its view for ``self.epoch``."""
+        for group in self._shard_groups(shard):
+            yield from group
+
+    def _shard_groups(self, shard: int) -> Iterator[list[ReplayItem]]:
+        """Per sample (decoded once), its views for `view_epochs` (fewer where the cache has no row)."""
         raise NotImplementedError
 
     def _target(self, item: ReplayItem):
@@ -334,6 +405,8 @@ class CachedViews(_Views):
         return_items: bool = False,
         storage_options: dict[str, Any] | None = None,
         check_pixels: bool = True,
+        views_per_decode: int = 1,
+        batch_size: int | None = None,
     ):
         self.reader = cache if isinstance(cache, CacheReader) else CacheReader(
             str(cache), group, storage_options=storage_options)
@@ -343,9 +416,14 @@ class CachedViews(_Views):
             check_replay(self.reader, manifest, recipe, once=True)
         self.cached_epochs = self.reader.meta.epochs
         self.return_index = return_index
+        if views_per_decode > 1 and self.cached_epochs % views_per_decode:
+            divisors = [d for d in range(1, self.cached_epochs + 1) if self.cached_epochs % d == 0]
+            raise ValueError(f"views_per_decode={views_per_decode} does not divide the {self.cached_epochs} epoch(s) "
+                             f"of views cache {self.reader.url} group '{self.reader.group}' holds (a pass would "
+                             f"straddle the cycle); use one of {divisors}")
         super().__init__(manifest, epoch=epoch, recipe=recipe, shards=shards, rank=rank, world_size=world_size,
                          skip_bad=skip_bad, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer,
-                         return_items=return_items)
+                         return_items=return_items, views_per_decode=views_per_decode, batch_size=batch_size)
         self._say_if_cycling()
 
     def set_epoch(self, epoch: int) -> None:
@@ -356,9 +434,14 @@ class CachedViews(_Views):
     def cached_epoch(self) -> int:
         return self.epoch % self.cached_epochs
 
+    @property
+    def cached_view_epochs(self) -> list[int]:
+        """The cached epochs this pass replays, one per epoch of `view_epochs`."""
+        return [e % self.cached_epochs for e in self.view_epochs]
+
     def _say_if_cycling(self) -> None:
         key = (self.reader.url, self.reader.group)
-        if self.epoch >= self.cached_epochs and key not in _CYCLE_WARNED:
+        if self.view_epochs[-1] >= self.cached_epochs and key not in _CYCLE_WARNED:
             _CYCLE_WARNED.add(key)
             warnings.warn(
                 f"cache {self.reader.url} group '{self.reader.group}' holds {self.cached_epochs} epoch(s) of views; "
@@ -368,23 +451,26 @@ class CachedViews(_Views):
                 stacklevel=3,
             )
 
-    def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
-        table = UnitTable(self.reader, self.cached_epoch, shard)
-        # the stored params, mixed with the stored partner (UnitMixer: the dump's own code path)
-        mixer = UnitMixer(self.recipe, seed=self.reader.meta.seed, epoch=self.cached_epoch, shard=shard,
-                          stored=table.view_params)
+    def _shard_groups(self, shard: int) -> Iterator[list[ReplayItem]]:
+        units = []
+        for e in self.view_epochs:  # one unit (cached epoch e mod E, shard) per view epoch of the pass
+            table = UnitTable(self.reader, e % self.cached_epochs, shard)
+            # the stored params, mixed with the stored partner (UnitMixer: the dump's own code path)
+            mixer = UnitMixer(self.recipe, seed=self.reader.meta.seed, epoch=e % self.cached_epochs, shard=shard,
+                              stored=table.view_params)
+            units.append((e, table, mixer))
 
-        def items(views) -> Iterator[ReplayItem]:
+        def items(e: int, table: UnitTable, views) -> Iterator[ReplayItem]:
             for v in views:
                 s = v.sample
                 yield ReplayItem(v.image, table.row(s.offset, s.label), s.label, s.index, v.params, v.partner_label,
-                                 v.lam)
+                                 v.lam, e)
 
         for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
-            if sample.offset in table.skipped:
-                continue  # skipped by the dump: no teacher row exists, and padding must never become a label
-            yield from items(mixer.push(sample))
-        yield from items(mixer.finish())
+            # skipped by the dump: no teacher row exists, and padding must never become a label
+            yield from by_sample(items(e, table, mixer.push(sample)) for e, table, mixer in units
+                                 if sample.offset not in table.skipped)
+        yield from by_sample(items(e, table, mixer.finish()) for e, table, mixer in units)
 
     def _public(self, item: ReplayItem) -> tuple:
         if self.return_index:
@@ -418,27 +504,33 @@ class FreshViews(_Views):
         rows: RowSource | None = None,
         return_index: bool = False,
         return_items: bool = False,
+        views_per_decode: int = 1,
+        batch_size: int | None = None,
     ):
         if isinstance(recipe, str):
             recipe = get_recipe(recipe, image_size)
+        if rows is not None and views_per_decode > 1:
+            raise ValueError("rows (PS-KD's previous-epoch predictions) need views_per_decode 1: the previous epoch "
+                             "is inside the same pass")
         self.seed, self.rows, self.return_index = seed, rows, return_index
         super().__init__(data, epoch=epoch, recipe=recipe, shards=shards, rank=rank, world_size=world_size,
                          skip_bad=skip_bad, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer,
-                         return_items=return_items)
+                         return_items=return_items, views_per_decode=views_per_decode, batch_size=batch_size)
 
-    def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
+    def _shard_groups(self, shard: int) -> Iterator[list[ReplayItem]]:
         table = self.rows.table(shard) if self.rows is not None else None
-        mixer = UnitMixer(self.recipe, seed=self.seed, epoch=self.epoch, shard=shard)  # draws, as the dump does
+        # one mixer per view epoch of the pass: draws, as the dump does
+        mixers = [(e, UnitMixer(self.recipe, seed=self.seed, epoch=e, shard=shard)) for e in self.view_epochs]
 
-        def items(views) -> Iterator[ReplayItem]:
+        def items(e: int, views) -> Iterator[ReplayItem]:
             for v in views:
                 s = v.sample
                 soft = table.row(s.offset, s.label) if table is not None else None
-                yield ReplayItem(v.image, soft, s.label, s.index, v.params, v.partner_label, v.lam)
+                yield ReplayItem(v.image, soft, s.label, s.index, v.params, v.partner_label, v.lam, e)
 
         for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
-            yield from items(mixer.push(sample))
-        yield from items(mixer.finish())
+            yield from by_sample(items(e, mixer.push(sample)) for e, mixer in mixers)
+        yield from by_sample(items(e, mixer.finish()) for e, mixer in mixers)
 
     def _public(self, item: ReplayItem) -> tuple:
         head = (item.image,) if item.soft is None else (item.image, item.soft)

@@ -5,6 +5,10 @@ compresses and writes units. Runs alternate (bare, dump, bare, dump, ...) and th
 
     .venv/bin/python pipelines/bench_dump.py [--teacher resnet34 --image-size 112 --views 1024] [--json]
 
+The dump decodes each shard once for all its pending epochs (`UnitViews`); the views/s *per core* of that data
+path alone, for E = 1, 2, 4, 8 epochs per decode, is reported by `bench_views_per_decode.py`, next to the
+replay's views/s for the same numbers of views per decode (same images, same method).
+
 The dump also pays fixed costs once per run (importing zarr, creating the cache, provenance, the summary:
 about 0.15 s here), which amortise over a real dump; with 256 views (2 s) they alone read as +7%, so the
 default is 1,024 views in units of 256.

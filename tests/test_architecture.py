@@ -119,5 +119,5 @@ def _function_length(module: str, name: str) -> int:
 
 def test_the_loops_read_on_one_screen():
     assert _function_length("logitcache.train.loop", "train") <= 80
-    assert _function_length("logitcache.train.loop", "train_epoch") <= 80
+    assert _function_length("logitcache.train.loop", "train_pass") <= 80
     assert _function_length("logitcache.dump", "dump") <= 80

@@ -68,13 +68,16 @@ from logitcache.cli.options import (
 @click.option("--skip-bad", is_flag=True, help="skip corrupt samples (counted in metrics.jsonl) instead of stopping")
 @click.option("--pskd-topk", default=None, type=int,
               help="pskd: classes kept per stored prediction (default: all, i.e. exactly the reference)")
+@click.option("--views-per-decode", default=1, show_default=True, type=int,
+              help="each decoded image yields its views for N consecutive epochs (a pass), spread over different "
+                   "batches: less decoding per view; N must divide --epochs (and the cache's epochs)")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @reports_errors
 def train(data, val, out, student, init, loss, loss_args, ce_weight, loss_weight, cache, group, teacher, weights,
           epochs, batch_size, lr, optimizer, momentum, nesterov, schedule, step_milestones, step_gamma, warmup_epochs,
           weight_decay, clip_grad, label_smoothing, recipe, image_size, workers, device, teacher_precision, seed,
-          shard_selection,
-          checkpoint_every, resume, compile_model, skip_bad, pskd_topk, no_progress):
+          shard_selection, checkpoint_every, resume, compile_model, skip_bad, pskd_topk, views_per_decode,
+          no_progress):
     """Train a student: from a cache (--cache, the cached views replayed), online (--teacher), or teacher-free.
 
     One soft-label source per run. Under `torchrun --nproc-per-node N` ranks take disjoint shards and
@@ -106,7 +109,7 @@ def train(data, val, out, student, init, loss, loss_args, ce_weight, loss_weight
             image_size=image_size, workers=resolve_workers(workers), device=device,
             teacher_precision=teacher_precision, seed=seed, shards=shards_sel,
             checkpoint_every=checkpoint_every, resume=resume, compile=compile_model, skip_bad=skip_bad,
-            pskd_topk=pskd_topk, progress=not no_progress,
+            pskd_topk=pskd_topk, progress=not no_progress, views_per_decode=views_per_decode,
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from e

@@ -9,6 +9,7 @@ unit), so a resumed run continues exactly where the checkpoint was taken.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ def rng_state(device: str) -> dict[str, torch.Tensor]:
 
 def config_diff(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     now = cfg.to_json()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}  # settings added since: defaults
     return [f"{k}: checkpoint has {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k)]
 
@@ -89,14 +92,18 @@ def resume(cfg: TrainConfig, run: RunDir, env: DistEnv, model: torch.nn.Module,
                 + "\n(start a new run with another --out, or restore the cache the run was trained on)")
     model.load_state_dict(obj["model"])
     optimizer.load_state_dict(obj["optimizer"])
+    # batches_done counts the steps done in the pass (--views-per-decode N: N epochs; N = 1: the epoch)
     point = ResumePoint(int(obj["epoch"]), int(obj["batches_done"]), int(obj["step"]), None, True)
     if obj["epoch_complete"]:
-        point.epoch, point.batches_done = point.epoch + 1, 0
-    elif int(obj["world_size"]) != env.world or saved.get("workers") != cfg.workers:
-        raise LogitcacheError(f"{run.last} was taken mid-epoch with {obj['world_size']} rank(s) and "
+        point.epoch += 1
+        if point.epoch % cfg.views_per_decode == 0:
+            point.batches_done = 0  # the pass is complete too
+    if point.batches_done and (int(obj["world_size"]) != env.world or saved.get("workers") != cfg.workers):
+        where = "mid-epoch" if cfg.views_per_decode == 1 else "mid-pass"
+        raise LogitcacheError(f"{run.last} was taken {where} with {obj['world_size']} rank(s) and "
                               f"{saved.get('workers')} worker(s); resume it with the same counts (the data "
                               f"order depends on them)")
-    else:
+    if not obj["epoch_complete"]:
         point.rank_state = obj["ranks"][env.rank]
     torch.set_rng_state(obj["rng"]["torch"])
     if env.device.startswith("cuda") and "cuda" in obj["rng"]:

@@ -66,6 +66,7 @@ class TrainConfig:
     pskd_topk: int | None = None  # None: num_classes (dense, the reference exactly)
     shuffle_buffer: int = 1000
     progress: bool = True
+    views_per_decode: int = 1  # each decoded image yields its views for this many consecutive epochs (a pass)
 
     def __post_init__(self):
         for name in ("loss_args", "shards", "step_milestones"):
@@ -95,6 +96,12 @@ class TrainConfig:
             raise ValueError(f"--label-smoothing smooths the CE term, which loss '{spec.name}' replaces")
         if self.workers < 0 or self.checkpoint_every < 0 or self.shuffle_buffer < 0:
             raise ValueError("--workers, --checkpoint-every and the shuffle buffer must be >= 0")
+        if self.views_per_decode < 1 or self.epochs % self.views_per_decode:
+            raise ValueError(f"--views-per-decode must be >= 1 and divide --epochs (a pass of N epochs decodes each "
+                             f"image once), got {self.views_per_decode} for {self.epochs} epoch(s)")
+        if self.views_per_decode > 1 and spec.name == "pskd":
+            raise ValueError("--loss pskd learns from the previous epoch's predictions, which a pass of "
+                             "--views-per-decode epochs has not made yet; use --views-per-decode 1")
         if self.pskd_topk is not None and (self.pskd_topk < 1 or spec.name != "pskd"):
             raise ValueError("pskd_topk applies to --loss pskd and must be >= 1")
         # where the soft labels come from: one source, and the one the loss needs

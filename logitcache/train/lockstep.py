@@ -19,15 +19,25 @@ from logitcache.errors import LogitcacheError
 from logitcache.runtime.dist import DistEnv
 
 
-def planned_steps(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, workers: int) -> int:
-    """Steps of an epoch when nothing is skipped: the most batches any rank's DataLoader yields (lockstep)."""
+def planned_steps(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, workers: int,
+                  views_per_decode: int = 1) -> int:
+    """Steps of an epoch — of a pass of ``views_per_decode`` epochs starting at ``epoch`` — when nothing is
+    skipped: the most batches any rank's DataLoader yields (lockstep); each worker batches N views per sample."""
     order = ShardDataset(manifest, shards, rank=0, world_size=world, shuffle_seed=seed, epoch=epoch).shard_order()
     nw = max(workers, 1)
-    return max(
-        sum(math.ceil(sum(manifest.shards[s].num_samples for s in split_shards(order, r, world, w, nw)) / batch_size)
-            for w in range(nw))
-        for r in range(world)
-    )
+
+    def batches(r: int, w: int) -> int:
+        samples = sum(manifest.shards[s].num_samples for s in split_shards(order, r, world, w, nw))
+        return math.ceil(views_per_decode * samples / batch_size)
+
+    return max(sum(batches(r, w) for w in range(nw)) for r in range(world))
+
+
+def pass_epoch_ends(steps: int, views_per_decode: int) -> list[int]:
+    """The step, counted in the pass, at which each of its ``views_per_decode`` logged epochs ends (the last one:
+    when the data does, `planned_steps` when nothing is skipped). With N = 1: ``[steps]``."""
+    n = views_per_decode
+    return [round((k + 1) * steps / n) for k in range(n)]
 
 
 def agree_on_step(env: DistEnv, n: int, has_batch: bool) -> tuple[float, bool]:

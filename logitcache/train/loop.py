@@ -5,11 +5,14 @@
             previous-epoch predictions, or nothing
     loss    terms = spec.terms(student, target, teacher=..., weak=..., prev_probs=...);  loss = Σ terms
 
-`train` reads top to bottom: set up (`build`), then for each epoch `train_epoch` (the step loop), validation,
-one metrics line and a checkpoint. Determinism: the data order is a pure function of (seed, epoch, rank count,
-worker count) (`replay`), the model is initialised from ``torch.manual_seed(seed)``, and the learning rate is a
-pure function of the progress, so ``--resume`` (`checkpoint`) reaches the same weights as an uninterrupted run on
-the CPU. DDP (torchrun; gloo on CPU, NCCL on GPU) runs in lockstep (`lockstep`).
+`train` reads top to bottom: set up (`build`), then for each pass `train_pass` (the step loop), and at each of
+its epochs' end validation, one metrics line and a checkpoint. A pass is ``--views-per-decode`` N epochs whose
+views come from one decode of each image (N = 1: a pass is an epoch); it is logged as N epochs of
+``planned_steps / N`` steps each, each an epoch's worth of views mixing the pass's N view epochs, and a
+checkpoint inside a pass resumes inside it (`checkpoint`). Determinism: the data order is a pure function of
+(seed, epoch, rank count, worker count) (`replay`), the model is initialised from ``torch.manual_seed(seed)``,
+and the learning rate is a pure function of the progress, so ``--resume`` (`checkpoint`) reaches the same
+weights as an uninterrupted run on the CPU. DDP (torchrun; gloo on CPU, NCCL on GPU) runs in lockstep (`lockstep`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +41,7 @@ from logitcache.runtime.provenance import provenance, utc_now
 from logitcache.teacher import Teacher
 from logitcache.train import checkpoint
 from logitcache.train.config import TrainConfig, learning_rate, make_optimizer
-from logitcache.train.lockstep import agree_on_step, frozen_bn, planned_steps, sync_after_epoch
+from logitcache.train.lockstep import agree_on_step, frozen_bn, pass_epoch_ends, planned_steps, sync_after_epoch
 from logitcache.train.pskd_store import STORE_NAME, PredictionStore
 from logitcache.train.rundir import RunDir
 from logitcache.train.sources import CacheSource, FreshSource, OnlineSource, PSKDSource, open_cache
@@ -81,23 +85,34 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
     if env.is_main:
         write_run_config(run, cfg, env, s, point, argv)
     last_line: dict[str, Any] = {}
-    start_epoch = point.epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        train_stats, lr, step = train_epoch(cfg, env, run, s, epoch, point)
-        point = checkpoint.ResumePoint(epoch=epoch + 1, step=step)
-        sync_after_epoch(env, s.raw_model, epoch)
-        val_stats, bins = None, None
-        if s.val is not None:
-            val_stats, bins = evaluate(s.raw_model, s.val, s.recipe, batch_size=cfg.batch_size, workers=cfg.workers,
-                                       device=env.device, skip_bad=cfg.skip_bad,
-                                       normalization=(s.mean.flatten().tolist(), s.std.flatten().tolist()))
-        last_line = {"epoch": epoch, "step": step, "lr": lr, "train": train_stats, "val": val_stats,
-                     "cache_epoch": s.source.cache.cached_epoch(epoch) if isinstance(s.source, CacheSource) else None}
-        if env.is_main:
-            report_epoch(run, env, last_line, bins)
-        s.guard.flush(epoch, step)  # never save weights after a non-finite loss
-        checkpoint.save(run, cfg, env, s.raw_model, s.optimizer, s.source, epoch, 0, step, {}, complete=True)
-        if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
+    start_epoch, n_views, stop = point.epoch, cfg.views_per_decode, False
+    for pass_start in range(start_epoch - start_epoch % n_views, cfg.epochs, n_views):
+        # a pass: N epochs' worth of views, each image decoded once (N = --views-per-decode; 1: a pass = an epoch)
+        for epoch, train_stats, lr, step, done in train_pass(cfg, env, run, s, pass_start, point):
+            point = checkpoint.ResumePoint(epoch=epoch + 1, step=step)
+            sync_after_epoch(env, s.raw_model, epoch)
+            val_stats, bins = None, None
+            if s.val is not None:
+                val_stats, bins = evaluate(s.raw_model, s.val, s.recipe, batch_size=cfg.batch_size,
+                                           workers=cfg.workers, device=env.device, skip_bad=cfg.skip_bad,
+                                           normalization=(s.mean.flatten().tolist(), s.std.flatten().tolist()))
+                s.raw_model.train()  # the pass may go on
+            last_line = {"epoch": epoch, "step": step, "lr": lr, "train": train_stats, "val": val_stats,
+                         "cache_epoch": s.source.cache.cached_epoch(epoch) if isinstance(s.source, CacheSource)
+                         else None}
+            if n_views > 1:  # every logged epoch of a pass mixes the views of the pass's N epochs
+                last_line.update(pass_fields(s, epoch, n_views))
+                # counted per pass, on its last epoch: the views it could not train (N per sample, minus trained)
+                train_stats["samples_skipped"] = pass_skipped(run, s, epoch, n_views, train_stats) if done == 0 else 0
+            if env.is_main:
+                report_epoch(run, env, last_line, bins)
+            # done: steps of the pass trained (0 once it is over), so a resume continues inside the pass
+            s.guard.flush(epoch, step)  # never save weights after a non-finite loss
+            checkpoint.save(run, cfg, env, s.raw_model, s.optimizer, s.source, epoch, done, step, {}, complete=True)
+            if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
+                stop = True
+                break
+        if stop:
             break
     if not last_line and run.metrics():  # a --resume of a finished run: nothing left to do
         log(env, f"all {cfg.epochs} epoch(s) are done already")
@@ -111,32 +126,30 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
     return last_line
 
 
-def train_epoch(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, epoch: int,
-                point: checkpoint.ResumePoint) -> tuple[dict[str, Any], float, int]:
-    """One epoch of optimizer steps in lockstep; returns ``(train figures summed over ranks, last lr, step)``."""
-    common = dict(shards=s.shards, rank=env.rank, world_size=env.world, skip_bad=cfg.skip_bad,
-                  shuffle_seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, return_items=True)
-    loader = torch.utils.data.DataLoader(
-        s.source.dataset(s.manifest, epoch, **common), batch_size=cfg.batch_size, num_workers=cfg.workers,
-        collate_fn=collate, pin_memory=env.device.startswith("cuda"),
-        generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),  # leaves the global RNG alone
-    )
-    n_steps = planned_steps(s.manifest, s.shards, cfg.seed, epoch, env.world, cfg.batch_size, cfg.workers)
+def train_pass(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, pass_start: int,
+               point: checkpoint.ResumePoint) -> Iterator[tuple[int, dict[str, Any], float, int, int]]:
+    """The optimizer steps of one pass (``--views-per-decode`` N epochs from ``pass_start``) in lockstep. At each
+    of its N logged epochs' end (step ``pass_epoch_ends``, the same on every rank; the last one when the data
+    runs out) yields ``(epoch, train figures summed over ranks, last lr, step, steps of the pass done — 0 at its
+    end)``; the loader lives on while the caller validates and checkpoints."""
+    n_views = cfg.views_per_decode
+    loader, n_steps = pass_loader(cfg, env, s, pass_start)
+    ends = pass_epoch_ends(n_steps, n_views)
+    epoch = max(point.epoch, pass_start)
     # running sums (float64, on the device: no host sync per step): samples, correct, Σ term·n, seconds
     acc: dict[str, torch.Tensor] = {}
-    seconds, step, i = 0.0, point.step, point.batches_done
-    if point.rank_state is not None:
+    seconds, step, i = 0.0, point.step, point.batches_done if point.epoch >= pass_start else 0
+    if point.rank_state is not None and point.epoch >= pass_start:
         acc = {k: v.to(env.device) for k, v in point.rank_state["acc"].items() if k != "seconds"}
         seconds = float(point.rank_state["acc"].get("seconds", 0.0))
     s.raw_model.train()
-    bar = tqdm(total=n_steps, initial=i, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True,
-               disable=not cfg.progress or not env.is_main, leave=False)
+    bar = epoch_bar(cfg, env, ends, pass_start, epoch, i)
     batches, last_batch = iter(loader), None
-    for _ in range(i):  # a mid-epoch resume: these batches were trained before the checkpoint
+    for _ in range(i):  # a mid-epoch/mid-pass resume: these batches were trained before the checkpoint
         last_batch = next(batches, None) or last_batch
     kill_after = int(os.environ.get(KILL_AFTER_STEPS_ENV, "0"))
     t0 = time.perf_counter()
-    lr = learning_rate(cfg, epoch + i / n_steps, 1.0 / n_steps)
+    lr = learning_rate(cfg, pass_start + i * n_views / n_steps, n_views / n_steps)
     while True:
         if kill_after and step >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -150,13 +163,16 @@ def train_epoch(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, epoch: in
             raise LogitcacheError(f"rank {env.rank} has no samples to keep in lockstep with (all skipped?)")
         batch = last_batch if repeat else batch
         last_batch = batch
-        lr = learning_rate(cfg, epoch + i / n_steps, 1.0 / n_steps)
+        lr = learning_rate(cfg, pass_start + i * n_views / n_steps, n_views / n_steps)
         terms, logits, loss = optimizer_step(cfg, env, s, batch, epoch, lr, weight=n * env.world / n_all,
                                              repeat=repeat)
         step, i = step + 1, i + 1
         if not repeat:
             accumulate(acc, terms, logits, batch.target.to(env.device), n, env.device)
             s.source.record(epoch, batch, logits)
+        else:  # every rank sums the same terms at the epoch's end, even one that ran out of data in it
+            for k in terms:
+                acc.setdefault(k, torch.zeros((), dtype=torch.float64, device=env.device))
         bar.update(1)
         if i % LOG_EVERY == 0 or cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             s.guard.flush(epoch, step)
@@ -164,10 +180,63 @@ def train_epoch(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, epoch: in
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             checkpoint.save(run, cfg, env, s.raw_model, s.optimizer, s.source, epoch, i, step,
                             {**acc, "seconds": seconds + time.perf_counter() - t0}, complete=False)
+        if epoch < pass_start + n_views - 1 and i >= ends[epoch - pass_start]:  # a logged epoch ends inside the pass
+            bar.close()
+            yield epoch, epoch_stats(env, acc, seconds + time.perf_counter() - t0, s), lr, step, i
+            epoch, acc, seconds = epoch + 1, {}, 0.0
+            bar = epoch_bar(cfg, env, ends, pass_start, epoch, i)
+            t0 = time.perf_counter()
     bar.close()
     s.source.finish_epoch(epoch)
     env.barrier()  # next epoch's readers may read units another rank wrote (PS-KD)
-    return epoch_stats(env, acc, seconds + time.perf_counter() - t0, s), lr, step
+    seconds += time.perf_counter() - t0
+    while epoch < pass_start + n_views - 1:  # the data ran out before the pass's planned steps (skipped samples)
+        yield epoch, epoch_stats(env, acc, seconds, s), lr, step, i
+        epoch, acc, seconds = epoch + 1, {}, 0.0
+    yield epoch, epoch_stats(env, acc, seconds, s), lr, step, 0
+
+
+def pass_loader(cfg: TrainConfig, env: DistEnv, s: Setup, pass_start: int):
+    """The DataLoader of the pass starting at ``pass_start`` (its views, their soft labels), and its planned steps."""
+    n_views = cfg.views_per_decode
+    common = dict(shards=s.shards, rank=env.rank, world_size=env.world, skip_bad=cfg.skip_bad,
+                  shuffle_seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, return_items=True,
+                  views_per_decode=n_views, batch_size=cfg.batch_size)
+    dataset = s.source.dataset(s.manifest, pass_start, **common)
+    try:
+        dataset.check_spread(cfg.workers)
+    except ValueError as e:
+        raise LogitcacheError(str(e)) from None
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
+        collate_fn=collate, pin_memory=env.device.startswith("cuda"),
+        generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + pass_start),  # leaves the global RNG alone
+    )
+    return loader, planned_steps(s.manifest, s.shards, cfg.seed, pass_start, env.world, cfg.batch_size, cfg.workers,
+                                 n_views)
+
+
+def epoch_bar(cfg: TrainConfig, env: DistEnv, ends: list[int], pass_start: int, epoch: int, done: int):
+    """The progress bar of one logged epoch (its steps inside the pass)."""
+    begin = ends[epoch - pass_start - 1] if epoch > pass_start else 0
+    return tqdm(total=ends[epoch - pass_start] - begin, initial=done - begin, desc=f"epoch {epoch}", unit="step",
+                dynamic_ncols=True, disable=not cfg.progress or not env.is_main, leave=False)
+
+
+def pass_fields(s: Setup, epoch: int, n_views: int) -> dict[str, Any]:
+    """A logged epoch's place in its pass; with a cache, the cached epochs whose views the pass mixes."""
+    first = epoch - epoch % n_views
+    cached = ([s.source.cache.cached_epoch(e) for e in range(first, first + n_views)]
+              if isinstance(s.source, CacheSource) else None)
+    return {"pass": epoch // n_views, "views_per_decode": n_views, "cache_epoch": cached}
+
+
+def pass_skipped(run: RunDir, s: Setup, epoch: int, n_views: int, stats: dict[str, Any]) -> int:
+    """Views of the pass ending with ``epoch`` that were not trained: N per sample minus those its logged
+    epochs trained (read back from metrics.jsonl for the earlier ones, so a resumed pass counts them too)."""
+    first = epoch - epoch % n_views
+    before = sum(m["train"]["samples"] for m in run.metrics() if first <= m["epoch"] < epoch)
+    return n_views * sum(s.manifest.shards[i].num_samples for i in s.shards) - before - stats["samples"]
 
 
 def optimizer_step(cfg: TrainConfig, env: DistEnv, s: Setup, batch, epoch: int, lr: float, *, weight: float,

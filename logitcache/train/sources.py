@@ -19,7 +19,7 @@ import torch
 
 from logitcache.cache.reader import CacheReader
 from logitcache.cache.verify import check_replay
-from logitcache.errors import TemperatureNotRecorded
+from logitcache.errors import LogitcacheError, TemperatureNotRecorded
 from logitcache.replay import (
     CachedViews,
     CycledViewsWarning,
@@ -157,6 +157,11 @@ def open_cache(cfg: TrainConfig, manifest, spec, loss_args, shards) -> tuple[Cac
             f"loss '{spec.name}' reads the teacher at temperature(s) {missing}, which cache {cfg.cache} group "
             f"'{cache.group}' did not record (it has {list(cache.meta.temperatures)}); re-dump with "
             f"--temperatures including them")
+    if cache.meta.epochs % cfg.views_per_decode:
+        divisors = [d for d in range(1, cache.meta.epochs + 1) if cache.meta.epochs % d == 0]
+        raise LogitcacheError(
+            f"--views-per-decode {cfg.views_per_decode} does not divide the {cache.meta.epochs} epoch(s) of views "
+            f"cache {cfg.cache} group '{cache.group}' holds (a pass would straddle the cycle); use one of {divisors}")
     notes = []
     if cfg.epochs > cache.meta.epochs:
         notes.append(f"the cache holds {cache.meta.epochs} epoch(s) of views; training for {cfg.epochs} epochs "

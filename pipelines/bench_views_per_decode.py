@@ -1,0 +1,208 @@
+"""Benchmark (issue 17): several cached views from one decoded image (`--views-per-decode N`).
+
+Data: synthetic ImageNet-size photo-like JPEGs (`photo`): 1/f-like colour noise at three scales, 4-9 slightly
+blurred filled ellipses/polygons (object edges), and luminance-dominant grain plus mid-frequency texture whose
+strength varies by region; about 500x375 (seven ImageNet aspect ratios), quality 90, mean about 105 kB (ImageNet
+train: ~110 kB). A cache of E = 8 epochs is dumped over them (teacher `smallcnn`, random init, top-10, 1000
+classes, imagenet recipe at 224 px) — the teacher does not enter any figure below.
+
+1. Data path per core (no model): one process, torch and PIL single-threaded, ``DataLoader(workers=0)`` with
+   `collate`; views per CPU second of the process (= per core, and steady on a shared machine), wall-clock
+   views/s alongside. Replay: `CachedViews(views_per_decode=N)` over all 8 cached epochs (8/N passes), N = 1, 2, 4, 8;
+   views/s and the ratio to N = 1 (target: N = 4 >= 2.0). The dump's data path (`UnitViews`, which decodes a
+   shard once for all its pending epochs) is reported the same way: views/s for E = 1, 2, 4, 8 epochs per decode.
+2. End to end (``--e2e``): `train` in a data-bound setting — a student far cheaper than decoding (`tiny224`: one
+   8x8/8 patchify conv to 8 channels, global pool, linear; registered by this script), 224 px, batch 32, the same
+   ``--workers`` for both: cached NKD with N = 4 vs plain CE with N = 1, images (views) per second of training
+   time summed over all logged epochs (metrics.jsonl); target ratio >= 1.5.
+
+Rounds are interleaved and the best of ``--repeats`` is kept, so a noisy neighbour hurts every contender alike;
+the figures are ratios from one run on this machine (printed with its CPU count and load average).
+
+    .venv/bin/python pipelines/bench_views_per_decode.py [--images 64] [--repeats 3] [--e2e] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from logitcache.data.manifest import load_manifest
+from logitcache.data.write import write_shards
+from logitcache.dump import DumpConfig, UnitViews, dump
+from logitcache.models.zoo import IMAGENET_MEAN, IMAGENET_STD, LOCAL_MODELS, ModelSpec
+from logitcache.replay import CachedViews, collate
+from logitcache.train.config import TrainConfig
+from logitcache.train.loop import train
+from logitcache.views.recipe import get_recipe
+
+SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (333, 500), (500, 375), (400, 300))
+CACHED_EPOCHS = 8
+
+
+def photo(rng: np.random.Generator, w: int, h: int, quality: int = 90) -> bytes:
+    """One photo-like JPEG (see the module docstring)."""
+    img = np.zeros((h, w, 3), np.float32)
+    for scale, amp in ((64, 45), (16, 25), (4, 12)):  # smooth colour fields, coarse to fine
+        small = rng.normal(0, 1, (h // scale + 2, w // scale + 2, 3)).astype(np.float32)
+        up = Image.fromarray(np.uint8(np.clip(128 + 40 * small, 0, 255))).resize((w, h), Image.Resampling.BICUBIC)
+        img += amp * (np.asarray(up, np.float32) - 128) / 40
+    img += rng.uniform(60, 190, 3)
+    layer = Image.fromarray(np.uint8(np.clip(img, 0, 255)))
+    draw = ImageDraw.Draw(layer)
+    for _ in range(int(rng.integers(4, 10))):  # objects: filled shapes with sharp-ish edges
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 150)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.ellipse([cx - r, cy - r * rng.uniform(0.4, 1), cx + r, cy + r * rng.uniform(0.4, 1)], fill=colour)
+        else:
+            draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a in np.sort(rng.uniform(0, 2 * np.pi, 5))],
+                         fill=colour)
+    arr = np.asarray(layer.filter(ImageFilter.GaussianBlur(0.8)), np.float32)
+    mask = np.asarray(Image.fromarray(np.uint8(rng.uniform(0, 255, (h // 32 + 2, w // 32 + 2)))).resize(
+        (w, h), Image.Resampling.BILINEAR), np.float32)[..., None] / 255  # where the texture is strong
+    mid = np.asarray(Image.fromarray(np.uint8(np.clip(128 + 40 * rng.normal(0, 1, (h // 2, w // 2)), 0, 255))).resize(
+        (w, h), Image.Resampling.BILINEAR), np.float32)[..., None] / 40 - 3.2
+    grain = 0.75 * rng.normal(0, 1, (h, w, 1)) + 0.35 * rng.normal(0, 1, arr.shape) + 0.8 * mid
+    arr = arr + grain.astype(np.float32) * (13 + 28 * mask)
+    buf = io.BytesIO()
+    Image.fromarray(np.uint8(np.clip(arr, 0, 255))).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def make_data(root: str, n: int, per_shard: int) -> tuple[str, str, float]:
+    """Shards of n photos and a CACHED_EPOCHS-epoch cache over them; returns (data, cache, mean JPEG kB)."""
+    rng = np.random.default_rng(0)
+    blobs = [photo(rng, *SIZES[i % len(SIZES)]) for i in range(n)]
+    data, cache = os.path.join(root, "shards"), os.path.join(root, "cache.zarr")
+    write_shards(((f"img{i:06d}", {"jpg": b, "cls": str(i % 1000).encode()}) for i, b in enumerate(blobs)), data,
+                 class_names=[f"n{i:08d}" for i in range(1000)], samples_per_shard=per_shard)
+    dump(DumpConfig(data=data, out=cache, teacher="smallcnn", recipe="imagenet", image_size=224,
+                    epochs=CACHED_EPOCHS, topk=10, batch_size=64, progress=False))
+    return data, cache, float(np.mean([len(b) for b in blobs]) / 1e3)
+
+
+def replay_rate(data: str, cache: str, n_views: int, batch_size: int) -> tuple[float, float]:
+    """(views per CPU second, views per wall second) of decode + replay over all cached epochs, in passes of
+    n_views epochs, one single-threaded process."""
+    t0, c0, views = time.perf_counter(), time.process_time(), 0
+    for first in range(0, CACHED_EPOCHS, n_views):
+        ds = CachedViews(data, cache, epoch=first, shuffle_seed=0, views_per_decode=n_views, batch_size=batch_size)
+        for images, _, _ in torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate):
+            views += len(images)
+    return views / (time.process_time() - c0), views / (time.perf_counter() - t0)
+
+
+def dump_rate(data: str, n_epochs: int, batch_size: int) -> tuple[float, float]:
+    """(views per CPU second, per wall second) of the dump's data path (`UnitViews`: a shard decoded once for its
+    pending epochs), no teacher."""
+    manifest, recipe = load_manifest(data), get_recipe("imagenet", 224)
+    t0, c0, views = time.perf_counter(), time.process_time(), 0
+    for first in range(0, CACHED_EPOCHS, n_epochs):
+        pending = {s: list(range(first, first + n_epochs)) for s in range(len(manifest.shards))}
+        for batch in UnitViews(manifest, pending, recipe, 0, batch_size, False):
+            views += len(batch.offsets)
+    return views / (time.process_time() - c0), views / (time.perf_counter() - t0)
+
+
+class _Tiny224(torch.nn.Module):
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 8, 8, stride=8)
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.patch(x)).mean((2, 3)))
+
+
+def e2e(data: str, cache: str, root: str, workers: int, epochs: int, repeats: int) -> dict:
+    """images/s of training (views per second of the logged epochs' training time) for CE N=1 and NKD N=4."""
+    LOCAL_MODELS["tiny224"] = ModelSpec("tiny224", "logitcache", 224, IMAGENET_MEAN, IMAGENET_STD, None, None,
+                                        lambda nc, _: _Tiny224(nc))
+    runs = {"ce, N=1": dict(loss="ce", recipe="imagenet", image_size=224, views_per_decode=1),
+            "nkd cached, N=4": dict(loss="nkd", cache=cache, views_per_decode=4)}
+    best: dict[str, float] = {}
+    for r in range(repeats):
+        for name, kw in runs.items():
+            out = os.path.join(root, f"run-{r}-{name.split(',')[0].replace(' ', '-')}")
+            train(TrainConfig(data=data, out=out, student="tiny224", epochs=epochs, batch_size=32, lr=0.01,
+                              workers=workers, progress=False, **kw))
+            lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+            rate = sum(m["train"]["samples"] for m in lines) / sum(m["train"]["seconds"] for m in lines)
+            best[name] = max(best.get(name, 0.0), rate)
+    return best
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--per-shard", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--e2e", action="store_true", help="also the end-to-end training comparison")
+    ap.add_argument("--e2e-workers", type=int, default=1)
+    ap.add_argument("--e2e-epochs", type=int, default=8)
+    ap.add_argument("--json", action="store_true", help="JSON summary on stdout only")
+    args = ap.parse_args(argv)
+    log = sys.stderr if args.json else sys.stdout
+    torch.set_num_threads(1)  # per core
+    with tempfile.TemporaryDirectory(prefix="bench_vpd_") as root:
+        data, cache, kb = make_data(root, args.images, args.per_shard)
+        replay_rate(data, cache, 1, args.batch_size)  # warm-up (page cache, lazy imports)
+        replay: dict[int, float] = {}  # views per CPU second: per core, whatever else the machine runs
+        dumping: dict[int, float] = {}
+        replay_wall: dict[int, float] = {}
+        dumping_wall: dict[int, float] = {}
+        for _ in range(args.repeats):
+            for n in (1, 2, 4, 8):
+                cpu, wall = replay_rate(data, cache, n, args.batch_size)
+                replay[n], replay_wall[n] = max(replay.get(n, 0.0), cpu), max(replay_wall.get(n, 0.0), wall)
+                cpu, wall = dump_rate(data, n, args.batch_size)
+                dumping[n], dumping_wall[n] = max(dumping.get(n, 0.0), cpu), max(dumping_wall.get(n, 0.0), wall)
+        e2e_rates = e2e(data, cache, root, args.e2e_workers, args.e2e_epochs, args.repeats) if args.e2e else {}
+    summary = {
+        "benchmark": "views_per_decode", "images": args.images, "mean_jpeg_kb": kb, "image_size": 224,
+        "replay_views_per_s_one_core": {str(n): round(v, 1) for n, v in replay.items()},
+        "replay_ratio_to_n1": {str(n): round(v / replay[1], 3) for n, v in replay.items()},
+        "dump_views_per_s_one_core": {str(n): round(v, 1) for n, v in dumping.items()},
+        "dump_ratio_to_e1": {str(n): round(v / dumping[1], 3) for n, v in dumping.items()},
+        "replay_views_per_wall_s": {str(n): round(v, 1) for n, v in replay_wall.items()},
+        "replay_wall_ratio_to_n1": {str(n): round(v / replay_wall[1], 3) for n, v in replay_wall.items()},
+        "dump_views_per_wall_s": {str(n): round(v, 1) for n, v in dumping_wall.items()},
+        "target_replay_ratio_n4": 2.0,
+        "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version(),
+                    "torch": torch.__version__, "processor": platform.processor() or platform.machine()},
+    }
+    if e2e_rates:
+        summary.update({"e2e_images_per_s": {k: round(v, 1) for k, v in e2e_rates.items()},
+                        "e2e_ratio_nkd_n4_over_ce_n1": e2e_rates["nkd cached, N=4"] / e2e_rates["ce, N=1"],
+                        "e2e_workers": args.e2e_workers, "target_e2e_ratio": 1.5})
+    print(f"{args.images} synthetic photos, mean JPEG {kb:.0f} kB, 224 px views; {os.cpu_count()} CPUs, load average "
+          f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())}, torch {torch.__version__}", file=log)
+    for n in (1, 2, 4, 8):
+        print(f"replay  N={n}: {replay[n]:7.1f} views/CPU-s  x{replay[n] / replay[1]:.2f}  "
+              f"(wall: {replay_wall[n]:6.1f}/s x{replay_wall[n] / replay_wall[1]:.2f})     "
+              f"dump data path E={n}: {dumping[n]:7.1f} views/CPU-s  "
+              f"x{dumping[n] / dumping[1]:.2f}", file=log)
+    print(f"target: replay N=4 / N=1 >= 2.0 -> {replay[4] / replay[1]:.2f}", file=log)
+    if e2e_rates:
+        for k, v in e2e_rates.items():
+            print(f"train {k:16s} {v:7.1f} images/s ({args.e2e_workers} worker(s), tiny224 student)", file=log)
+        print(f"target: nkd N=4 / ce N=1 >= 1.5 -> {summary['e2e_ratio_nkd_n4_over_ce_n1']:.2f}", file=log)
+    if args.json:
+        print(json.dumps(summary, indent=1, sort_keys=True))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
