@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
-from logitcache.cache.store import write_unit_indexes
+from logitcache.cache.store import ObjectStore, load_group_meta, write_unit_indexes
 from logitcache.cache.verify import verify_cache
 from logitcache.cache.writer import CacheWriter
 from logitcache.data.manifest import ShardCheck, file_size, load_manifest
 from logitcache.data.shards import iter_shard
-from logitcache.errors import LogitcacheError
+from logitcache.errors import CacheMetadataError, LogitcacheError
 from logitcache.labels.codecs import DEFAULT_STEP_BITS, PackedCodec
 from logitcache.labels.tails import UNIFORM, PriorAccumulator, SampledTail, TailRule, parse_tail, tail_settings
 from logitcache.labels.topk import TopKLogits, _normalise_temperatures
@@ -44,7 +44,7 @@ from logitcache.runtime.provenance import provenance, utc_now
 from logitcache.teacher import Teacher
 from logitcache.views.digest import DigestBuilder
 from logitcache.views.mixing import UnitMixer
-from logitcache.views.recipe import get_recipe
+from logitcache.views.recipe import Recipe, resolve_recipe
 
 #: tests only: SIGKILL the dump right before its N+1-th batch (a real kill, mid-run, at a reproducible point)
 KILL_AFTER_BATCHES_ENV = "LOGITCACHE_TEST_KILL_AFTER_BATCHES"
@@ -61,7 +61,7 @@ class DumpConfig:
     topk: int = 10
     temperatures: tuple[float, ...] = (1.0,)
     seed: int = 0
-    recipe: str = "imagenet"
+    recipe: str | None = None  # None: the existing group's, else the data's default_recipe (`dump_recipe`)
     image_size: int | None = None
     batch_size: int = 64
     workers: int = 0
@@ -231,7 +231,7 @@ def plan(cfg: DumpConfig) -> dict[str, Any]:
     shards = list(cfg.shards) if cfg.shards is not None else list(range(len(manifest.shards)))
     views_per_epoch = sum(manifest.shards[s].num_samples for s in shards)
 
-    recipe = get_recipe(cfg.recipe, cfg.image_size)
+    recipe = dump_recipe(cfg, manifest)
     if cache_format(cfg) == 2:
         codec = PackedCodec(cfg.topk, manifest.num_classes, len(_temps(cfg)), len(recipe.param_fields),
                             cfg.step_bits, parse_tail(cfg.tail)[1])
@@ -259,13 +259,15 @@ def _temps(cfg: DumpConfig) -> tuple[float, ...]:
 def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     """Run stage 1 as ``cfg`` says (resuming any unfinished units); every rank of a torchrun job calls this."""
     t0 = time.perf_counter()
-    manifest, recipe, temps = load_manifest(cfg.data), get_recipe(cfg.recipe, cfg.image_size), _temps(cfg)
+    manifest, temps = load_manifest(cfg.data), _temps(cfg)
+    recipe = dump_recipe(cfg, manifest)
     env = init_distributed(cfg.device, backend="gloo")  # the ranks only meet at barriers; cuda -> cuda:LOCAL_RANK
     teacher = Teacher.load(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, env.device, cfg.seed,
                            precision=cfg.teacher_precision)
     writer = open_writer(cfg, env, manifest, group_meta(cfg, manifest, recipe, teacher, temps))
     writer = calibrate_prior(cfg, env, manifest, recipe, teacher, writer, temps)
     prov = provenance(argv)
+    run_key = writer.start_run(writer_shards(cfg), cfg.epochs, prov) if env.is_main else None
     if cfg.repair and env.is_main:
         repaired = forget_damaged_units(cfg.out, cfg.group_name)
         if repaired and cfg.progress:
@@ -298,11 +300,39 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     env.barrier()
     if env.is_main:
         write_unit_indexes(writer.objects, writer.group)  # readers then read one object per epoch, not its markers
-        writer.add_provenance({**prov, "end_time": utc_now(), "units_written": units.written,
-                               "samples_skipped": units.samples_skipped})
+        writer.finish_run(run_key, end_time=utc_now(), units_written=units.written,
+                          samples_skipped=units.samples_skipped)
     env.barrier()
     return summarize(CacheReader(cfg.out, cfg.group_name), units.written, len(finished), units.samples_skipped,
                      time.perf_counter() - t0)
+
+
+def writer_shards(cfg: DumpConfig) -> tuple[int, ...] | None:
+    return None if cfg.shards is None else tuple(sorted(cfg.shards))
+
+
+def dump_recipe(cfg: DumpConfig, manifest) -> Recipe:
+    """THE recipe rule (`resolve_recipe`) for a dump: the group's own recipe when it exists (flags given must agree
+    with it), else ``--recipe``, else the data's ``default_recipe``, else a clear error."""
+    cached = None
+    if _safe_group(cfg.group_name):
+        objects = ObjectStore(cfg.out)
+        try:
+            if objects.get(f"{cfg.group_name}/zarr.json") is not None:
+                cached = load_group_meta(objects, cfg.group_name).recipe
+        except CacheMetadataError:
+            pass  # the writer refuses invalid metadata itself (and says so for --repair)
+    return resolve_recipe(cfg.recipe, cfg.image_size, cached=cached,
+                          cached_where=f"cache {cfg.out} group '{cfg.group_name}'",
+                          default=manifest.default_recipe, default_where=f"the manifest of {cfg.data}")
+
+
+def _safe_group(name: str) -> bool:
+    try:
+        schema.validate_group_name(name)
+    except ValueError:
+        return False  # the writer refuses it with its own message
+    return True
 
 
 def selected_shards(cfg: DumpConfig, manifest) -> list[int]:
@@ -390,9 +420,15 @@ def open_writer(cfg: DumpConfig, env: DistEnv, manifest, meta: schema.GroupMeta)
         # created or its epochs grown; key digests are checked as each shard is read, sha256 by verify --data
         check_shard_sizes(manifest, selected_shards(cfg, manifest))
         root = schema.RootMeta(manifest.fingerprint, manifest.num_classes, len(manifest.shards),
-                               tuple(s.num_samples for s in manifest.shards),
+                                tuple(s.num_samples for s in manifest.shards),
                                format_version=(2, 0) if meta.packed else schema.FORMAT_1)
-        writer = CacheWriter.create_or_open(cfg.out, cfg.group_name, meta, root, manifest.to_json())
+        try:
+            writer = CacheWriter.create_or_open(cfg.out, cfg.group_name, meta, root, manifest.to_json())
+        except CacheMetadataError as e:
+            if cfg.repair:
+                raise CacheMetadataError(f"refusing to --repair: the cache's metadata is invalid, which is not "
+                                         f"damage a rerun can redo; nothing was changed. {e}") from None
+            raise
     env.barrier()
     return writer if writer is not None else CacheWriter.open(cfg.out, cfg.group_name)
 
@@ -495,12 +531,8 @@ def forget_damaged_units(url: str, group: str) -> list[tuple[int, int]]:
     """For ``--repair``: verify the group and delete the markers of damaged units, so the dump redoes exactly
     those (a unit without a marker is unfinished). Units that are merely unfinished are redone anyway."""
 
-    try:
-        reader = CacheReader(url, group)
-        reader.meta  # noqa: B018 - opens the group; a fresh cache has nothing to repair
-    except LogitcacheError:
-        return []
-    report = verify_cache(url, group)
+    reader = CacheReader(url, group)
+    report = verify_cache(url, group)  # invalid metadata raises CacheMetadataError: nothing is deleted
     damaged = [u for u in report.bad_units() if u in reader.markers(refresh=True)]
     for e in sorted({e for e, _ in damaged}):  # an index must never list a unit being redone
         reader.objects.delete(schema.unit_index_key(group, e))

@@ -22,12 +22,26 @@ class NonFiniteLogitsError(LogitcacheError):
     """A teacher produced NaN/Inf logits; they are never written to a cache."""
 
 
+class NonFiniteLossError(LogitcacheError):
+    """A training step's loss is NaN/Inf: the run stops before the optimizer steps; no weights are saved."""
+
+
 class TemperatureNotRecorded(LogitcacheError, ValueError):
     """A loss asked for a temperature the cache did not record."""
 
 
 class CacheError(LogitcacheError):
     """A cache is missing, malformed, unfinished or damaged."""
+
+
+class CacheMetadataError(CacheError):
+    """A cache's metadata (a zarr.json, a marker, the stored manifest) is malformed, mistyped or beyond the
+    format's limits; the message names the object and the key. Not damage to units: `--repair` refuses."""
+
+
+class DamagedUnitError(CacheError):
+    """A finished unit's stored objects do not match its marker (missing, other bytes) or hold insane values;
+    the message names the unit and the commands to run (`logitcache verify`, `dump --repair`)."""
 
 
 class CacheMismatchError(CacheError):

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from logitcache.cache.reader import CacheReader, UnitTable
+from logitcache.cache.store import format_shards
 from logitcache.cache.verify import check_replay
 from logitcache.data.decode import decode_sample
 from logitcache.data.manifest import Manifest, ShardCheck, load_manifest
@@ -126,9 +127,17 @@ def check_cache_matches(reader: CacheReader, manifest: Manifest | str, recipe: R
             f"(dataset fingerprint {root.dataset_fingerprint[:16]}… != {manifest.fingerprint[:16]}…):\n  "
             + "\n  ".join(_dataset_differences(reader, manifest))
         )
+    lengths = tuple(s.num_samples for s in manifest.shards)
+    if root.shard_lengths != lengths or root.num_classes != manifest.num_classes:
+        raise CacheMismatchError(
+            f"cache {reader.url}: its root metadata (zarr.json) declares {root.num_shards} shards of "
+            f"{_short(list(root.shard_lengths))} samples and {root.num_classes} classes, but its dataset "
+            f"fingerprint is that of data with {len(lengths)} shards of {_short(list(lengths))} samples and "
+            f"{manifest.num_classes} classes: the metadata was edited; refusing it")
     cached = Recipe.from_json(reader.meta.recipe)
     if recipe is None:
         return cached
+
     wanted, have = recipe.to_json(), cached.to_json()
     diff = [
         f"{key}: cache has {have.get(key)!r}, requested {wanted.get(key)!r}"
@@ -141,6 +150,31 @@ def check_cache_matches(reader: CacheReader, manifest: Manifest | str, recipe: R
             f"replayed as requested:\n  " + "\n  ".join(diff)
         )
     return cached
+
+
+def check_cache_covers(reader: CacheReader, shards: Sequence[int], *, explicit: bool = True) -> None:
+    """Refuse (`CacheError`) training over shards the group's dumps did not cover, saying which shards it covers
+    and the two ways out (train on those with ``--shards``, or dump the rest)."""
+    root, meta = reader.root_meta, reader.meta
+    covered = meta.shard_indices(root.num_shards)
+    missing = sorted(set(shards) - set(covered))
+    if missing:
+        asked = f"--shards {format_shards(shards)}" if explicit else f"all {root.num_shards} shards (no --shards)"
+        raise CacheError(
+            f"cache {reader.url} group '{reader.group}' covers shards {format_shards(covered)} of the data's "
+            f"{root.num_shards}; training over {asked} needs shards {format_shards(missing)} too. Either train "
+            f"on what it covers: --shards {format_shards(covered)}, or dump the rest: logitcache dump ... --out "
+            f"{reader.url} --group {reader.group} --shards {format_shards(missing)} (the dump's own settings)")
+
+
+def cache_identity(reader: CacheReader) -> dict[str, Any]:
+    """What a training run depends on in a cache group: checked again on ``--resume`` (a group re-dumped with
+    other weights, or grown from 10 to 20 epochs, which remaps ``epoch mod E``, is refused naming the change)."""
+    meta, root = reader.meta, reader.root_meta
+    return {"group": reader.group, "teacher": meta.teacher, "weights_digest": meta.weights_digest,
+            "epochs": meta.epochs, "dataset_fingerprint": root.dataset_fingerprint, "k": meta.k,
+            "temperatures": list(meta.temperatures), "recipe": meta.recipe, "value_dtype": meta.value_dtype,
+            "seed": meta.seed}
 
 
 _SHARD_FACTS = ("name", "num_samples", "keys_digest", "sha256", "size")

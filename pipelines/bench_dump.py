@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
         make_shards(f"{tmp}/shards", args.views, args.per_shard)
         times = {"bare": [], "dump": []}
         for r in range(args.repeats):
-            cfg = DumpConfig(data=f"{tmp}/shards", out=f"{tmp}/cache{r}.zarr", teacher=args.teacher,
+            cfg = DumpConfig(data=f"{tmp}/shards", out=f"{tmp}/cache{r}.zarr", teacher=args.teacher, recipe="imagenet",
                              image_size=args.image_size, epochs=1, topk=args.topk, batch_size=args.batch_size,
                              workers=args.workers, progress=False)
             times["bare"].append(bare_inference(cfg))

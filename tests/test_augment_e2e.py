@@ -66,7 +66,7 @@ def _objects(root: Path) -> dict[str, bytes]:
     out = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
-        if p.is_file() and not rel.endswith("zarr.json"):
+        if p.is_file() and not rel.endswith("zarr.json") and "/runs/" not in rel:  # runs: provenance times
             out[rel] = p.read_bytes()
     return out
 

@@ -21,23 +21,23 @@ from logitcache.errors import CacheMismatchError, NonFiniteLogitsError
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-DUMP_ARGS = ["--teacher", "resnet18", "--image-size", "32", "--epochs", "2", "--topk", "5",
+DUMP_ARGS = ["--teacher", "resnet18", "--recipe", "imagenet", "--image-size", "32", "--epochs", "2", "--topk", "5",
              "--temperatures", "1,4", "--batch-size", "3", "--seed", "7"]
 
 
 def _cfg(data, out, **kw):
-    base = dict(data=str(data), out=str(out), teacher="resnet18", image_size=32, epochs=2, topk=5,
+    base = dict(data=str(data), out=str(out), teacher="resnet18", recipe="imagenet", image_size=32, epochs=2, topk=5,
                 temperatures=(1.0, 4.0), batch_size=3, seed=7, progress=False)
     return DumpConfig(**{**base, **kw})
 
 
 def store_bytes(url) -> dict[str, bytes]:
-    """Every object of a cache except the group/root metadata, which hold provenance times."""
+    """Every object of a cache except the group/root metadata and the run records, which hold provenance times."""
     root = Path(url)
     out = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
-        if p.is_file() and not rel.endswith("zarr.json"):
+        if p.is_file() and not rel.endswith("zarr.json") and "/runs/" not in rel:
             out[rel] = p.read_bytes()
     for meta in ("zarr.json", "resnet18/zarr.json"):  # metadata: equal apart from provenance
         d = json.loads((root / meta).read_text())

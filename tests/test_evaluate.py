@@ -107,7 +107,7 @@ def test_smallcnn_checkpoint_cli_json_matches_library(small_shards, tmp_path):
     model = build_model("smallcnn", NUM_CLASSES)
     ckpt = _save_checkpoint(tmp_path / "last.pt", model.state_dict(), {"student": "smallcnn", "image_size": 28})
     result = CliRunner().invoke(main, ["eval", "--model", "smallcnn", "--checkpoint", str(ckpt), "--data",
-                                       str(small_shards), "--batch-size", "8", "--json"])
+                                       str(small_shards), "--recipe", "small", "--batch-size", "8", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)  # stdout is exactly one JSON document
     m = out["metrics"]
@@ -121,7 +121,8 @@ def test_smallcnn_checkpoint_cli_json_matches_library(small_shards, tmp_path):
         assert m[key] == pytest.approx(direct[key], rel=1e-6), key
 
     # --model may be left out when the checkpoint records its student; the text output states the units
-    result = CliRunner().invoke(main, ["eval", "--checkpoint", str(ckpt), "--data", str(small_shards)])
+    result = CliRunner().invoke(main, ["eval", "--checkpoint", str(ckpt), "--data", str(small_shards), "--recipe",
+                                       "small"])
     assert result.exit_code == 0, result.output
     for text in ("top-1", "top-5", "NLL", "ECE", "AURC", "x 1000", "%", "24 image(s)"):
         assert text in result.stdout
@@ -157,7 +158,7 @@ def test_checkpoint_needing_pickle_is_refused(small_shards, tmp_path):
 def test_wrong_architecture_is_refused_naming_keys(small_shards, tmp_path):
     ckpt = _save_checkpoint(tmp_path / "wide.pt", build_model("smallcnn_wide", NUM_CLASSES).state_dict())
     result = CliRunner().invoke(main, ["eval", "--model", "smallcnn", "--checkpoint", str(ckpt), "--data",
-                                       str(small_shards)])
+                                       str(small_shards), "--recipe", "small"])
     assert result.exit_code != 0 and "WeightsError" in result.output and "keys" in result.output
 
 

@@ -204,8 +204,6 @@ def test_damaged_chunks_are_named_and_repair_redoes_exactly_them(small_shards, t
     assert "smallcnn/rows/c.0.1.0.0 is missing" in named
     assert "smallcnn/rows/c.1.0.0.0 differs" in named
 
-    if "repair" not in {f.name for f in dataclasses.fields(DumpConfig)}:
-        pytest.skip("dump --repair is not implemented yet")
     r = CliRunner().invoke(main, ["dump", "--data", str(small_shards), "--out", out, "--teacher", "smallcnn",
                                   "--recipe", "small", "--image-size", "28", "--topk", "3", "--epochs", "2",
                                   "--repair", "--json"])
@@ -295,8 +293,6 @@ def test_dump_on_changed_shards_refuses_naming_the_shard(clean_cache, changed_da
 
 
 def test_training_on_changed_shards_refuses_naming_the_shard(clean_cache, changed_data, tmp_path):
-    if "train" not in main.commands:
-        pytest.skip("`logitcache train` is not written yet")
     data, rescanned, names = changed_data
     # under a rescanned manifest both changed shards are named (the fingerprint covers sha256 and keys); under
     # the old manifest the shard that lost a sample fails its cheap check (size / keys) when it is read

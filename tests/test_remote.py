@@ -287,8 +287,6 @@ def test_reader_never_sees_a_half_written_unit(s3_prefix):
 
 # ------------------------------------------------------------------ training from S3
 def test_train_from_s3_cache_and_s3_shards(s3_cache, s3_data, tmp_path):
-    if "train" not in main.commands:
-        pytest.skip("`logitcache train` is not written yet")
     run_dir = tmp_path / "run"
     r = CliRunner().invoke(main, [
         "train", "--cache", s3_cache, "--data", s3_data, "--val", s3_data, "--student", "smallcnn",

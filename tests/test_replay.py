@@ -26,8 +26,8 @@ SEED, EPOCHS, K = 7, 2, 5
 def cache(imagenet_shards, tmp_path_factory):
     """resnet18 (seeded random init) over the 3 x 8 ImageNet-style samples at 32 px, 2 epochs, top-5, T = 1, 4."""
     out = tmp_path_factory.mktemp("replay") / "cache.zarr"
-    dump(DumpConfig(data=str(imagenet_shards), out=str(out), teacher="resnet18", image_size=32, epochs=EPOCHS,
-                    topk=K, temperatures=(1.0, 4.0), seed=SEED, batch_size=8, progress=False))
+    dump(DumpConfig(data=str(imagenet_shards), out=str(out), teacher="resnet18", recipe="imagenet", image_size=32,
+                    epochs=EPOCHS, topk=K, temperatures=(1.0, 4.0), seed=SEED, batch_size=8, progress=False))
     return out
 
 

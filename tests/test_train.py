@@ -205,7 +205,7 @@ def test_impossible_combinations_are_refused(small_shards, cache, tmp_path):
     res = CliRunner().invoke(main, ["train", "--data", str(small_shards), "--out", str(tmp_path / "cli"),
                                     "--student", "smallcnn", "--loss", "nkd", "--cache", str(cache),
                                     "--recipe", "small", "--image-size", "32"])
-    assert res.exit_code != 0 and "image_size: cache has 28, requested 32" in res.output
+    assert res.exit_code != 0 and "--image-size 32, but cache" in res.output and "28 px" in res.output
 
 
 def test_an_existing_run_needs_resume(small_shards, tmp_path):

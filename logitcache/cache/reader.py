@@ -13,22 +13,20 @@ Faults: an `OSError` while writing (disk full, permission denied, a failing obje
 `CacheWriteError` naming the unit and the object; a unit's marker is written last, so every unit finished
 before stays valid and a rerun completes the rest.
 
+Integrity: every unit read goes through ONE check (`CacheReader.unit_problems`, also `verify`'s): its stored
+objects against its marker (presence, sha256), decoded from those very bytes (`decode_chunk`: crc32c, the blosc
+header's sizes against the format's before decompressing), then the values' sanity (`unit_value_problems`).
+A damaged unit raises `DamagedUnitError` naming it and the verify/--repair commands; a format-2 reader reuses
+the same steps with its own decoder.
+
 Fork safety: zarr's sync API runs an asyncio loop on a background thread, and a DataLoader worker forked after
 the parent touched zarr can hang on it. `CacheReader` therefore opens its store lazily, on first use, in
 each process (it re-opens when it notices it runs in a new PID), and pickles without open handles.
-
-Costs: what a reader has read and checked — root and group metadata, the group list, the markers of the epochs
-it read — travels with it (forked or pickled) into DataLoader workers, which then only open the arrays. An
-epoch's markers are read once per reader: from the epoch's unit index (one object, written by the dump) when
-there is one, else from the markers (`read_epoch_markers`). A training epoch over a cache therefore costs its
-units' chunk GETs plus a constant, whatever the number of workers or cached epochs.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -39,19 +37,82 @@ from logitcache.cache.schema import GroupMeta, PackedUnit, RootMeta, UnitMarker,
 from logitcache.cache.store import (
     ObjectStore,
     _check_group_name,
-    _checked_array_metadata,
-    _open_checked_arrays,
     _open_zarr_root,
+    check_array_metadata,
+    format_shards,
     list_groups,
+    load_group_meta,
+    load_root_meta,
     read_epoch_markers,
+    read_json_object,
     read_marker,
     read_markers,
-    read_root_meta,
+    sha256_hex,
 )
-from logitcache.errors import CacheError
+from logitcache.errors import CacheError, CacheMetadataError, DamagedUnitError
 from logitcache.labels.codecs import decode_unit
 from logitcache.labels.tails import TailRule, tail_from_settings
 from logitcache.labels.topk import TopKLogits
+
+
+def decode_chunk(data: bytes, dtype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """One stored chunk -> array, by FORMAT.md's codecs (bytes little endian, blosc, crc32c), from the very bytes
+    whose sha256 was checked. The blosc header's sizes are checked against ``shape`` before decompressing."""
+    import crc32c
+    from numcodecs import blosc
+
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if len(data) < 4 + 16:
+        raise DamagedUnitError(f"{where}: {len(data)} bytes is too short for a chunk")
+    payload, crc = data[:-4], data[-4:]
+    if np.uint32(crc32c.crc32c(payload)).tobytes() != crc:
+        raise DamagedUnitError(f"{where}: crc32c checksum mismatch")
+    nbytes, cbytes = int.from_bytes(payload[4:8], "little"), int.from_bytes(payload[12:16], "little")
+    if nbytes != expected or cbytes != len(payload):
+        raise DamagedUnitError(f"{where}: the blosc header declares {nbytes} bytes ({cbytes} compressed); the "
+                               f"format needs {expected} ({len(payload)} stored)")
+    out = np.empty(shape, dtype=np.dtype(dtype).newbyteorder("<"))
+    try:
+        blosc.decompress(payload, out)
+    except Exception as e:  # a codec error on bytes that passed their checksums: a writer bug or forgery
+        raise DamagedUnitError(f"{where}: does not decompress ({type(e).__name__}: {e})") from None
+    return out.astype(dtype, copy=False)
+
+
+def repair_hint(url: str, group: str) -> str:
+    return (f"run `logitcache verify {url} --group {group}` to list the damage, and `logitcache dump ... --out "
+            f"{url} --group {group} --repair` (the dump's own settings) to redo the damaged units")
+
+
+def unit_value_problems(rows: UnitRows, marker: UnitMarker, meta: GroupMeta) -> list[str]:
+    """Basic sanity of a unit's values (rows of skipped samples are padding and not checked): finite
+    log-probabilities and log-partitions, indices in [0, C) and distinct per row, top-k log-probs sorted
+    largest first and <= 0, top-k mass <= 1. Checked on every read and by `verify`."""
+    valid = np.ones(len(rows), dtype=bool)
+    valid[list(marker.skipped)] = False
+    idx, lp = rows.topk_indices[valid], rows.topk_logprobs[valid].astype(np.float32)
+    tlp, lse = rows.target_logprob[valid], rows.lse[valid]
+    out = []
+    for name, a in (("topk_logprobs", lp), ("target_logprob", tlp), ("lse", lse)):
+        if not np.isfinite(a).all():
+            out.append(f"{name} has {int((~np.isfinite(a)).sum())} non-finite value(s)")
+    if idx.size and (idx.min() < 0 or idx.max() >= meta.num_classes):
+        out.append(f"topk_indices outside [0, {meta.num_classes})")
+    if idx.size and meta.k > 1 and (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
+        out.append("topk_indices repeat a class within a row")
+    with np.errstate(invalid="ignore"):
+        if lp.size and (np.diff(lp, axis=1) > LOGPROB_SLACK).any():
+            out.append("topk_logprobs are not sorted largest first")
+        if lp.size and (lp.max() > LOGPROB_SLACK or tlp.max(initial=-np.inf) > LOGPROB_SLACK):
+            out.append("a log-probability is > 0")
+        mass = np.exp(lp.astype(np.float64)).sum(axis=1)
+        if mass.size and mass.max() > 1 + meta.k * LOGPROB_SLACK:
+            out.append(f"top-k mass {mass.max():.6f} > 1")
+    return out
+
+
+#: fp16 log-probs are rounded: allow their half-ulp near 0 when checking "<= 0" and "mass <= 1"
+LOGPROB_SLACK = 1e-3
 
 
 # ------------------------------------------------------------------ reader
@@ -60,18 +121,20 @@ class CacheReader:
 
     def __init__(self, url: str, group: str | None = None, *, storage_options: dict[str, Any] | None = None):
         self.url, self._group_arg, self.storage_options = url, group, storage_options
-        self._facts: dict[str, Any] | None = None  # read and checked once; travels to workers
-        self._state: dict[str, Any] | None = None  # this process's handles
+        self._state: dict[str, Any] | None = None
         self._pid: int | None = None
+        #: cached epoch -> shard -> marker, read once (`epoch_markers`); travels to DataLoader workers with the
+        #: reader (forked or pickled), so they never read markers themselves
+        self._epoch_markers: dict[int, dict[int, UnitMarker]] = {}
 
     def __getstate__(self):
         return {
             "url": self.url,
             "_group_arg": self._group_arg,
             "storage_options": self.storage_options,
-            "_facts": self._facts,
             "_state": None,
             "_pid": None,
+            "_epoch_markers": self._epoch_markers,
         }
 
     # -- lazily opened state
@@ -79,28 +142,29 @@ class CacheReader:
         if self._state is not None and self._pid == os.getpid():
             return self._state
         objects = ObjectStore(self.url, self.storage_options)
-        facts = self._facts
-        if facts is None:
-            try:
-                zroot = _open_zarr_root(self.url, self.storage_options, mode="r")
-            except FileNotFoundError as e:
-                raise CacheError(f"no cache at {self.url} (or not a zarr v3 store)") from e
-            root = read_root_meta(zroot, self.url)
-            groups = list_groups(objects)
-            group = self._group_arg if self._group_arg is None else _check_group_name(self._group_arg, self.url)
-            if group is None:
-                if len(groups) != 1:
-                    raise CacheError(f"{self.url} holds teacher groups {groups}: choose one with --group")
-                group = groups[0]
-            if group not in groups:
-                raise CacheError(f"{self.url} has no teacher group '{group}' (it has {groups})")
-            meta = GroupMeta.from_json(zroot[group].attrs[schema.ATTRS_KEY])
-            facts = {"root": root, "groups": groups, "group": group, "meta": meta, "markers": None,
-                     "epoch_markers": {}, "arrays": _checked_array_metadata(objects, group, meta, self.url)}
-        # in a DataLoader worker the facts came checked from the process that made the reader: no request here
-        arrays = _open_checked_arrays(self.url, self.storage_options, facts["group"], facts["arrays"])
-        self._facts = facts
-        self._state = {**facts, "arrays": arrays, "objects": objects, "first_index": None}
+        root = load_root_meta(objects)  # our checks first: zarr parses only metadata that passed them
+        groups = list_groups(objects)
+        group = self._group_arg if self._group_arg is None else _check_group_name(self._group_arg, self.url)
+        if group is None:
+            if len(groups) != 1:
+                raise CacheError(f"{self.url} holds teacher groups {groups}: choose one with --group")
+            group = groups[0]
+        if group not in groups:
+            raise CacheError(f"{self.url} has no teacher group '{group}' (it has {groups})")
+        meta = load_group_meta(objects, group)
+        check_array_metadata(objects, group, meta, root, self.url)
+        g = _open_zarr_root(self.url, self.storage_options, mode="r")[group]  # only metadata that passed
+        self._state = {
+            "root": root,
+            "groups": groups,
+            "group": group,
+            "zgroup": g,
+            "arrays": {spec.name: g[spec.name] for spec in schema.group_arrays(meta)},
+            "meta": meta,
+            "objects": objects,
+            "markers": None,
+            "first_index": None,
+        }
         self._pid = os.getpid()
         return self._state
 
@@ -125,39 +189,53 @@ class CacheReader:
         return self._open()["objects"]
 
     def manifest_json(self) -> dict[str, Any]:
-        data = self.objects.get(schema.DATASET_MANIFEST_KEY)
-        if data is None:
-            raise CacheError(f"{self.url} lacks {schema.DATASET_MANIFEST_KEY}")
-        return json.loads(data)
+        if self.objects.get(schema.DATASET_MANIFEST_KEY) is None:
+            raise CacheMetadataError(f"{self.url} lacks {schema.DATASET_MANIFEST_KEY}")
+        d = read_json_object(self.objects, schema.DATASET_MANIFEST_KEY)
+        if not isinstance(d, dict):
+            raise CacheMetadataError(f"{self.url}: {schema.DATASET_MANIFEST_KEY} is not a JSON object")
+        return d
 
     def markers(self, *, refresh: bool = False) -> dict[tuple[int, int], UnitMarker]:
-        """Every unit marker of the group, listed afresh with ``refresh`` (what `verify` and the dump trust)."""
+        """The finished units of the group's (epoch, shard) grid. A marker naming a shard the data does not
+        have is malformed; one past the group's epochs (a dump growing them since this reader opened) is not
+        this reader's to read."""
         st = self._open()
-        if self._facts["markers"] is None or refresh:
-            self._facts["markers"] = read_markers(st["objects"], st["group"])
-        return self._facts["markers"]
+        if st["markers"] is None or refresh:
+            markers = read_markers(st["objects"], st["group"])
+            bad = [k for k in markers if k[1] >= st["root"].num_shards]
+            if bad:
+                raise CacheMetadataError(f"{self.url} group '{st['group']}': marker(s) for unit(s) {bad[:3]} name "
+                                         f"shards the cache does not have ({st['root'].num_shards} shards)")
+            st["markers"] = {k: m for k, m in markers.items() if k[0] < st["meta"].epochs}
+        return st["markers"]
 
     def epoch_markers(self, epoch: int) -> dict[int, UnitMarker]:
         """shard -> marker of cached epoch ``epoch``'s finished units, read once per reader (one GET of the
-        epoch's unit index when the dump wrote one) and handed to DataLoader workers with it."""
-        st = self._open()
-        known = self._facts["epoch_markers"]
-        if epoch not in known:
-            known[epoch] = read_epoch_markers(st["objects"], st["group"], epoch)
-        return known[epoch]
+        epoch's unit index when the dump wrote one, else the epoch's markers) and handed to DataLoader workers
+        with it."""
+        if epoch not in self._epoch_markers:
+            st = self._open()
+            found = read_epoch_markers(st["objects"], st["group"], epoch)
+            bad = [s for s in found if s >= st["root"].num_shards]
+            if bad:
+                raise CacheMetadataError(f"{self.url} group '{st['group']}': marker(s) of epoch {epoch} name "
+                                         f"shards {bad[:3]} the cache does not have")
+            self._epoch_markers[epoch] = found
+        return self._epoch_markers[epoch]
 
     def unit_marker(self, epoch: int, shard: int, *, fresh: bool = False) -> UnitMarker | None:
         """The marker of unit (epoch, shard), None when it is unfinished. ``fresh``: read it now (one GET; for
-        units rewritten while the reader lives, such as PS-KD's slots), else from `epoch_markers`, reading
-        the one marker when the epoch's index lacks it (a unit finished since)."""
-        st = self._open()
+        units rewritten while the reader lives, such as PS-KD's slots), else from `epoch_markers`, reading the
+        one marker when the epoch's index lacks it (a unit finished since)."""
         if not fresh:
             m = self.epoch_markers(epoch).get(shard)
             if m is not None:
                 return m
+        st = self._open()
         m = read_marker(st["objects"], st["group"], epoch, shard)
         if m is not None and not fresh:
-            self._facts["epoch_markers"][epoch][shard] = m
+            self._epoch_markers[epoch][shard] = m
         return m
 
     @property
@@ -185,26 +263,71 @@ class CacheReader:
         """The cached epoch whose views training epoch ``epoch`` replays (views cycle past the cached epochs)."""
         return epoch % self.meta.epochs
 
+    def unit_where(self, epoch: int, shard: int) -> str:
+        return f"{self.url} group '{self.group}' unit (epoch {epoch}, shard {shard})"
+
     def read_unit(self, epoch: int, shard: int, marker: UnitMarker | None = None) -> UnitRows | PackedUnit:
-        """All rows of a finished unit (its length from its marker: ``marker``, else `unit_marker`). Unfinished
-        units are an error."""
-        st = self._open()
-        marker = marker or self.unit_marker(epoch, shard)
+        """All rows of a finished unit (its length from the marker), checked: every stored object present with
+        the sha256 its marker records, sizes as the format says, values sane (`unit_value_problems`). Any
+        problem raises `DamagedUnitError` naming the unit and the verify/--repair commands; an unfinished unit
+        raises `CacheError`."""
+        marker = marker or self.unit_marker(epoch, shard)  # ``marker``: the caller's (verify, PS-KD)
         if marker is None:
-            raise CacheError(
-                f"{self.url} group '{st['group']}': unit (epoch {epoch}, shard {shard}) is unfinished "
-                f"(no marker); rerun the dump to complete it"
-            )
-        n = marker.length
-        # the unit's chunks are independent objects: fetch them at once (one round trip, not five, on S3)
-        if st.get("pool") is None:
-            st["pool"] = ThreadPoolExecutor(len(st["arrays"]), thread_name_prefix="logitcache-read")
-        if st["meta"].packed:
-            mat = np.asarray(st["arrays"][schema.ROWS][epoch, shard])[:, :n]
-            return PackedUnit(decode_unit(st["meta"].packed_codec(), mat, st["meta"].temperatures))
-        arrays = {name: a for name, a in st["arrays"].items() if name in schema.ARRAY_NAMES}
-        futures = {name: st["pool"].submit(arr.__getitem__, (epoch, shard)) for name, arr in arrays.items()}
-        return UnitRows(**{name: np.asarray(f.result())[:n] for name, f in futures.items()})
+            raise CacheError(self._unfinished_message(epoch, shard))
+        rows, problems = self.unit_problems(epoch, shard, marker)
+        if problems:
+            raise DamagedUnitError(f"{self.unit_where(epoch, shard)} is damaged: {'; '.join(problems)}. "
+                                   + repair_hint(self.url, self.group))
+        return rows
+
+    def _unfinished_message(self, epoch: int, shard: int) -> str:
+        st = self._open()
+        meta, root = st["meta"], st["root"]
+        covered = meta.shard_indices(root.num_shards)
+        if shard not in covered:
+            return (f"{self.url} group '{st['group']}' covers shards {format_shards(covered)} of the data's "
+                    f"{root.num_shards}, not shard {shard}: train on those with --shards "
+                    f"{format_shards(covered)}, or dump the rest (logitcache dump ... --shards "
+                    f"{format_shards(sorted(set(range(root.num_shards)) - set(covered)))})")
+        return (f"{self.url} group '{st['group']}': unit (epoch {epoch}, shard {shard}) is unfinished (no "
+                f"marker); rerun the dump to complete it")
+
+    def unit_problems(self, epoch: int, shard: int, marker: UnitMarker
+                      ) -> tuple[UnitRows | PackedUnit | None, list[str]]:
+        """THE integrity check of one finished unit (the reader's and `verify`'s): the unit's stored objects
+        against its marker (presence, sha256), then decoded from those very bytes, then value sanity.
+        Returns the rows (None when they cannot be decoded) and the problems found."""
+        st = self._open()
+        meta, root, group = st["meta"], st["root"], st["group"]
+        if marker.length != root.shard_lengths[shard]:
+            return None, [f"length {marker.length} != shard length {root.shard_lengths[shard]}"]
+        keys = schema.unit_chunk_keys(group, meta, epoch, shard)
+        got = st["objects"].get_many(list(keys.values()))  # one round trip on object stores
+        problems = []
+        for name, key in keys.items():
+            data = got.get(key)
+            if data is None:
+                problems.append(f"chunk {key} is missing")
+            elif sha256_hex(data) != marker.chunks.get(name):
+                problems.append(f"chunk {key} differs from its checksum in the marker")
+        if problems:
+            return None, problems
+        if meta.packed:  # format 2: its codec decodes the checked chunk (value sanity: format 1 only, for now)
+            mat = np.asarray(st["arrays"][schema.ROWS][epoch, shard])[:, :marker.length]
+            return PackedUnit(decode_unit(meta.packed_codec(), mat, meta.temperatures)), []
+        L = root.max_shard_len
+        arrays = {}
+        for spec in schema.ARRAYS:
+            shape = (L, *meta.trailing_size(spec.trailing))
+            try:
+                arrays[spec.name] = decode_chunk(got[keys[spec.name]], meta.array_dtype(spec), shape,
+                                                 f"chunk {keys[spec.name]}")[: marker.length]
+            except DamagedUnitError as e:
+                problems.append(str(e))
+        if problems:
+            return None, problems
+        rows = UnitRows(**arrays)
+        return rows, unit_value_problems(rows, marker, meta)
 
     def topk_rows(self, rows: UnitRows | PackedUnit, offsets, targets) -> TopKLogits:
         """A `TopKLogits` for the given offsets of a unit (targets come from the data)."""

@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from logitcache.errors import CacheError
+from logitcache.errors import CacheError, CacheMetadataError
 from logitcache.labels.codecs import PackedCodec
 from logitcache.labels.tails import UNIFORM, TailRule
 from logitcache.labels.topk import TopKLogits
 
 FORMAT_NAME = "logitcache-cache"
 #: bump the major on any change an old reader would misread; the minor for additions old readers can ignore
-FORMAT_VERSION = (2, 0)
+FORMAT_VERSION = (2, 0)  # format 1 is 1.1 since per-run records in <group>/runs/ (older readers ignore them)
 #: the majors this version reads (and writes: a cache keeps its format when a dump extends it)
 READABLE_MAJORS = (1, 2)
 FORMAT_1 = (1, 0)
@@ -47,6 +47,7 @@ ATTRS_KEY = "logitcache"
 DATASET_MANIFEST_KEY = "dataset_manifest.json"
 UNITS_DIR = "units"
 UNIT_INDEX_DIR = "unit_index"
+RUNS_DIR = "runs"  # one object per dump run: the shards it covers, its provenance (format 1.1)
 
 # ------------------------------------------------------------------ arrays
 # name -> (dtype, trailing shape key, codec). Trailing shape keys: "k" (top-k), "R" (temperatures), "P" (view
@@ -110,6 +111,66 @@ CHUNK_SEPARATOR_2 = "."
 BLOSC_CNAME = "zstd"
 BLOSC_CLEVEL = 9  # vs 5: -0.8 B/view on the fp16 values at k=10; chunks are small, speed is not an issue
 VALUE_DTYPES = ("float16", "float32")
+INDEX_DTYPES = ("int16", "int32")
+
+# ------------------------------------------------------------------ limits (FORMAT.md "Limits")
+# Everything a cache declares is checked against these before anything is allocated: a hostile zarr.json
+# cannot make a reader build a 10^12-row chunk or a 10^12-epoch loop. Generous next to real caches (ImageNet:
+# 1,281 shards of ~1,000 samples, tens of epochs, k <= 100).
+MAX_EPOCHS = 100_000
+MAX_SHARDS = 1_000_000
+MAX_SHARD_LEN = 1 << 20  # rows per unit (samples per shard)
+MAX_K = 1 << 16
+MAX_TEMPERATURES = 64
+MAX_PARAMS = 64
+MAX_CLASSES = (1 << 31) - 1
+MAX_CHUNK_BYTES = 1 << 31  # raw bytes of one unit's chunk of one array
+
+
+def _int(d: dict, key: str, where: str, lo: int = 0, hi: int | None = None) -> int:
+    if key not in d:
+        raise CacheMetadataError(f"{where}: key {key!r} is missing")
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise CacheMetadataError(f"{where}: {key!r} must be an integer, got {v!r}")
+    if v < lo or (hi is not None and v > hi):
+        raise CacheMetadataError(f"{where}: {key!r} = {v} is outside [{lo}, {hi if hi is not None else 'inf'}] "
+                            "(FORMAT.md, Limits)")
+    return v
+
+
+def _str(d: dict, key: str, where: str, *, optional: bool = False) -> str | None:
+    if key not in d:
+        if optional:
+            return None
+        raise CacheMetadataError(f"{where}: key {key!r} is missing")
+    v = d[key]
+    if v is None and optional:
+        return None
+    if not isinstance(v, str):
+        raise CacheMetadataError(f"{where}: {key!r} must be a string, got {v!r}")
+    return v
+
+
+def _list(d: dict, key: str, where: str, item: type, *, max_len: int, optional: bool = False) -> list | None:
+    if key not in d:
+        if optional:
+            return None
+        raise CacheMetadataError(f"{where}: key {key!r} is missing")
+    v = d[key]
+    if v is None and optional:
+        return None
+    ok = (int, float) if item is float else item
+    if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, ok) for x in v):
+        raise CacheMetadataError(f"{where}: {key!r} must be a list of {item.__name__}, got {_short(v)}")
+    if len(v) > max_len:
+        raise CacheMetadataError(f"{where}: {key!r} has {len(v)} entries, more than the limit {max_len} (FORMAT.md)")
+    return v
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
 
 
 def index_dtype(num_classes: int) -> str:
@@ -125,6 +186,10 @@ def raw_bytes_per_view(k: int, n_temperatures: int, n_params: int, num_classes: 
 
 def unit_marker_key(group: str, epoch: int, shard: int) -> str:
     return f"{group}/{UNITS_DIR}/e{epoch:05d}-s{shard:06d}.json"
+
+
+def run_key(group: str, run_id: str) -> str:
+    return f"{group}/{RUNS_DIR}/{run_id}.json"
 
 
 def chunk_key(group: str, array: str, epoch: int, shard: int, ndim: int) -> str:
@@ -165,7 +230,7 @@ def validate_group_name(name: str) -> str:
     return name
 
 
-def array_metadata_problems(spec: ArraySpec, d: Any, meta: GroupMeta) -> list[str]:
+def array_metadata_problems(spec: ArraySpec, d: Any, meta: GroupMeta, root: RootMeta | None = None) -> list[str]:
     """Differences between a stored array's ``zarr.json`` (parsed JSON) and what this format allows for it.
 
     Checked before zarr parses the metadata, so a store cannot make zarr decode chunks with a codec outside
@@ -182,13 +247,37 @@ def array_metadata_problems(spec: ArraySpec, d: Any, meta: GroupMeta) -> list[st
     names = [c.get("name") if isinstance(c, dict) else c for c in codecs] if isinstance(codecs, list) else None
     if names is None or any(n not in ALLOWED_CODECS for n in names):
         out.append(f"codecs {names} are not all in the allowed set {sorted(ALLOWED_CODECS)}")
-    if d.get("data_type") != meta.array_dtype(spec):
+    allowed_dtypes = {"index": INDEX_DTYPES, "value": VALUE_DTYPES}.get(spec.dtype, (spec.dtype,))
+    if spec.name in (ROWS, TAIL_PRIOR):  # format 2: the codec's integer words, the prior's float32
+        allowed_dtypes = ("uint8", "uint16", "uint32", "float32")
+    if d.get("data_type") != meta.array_dtype(spec) or d.get("data_type") not in allowed_dtypes:
         out.append(f"data_type {d.get('data_type')!r} != {meta.array_dtype(spec)!r}")
-    shape = d.get("shape")
+    # shape and chunk shape exactly as the metadata says: a declared 10^12 rows is refused, never allocated
     trailing = list(meta.trailing_size(spec.trailing))
+    lead = [meta.epochs, root.num_shards, root.max_shard_len] if root is not None else None
+    shape = d.get("shape")
+    if spec.name in (ROWS, TAIL_PRIOR):  # format 2's packed arrays: leading dims and sizes checked by the reader
+        lead = None
+    # axis 0 may run ahead of the group's epochs while a dump grows them (arrays are resized first)
+    if spec.name in (ROWS, TAIL_PRIOR):
+        pass
+    elif not isinstance(shape, list) or len(shape) != 3 + len(trailing) or shape[3:] != trailing or (
+            lead is not None and (shape[1:3] != lead[1:] or not isinstance(shape[0], int)
+                                  or not lead[0] <= shape[0] <= MAX_EPOCHS)):
+        want = f"{[*lead, *trailing]}" if lead is not None else f"(epochs, shards, rows, *{trailing})"
+        out.append(f"shape {_short(shape)} != {want} (epochs, shards, rows from the group and root metadata)")
+    grid = d.get("chunk_grid")
+    chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) and isinstance(
+        grid.get("configuration"), dict) else None
     if spec.name not in (ROWS, TAIL_PRIOR) and (
-            not isinstance(shape, list) or len(shape) != 3 + len(trailing) or shape[3:] != trailing):
-        out.append(f"shape {shape} does not end in {trailing} after (epochs, shards, rows)")
+            not isinstance(grid, dict) or grid.get("name") != "regular" or not isinstance(chunks, list)) or (
+            lead is not None and chunks != [1, 1, lead[2], *trailing]):
+        want = [1, 1, lead[2], *trailing] if lead is not None else "(1, 1, rows, ...)"
+        out.append(f"chunk shape {_short(chunks)} != {want} (one chunk per unit)")
+    cke = d.get("chunk_key_encoding")
+    default_cke = (None, {"name": "default", "configuration": {"separator": "/"}}, {"name": "default"})
+    if spec.name not in (ROWS, TAIL_PRIOR) and cke not in default_cke:
+        out.append(f"chunk_key_encoding {_short(cke)} is not the default '/' encoding")
     for key in ("storage_transformers",):
         if d.get(key):
             out.append(f"{key} are not allowed")
@@ -237,14 +326,29 @@ class RootMeta:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> RootMeta:
+    def from_json(cls, d: Any, where: str = "root zarr.json") -> RootMeta:
+        """Parsed and checked: types, limits, and that ``shard_lengths`` has ``num_shards`` entries
+        (`CacheMetadataError` naming the key otherwise)."""
+        if not isinstance(d, dict):
+            raise CacheMetadataError(f"{where}: the '{ATTRS_KEY}' attributes are not a JSON object")
+        version = _list(d, "format_version", where, int, max_len=2)
+        if len(version) != 2:
+            raise CacheMetadataError(f"{where}: 'format_version' must be [major, minor], got {version}")
+        fingerprint = _str(d, "dataset_fingerprint", where)
+        num_shards = _int(d, "num_shards", where, 1, MAX_SHARDS)
+        lengths = _list(d, "shard_lengths", where, int, max_len=MAX_SHARDS)
+        if len(lengths) != num_shards:
+            raise CacheMetadataError(f"{where}: 'shard_lengths' has {len(lengths)} entries for num_shards {num_shards}")
+        if any(n < 0 or n > MAX_SHARD_LEN for n in lengths) or max(lengths) < 1:
+            raise CacheMetadataError(f"{where}: 'shard_lengths' must be in [0, {MAX_SHARD_LEN}] with one > 0 "
+                                f"(FORMAT.md, Limits), got {_short(lengths)}")
         return cls(
-            dataset_fingerprint=d["dataset_fingerprint"],
-            num_classes=int(d["num_classes"]),
-            num_shards=int(d["num_shards"]),
-            shard_lengths=tuple(int(x) for x in d["shard_lengths"]),
-            format=d["format"],
-            format_version=tuple(d["format_version"]),
+            dataset_fingerprint=fingerprint,
+            num_classes=_int(d, "num_classes", where, 1, MAX_CLASSES),
+            num_shards=num_shards,
+            shard_lengths=tuple(lengths),
+            format=_str(d, "format", where),
+            format_version=tuple(version),
         )
 
     @property
@@ -309,26 +413,66 @@ class GroupMeta:
         """The shards this group covers (all of the data's when ``shards`` is None)."""
         return list(range(num_shards)) if self.shards is None else list(self.shards)
 
-    def merged(self, other: GroupMeta) -> GroupMeta:
-        """This group's metadata grown by a rerun's: the larger epochs, the union of the shards."""
-        shards = None if self.shards is None or other.shards is None else tuple(sorted({*self.shards, *other.shards}))
-        return GroupMeta.from_json({**self.to_json(), "epochs": max(self.epochs, other.epochs),
-                                    "shards": None if shards is None else list(shards)})
-
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> GroupMeta:
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        kw["param_fields"] = tuple(kw["param_fields"])
-        kw["temperatures"] = tuple(float(t) for t in kw["temperatures"])
-        kw["provenance"] = tuple(kw.get("provenance", ()))
-        if kw.get("shards") is not None:
-            kw["shards"] = tuple(int(x) for x in kw["shards"])
-        kw.pop("teacher_precision_recorded", None)
-        if "teacher_precision" not in kw:
-            kw["teacher_precision"] = historical_teacher_precision(kw["provenance"])
-            kw["teacher_precision_recorded"] = False
-        return cls(**kw)
+    def from_json(cls, d: Any, where: str = "group zarr.json") -> GroupMeta:
+        """Parsed and checked: every key's type and the limits of FORMAT.md (`CacheMetadataError` naming the key)."""
+        if not isinstance(d, dict):
+            raise CacheMetadataError(f"{where}: the '{ATTRS_KEY}' attributes are not a JSON object")
+        num_classes = _int(d, "num_classes", where, 1, MAX_CLASSES)
+        k = _int(d, "k", where, 1, min(MAX_K, num_classes))
+        temperatures = _list(d, "temperatures", where, float, max_len=MAX_TEMPERATURES)
+        if not temperatures or any(not (0 < t < float("inf")) for t in temperatures) or 1.0 not in temperatures:
+            raise CacheMetadataError(f"{where}: 'temperatures' must be positive numbers including 1.0, got "
+                                f"{_short(temperatures)}")
+        param_fields = _list(d, "param_fields", where, str, max_len=MAX_PARAMS)
+        shards = _list(d, "shards", where, int, max_len=MAX_SHARDS, optional=True)
+        if shards is not None and any(s < 0 or s >= MAX_SHARDS for s in shards):
+            raise CacheMetadataError(f"{where}: 'shards' must be shard indices, got {_short(shards)}")
+        for key in ("normalization", "recipe"):
+            if not isinstance(d.get(key), dict):
+                raise CacheMetadataError(f"{where}: {key!r} must be a JSON object, got {_short(d.get(key))}")
+        provenance = d.get("provenance", [])
+        if not isinstance(provenance, list) or not all(isinstance(p, dict) for p in provenance):
+            raise CacheMetadataError(f"{where}: 'provenance' must be a list of objects")
+        codec, tail = d.get("codec"), d.get("tail")
+        for key, v in (("codec", codec), ("tail", tail)):
+            if v is not None and not isinstance(v, dict):
+                raise CacheMetadataError(f"{where}: {key!r} must be a JSON object or null, got {_short(v)}")
+        value_dtype = _str(d, "value_dtype", where, optional=True)
+        index = _str(d, "index_dtype", where, optional=True)
+        if codec is None:  # format 1: the five arrays' dtypes
+            value_dtype, index = value_dtype or "float16", index or "int16"
+            if value_dtype not in VALUE_DTYPES:
+                raise CacheMetadataError(f"{where}: 'value_dtype' {value_dtype!r} is not one of {VALUE_DTYPES}")
+            if index != index_dtype(num_classes):
+                raise CacheMetadataError(f"{where}: 'index_dtype' {index!r} != {index_dtype(num_classes)!r} for "
+                                         f"{num_classes} classes")
+        precision = _str(d, "teacher_precision", where, optional=True)
+        if precision is not None and precision not in ("fp32", "bf16", "fp16"):
+            raise CacheMetadataError(f"{where}: 'teacher_precision' {precision!r} is not fp32, bf16 or fp16")
+        return cls(
+            teacher=_str(d, "teacher", where),
+            weights=_str(d, "weights", where, optional=True),
+            weights_digest=_str(d, "weights_digest", where),
+            num_classes=num_classes,
+            normalization=d["normalization"],
+            recipe=d["recipe"],
+            param_fields=tuple(param_fields),
+            k=k,
+            temperatures=tuple(float(t) for t in temperatures),
+            seed=_int(d, "seed", where, -(1 << 63), (1 << 64) - 1),
+            epochs=_int(d, "epochs", where, 1, MAX_EPOCHS),
+            value_dtype=value_dtype,
+            index_dtype=index,
+            codec=codec,
+            tail=tail,
+            tail_prior_digest=_str(d, "tail_prior_digest", where, optional=True),
+            shards=None if shards is None else tuple(shards),
+            provenance=tuple(provenance),
+            # groups written before it was recorded read as what the dump did then
+            teacher_precision=precision or historical_teacher_precision(provenance),
+            teacher_precision_recorded=precision is not None,
+        )
 
     def trailing_size(self, trailing: str) -> tuple[int, ...]:
         return {"": (), "k": (self.k,), "R": (len(self.temperatures),), "P": (len(self.param_fields),),
@@ -415,17 +559,20 @@ class UnitMarker:
         return json.dumps(self.to_json(), sort_keys=True, indent=1).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, where: str = "") -> UnitMarker:
+    def from_bytes(cls, data: bytes, *, where: str = "", arrays: tuple[str, ...] | None = None) -> UnitMarker:
+        """Parsed and checked: types, ``length`` within the limit, ``skipped`` inside the unit, and ``chunks``
+        naming exactly ``arrays`` (an unexpected or missing chunk key is malformed, never ignored)."""
         try:
             d = json.loads(data)
         except ValueError as e:
-            raise CacheError(f"unit marker {where} is malformed: {e}") from e
-        return cls.from_json(d, where=where)
+            raise CacheMetadataError(f"unit marker {where} is malformed: {type(e).__name__}: {e}") from e
+        return cls.from_json(d, where=where, arrays=arrays)
 
     @classmethod
-    def from_json(cls, d: Any, *, where: str = "") -> UnitMarker:
+    def from_json(cls, d: Any, *, where: str = "", arrays: tuple[str, ...] | None = None) -> UnitMarker:
+        """A marker from its parsed JSON (a marker object, or an entry of a unit index), checked as `from_bytes`."""
         try:
-            return cls(
+            marker = cls(
                 epoch=int(d["epoch"]),
                 shard=int(d["shard"]),
                 length=int(d["length"]),
@@ -435,7 +582,25 @@ class UnitMarker:
                 replay=_replay_record(d.get("replay")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CacheError(f"unit marker {where} is malformed: {e}") from e
+            raise CacheMetadataError(f"unit marker {where} is malformed: {type(e).__name__}: {e}") from e
+        problems = []
+        if not (0 <= marker.epoch < MAX_EPOCHS and 0 <= marker.shard < MAX_SHARDS
+                and 0 <= marker.length <= MAX_SHARD_LEN):
+            problems.append(f"epoch/shard/length {marker.epoch}/{marker.shard}/{marker.length} beyond the limits")
+        if arrays is None:  # either format's arrays (the marker's group says which; readers check it per unit)
+            arrays = (ROWS,) if set(marker.chunks) == {ROWS} else ARRAY_NAMES
+        extra, missing = sorted(set(marker.chunks) - set(arrays)), sorted(set(arrays) - set(marker.chunks))
+        if extra:
+            problems.append(f"unexpected chunk key(s) {extra}")
+        if missing:
+            problems.append(f"no checksum for chunk(s) {missing}")
+        if any(not re.fullmatch(r"[0-9a-f]{64}", v) for v in marker.chunks.values()):
+            problems.append("a chunk checksum is not a sha256 hex digest")
+        if any(not 0 <= o < marker.length for o in marker.skipped):
+            problems.append(f"skipped offsets outside [0, {marker.length})")
+        if problems:
+            raise CacheMetadataError(f"unit marker {where} is malformed: " + "; ".join(problems))
+        return marker
 
 
 def _replay_record(d: Any) -> dict[str, Any] | None:

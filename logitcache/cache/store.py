@@ -2,18 +2,23 @@
 
 Everything a cache holds is read through here: `ObjectStore` (bytes by key through fsspec, keys that cannot
 leave the store's root), `open_zarr_root` (zarr v3 only, never consolidated metadata), the check of each array's
-``zarr.json`` against the schema before zarr parses it (`checked_arrays`), group listing and unit markers.
+``zarr.json`` against the schema before zarr parses it (`check_array_metadata`), the root and group metadata
+read, type-checked and held to the format's limits before zarr parses them (`load_root_meta`, `load_group_meta`:
+a truncated or mistyped zarr.json is a `CacheMetadataError` naming it, a declared 10^12 rows is refused before
+anything is allocated), the per-run records of concurrent dumps, group listing and unit markers.
 Opening a cache never executes code: metadata is JSON and only the schema's codecs are accepted."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 from typing import Any
 
 from logitcache.cache import schema
 from logitcache.cache.schema import GroupMeta, RootMeta, UnitMarker
-from logitcache.errors import CacheError
+from logitcache.errors import CacheError, CacheMetadataError
 from logitcache.runtime.atomic import write_atomic
 
 
@@ -81,6 +86,28 @@ class ObjectStore:
         n = len(self.root) + 1
         return sorted(e[n:] if e.startswith(self.root + "/") else e for e in entries)
 
+    def fsync(self, keys: list[str]) -> None:
+        """Make these objects durable (local disks: fsync each file and its directory; object stores: a PUT
+        is durable when it returns). Called on a unit's chunks before its marker is written, so a power cut
+        cannot leave a finished marker over a stale chunk."""
+        if not self.is_local:
+            return
+        dirs = set()
+        for key in keys:
+            path = self.path(key)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dirs.add(os.path.dirname(path))
+        for d in sorted(dirs):
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def exists(self, key: str) -> bool:
         return self.fs.exists(self.path(key))
 
@@ -109,41 +136,111 @@ def _open_zarr_root(url: str, storage_options: dict[str, Any] | None, *, mode: s
         return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
     return zarr.open_group(store, mode=mode, zarr_format=3, **kwargs)
 
-
-def _checked_arrays(zgroup, objects: ObjectStore, group: str, meta: GroupMeta, url: str) -> dict[str, Any]:
-    """The group's arrays, each opened only after its zarr.json passed `schema.array_metadata_problems`."""
-    checked = _checked_array_metadata(objects, group, meta, url)
-    return {name: zgroup[name] for name in checked}
-
-
-def _checked_array_metadata(objects: ObjectStore, group: str, meta: GroupMeta, url: str) -> dict[str, dict]:
-    """Each array's zarr.json, parsed and checked against the schema (`schema.array_metadata_problems`)."""
-    out = {}
+def check_array_metadata(objects: ObjectStore, group: str, meta: GroupMeta, root: RootMeta | None,
+                         url: str) -> None:
+    """Every array's zarr.json passes `schema.array_metadata_problems` (`CacheMetadataError` naming it)."""
     for spec in schema.group_arrays(meta):
         key = f"{group}/{spec.name}/zarr.json"
-        data = objects.get(key)
-        if data is None:
-            raise CacheError(f"{url}: array {group}/{spec.name} is missing ({key} not found)")
+        if objects.get(key) is None:
+            raise CacheMetadataError(f"{url}: array {group}/{spec.name} is missing ({key} not found)")
+        d = read_json_object(objects, key)
+        problems = schema.array_metadata_problems(spec, d, meta, root)
+        if problems:
+            raise CacheMetadataError(f"{url}: refusing array {group}/{spec.name}: " + "; ".join(problems)
+                                     + f" (metadata {key})")
+
+
+def _checked_arrays(zgroup, objects: ObjectStore, group: str, meta: GroupMeta, url: str,
+                    root: RootMeta | None = None) -> dict[str, Any]:
+    """The group's arrays, each opened only after its zarr.json passed `schema.array_metadata_problems`."""
+    check_array_metadata(objects, group, meta, root, url)
+    return {spec.name: zgroup[spec.name] for spec in schema.group_arrays(meta)}
+
+
+def read_json_object(objects: ObjectStore, key: str) -> Any:
+    """A metadata object parsed as JSON; missing or invalid -> `CacheMetadataError` naming it."""
+    data = objects.get(key)
+    if data is None:
+        raise CacheMetadataError(f"{objects.url}: {key} is missing")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CacheMetadataError(f"{objects.url}: {key} is not valid JSON ({e})") from None
+
+
+def load_root_meta(objects: ObjectStore) -> RootMeta:
+    """The root metadata, read and checked by us before zarr parses anything (types, limits, version)."""
+    url = objects.url
+    if objects.get("zarr.json") is None:
+        raise CacheError(f"no cache at {url} (no zarr.json: not a zarr v3 store)")
+    d = read_json_object(objects, "zarr.json")
+    if not isinstance(d, dict) or d.get("zarr_format") != 3 or d.get("node_type") != "group":
+        raise CacheMetadataError(f"{url}: zarr.json is not a zarr v3 group's metadata")
+    attrs = d.get("attributes", {}).get(schema.ATTRS_KEY) if isinstance(d.get("attributes"), dict) else None
+    if not isinstance(attrs, dict) or attrs.get("format") != schema.FORMAT_NAME:
+        raise CacheError(f"{url} is not a logitcache cache (no '{schema.ATTRS_KEY}' root attributes in zarr.json)")
+    root = RootMeta.from_json(attrs, where=f"{url}: zarr.json attributes")
+    if root.format_version[0] not in schema.READABLE_MAJORS:
+        raise CacheError(
+            f"{url} has format version {list(root.format_version)}; this logitcache reads "
+            + " and ".join(f"{m}.x" for m in schema.READABLE_MAJORS)
+        )
+    return root
+
+
+class _GroupBeingCreated(CacheError):
+    """A group's zarr.json exists but not its arrays: another process is creating it (retried, then raised)."""
+
+
+#: how long `create_or_open` waits for a concurrent process creating the same cache or group
+CREATE_RACE_SECONDS = 30.0
+
+
+def load_runs(objects: ObjectStore, group: str) -> list[dict[str, Any]]:
+    """The dump runs recorded in ``<group>/runs/`` (oldest first), each checked: shards (list or null), epochs,
+    provenance. A malformed run object is a metadata problem (`CacheMetadataError` naming it)."""
+    keys = [k for k in objects.list(f"{group}/{schema.RUNS_DIR}") if k.endswith(".json")]
+    out = []
+    for key, data in sorted(objects.get_many(keys).items()):
         try:
             d = json.loads(data)
-        except ValueError as e:
-            raise CacheError(f"{url}: {key} is not valid JSON ({e})") from e
-        problems = schema.array_metadata_problems(spec, d, meta)
-        if problems:
-            raise CacheError(f"{url}: refusing array {group}/{spec.name}: " + "; ".join(problems))
-        out[spec.name] = d
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CacheMetadataError(f"{objects.url}: run record {key} is not valid JSON ({e})") from None
+        where = f"{objects.url}: run record {key}"
+        if not isinstance(d, dict) or not isinstance(d.get("provenance"), dict):
+            raise CacheMetadataError(f"{where}: not a run record (a JSON object with 'provenance')")
+        shards = schema._list(d, "shards", where, int, max_len=schema.MAX_SHARDS, optional=True)
+        schema._int(d, "epochs", where, 1, schema.MAX_EPOCHS)
+        if shards is not None and any(s < 0 for s in shards):
+            raise CacheMetadataError(f"{where}: 'shards' must be shard indices")
+        out.append(d)
     return out
 
 
-def _open_checked_arrays(url: str, storage_options: dict[str, Any] | None, group: str,
-                         metadata: dict[str, dict]) -> dict[str, Any]:
-    """Read-only zarr arrays built from metadata `_checked_array_metadata` returned: zarr parses exactly what
-    was checked, and opening costs no request (DataLoader workers open them this way)."""
-    import zarr
-    from zarr.storage import StorePath
+def load_group_meta(objects: ObjectStore, group: str) -> GroupMeta:
+    """A teacher group's metadata, read and checked by us before zarr parses anything; its ``shards`` are the
+    union of the group's own and every recorded run's (`load_runs`), its provenance the runs' in order."""
+    meta = _load_group_attrs(objects, group)
+    runs = load_runs(objects, group)
+    if not runs:
+        return meta
+    shards = meta.shards
+    for r in runs:
+        shards = None if shards is None or r["shards"] is None else tuple(sorted({*shards, *r["shards"]}))
+    return dataclasses.replace(meta, shards=shards,
+                               provenance=(*meta.provenance, *(r["provenance"] for r in runs)))
 
-    store = _zarr_store(url, storage_options, read_only=True)
-    return {name: zarr.Array.from_dict(StorePath(store, f"{group}/{name}"), d) for name, d in metadata.items()}
+
+def _load_group_attrs(objects: ObjectStore, group: str) -> GroupMeta:
+    """A teacher group's own metadata, read and checked by us before zarr parses anything."""
+    key = f"{group}/zarr.json"
+    d = read_json_object(objects, key)
+    if not isinstance(d, dict) or d.get("zarr_format") != 3 or d.get("node_type") != "group":
+        raise CacheMetadataError(f"{objects.url}: {key} is not a zarr v3 group's metadata")
+    attrs = d.get("attributes", {}).get(schema.ATTRS_KEY) if isinstance(d.get("attributes"), dict) else None
+    if attrs is None:
+        raise CacheMetadataError(f"{objects.url}: {key} has no '{schema.ATTRS_KEY}' attributes")
+    return GroupMeta.from_json(attrs, where=f"{objects.url}: group '{group}' ({key})")
 
 
 def _check_group_name(group: str, url: str) -> str:
@@ -162,9 +259,23 @@ def _zarr_store(url: str, storage_options: dict[str, Any] | None, *, read_only: 
     return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
 
 
+def format_shards(shards) -> str:
+    """Shard indices as a --shards selection: [0, 1, 2, 5] -> '0-2,5'."""
+    out, run = [], []
+    for s in sorted(shards):
+        if run and s == run[-1] + 1:
+            run.append(s)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [s]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
 
 def _os_error(e: OSError) -> str:
     import errno
@@ -198,9 +309,13 @@ def list_groups(objects: ObjectStore) -> list[str]:
             raise CacheError(f"{objects.url} lists an object with an unsafe name {key!r}: refusing the store")
         if key.endswith(".json") or key.startswith("."):
             continue  # the root's own JSON objects (zarr.json, dataset_manifest.json), temp files
-        meta = objects.get(f"{key}/zarr.json")
-        if meta is not None and json.loads(meta).get("node_type") == "group":
+        if objects.get(f"{key}/zarr.json") is None:
+            continue
+        d = read_json_object(objects, f"{key}/zarr.json")
+        if isinstance(d, dict) and d.get("node_type") == "group":
             out.append(key)
+        elif not isinstance(d, dict):
+            raise CacheMetadataError(f"{objects.url}: {key}/zarr.json is not a JSON object")
     return sorted(out)
 
 

@@ -1,16 +1,17 @@
 """`info` and `verify`: what a cache is, and whether it is whole, intact, sane and made from the given data.
 
-Checks, per finished unit (one with a marker): each chunk object exists and its sha256 equals the marker's
-(catches deleted, truncated or replaced chunks — a deleted chunk would otherwise read as fill values); the
-arrays decode (the crc32c codec turns a flipped byte into a read error); the values are sane (finite, indices
-in range and distinct, top-k log-probs sorted and <= 0, top-k mass <= 1). Completeness: every (epoch, shard)
+Metadata first: an invalid zarr.json or marker raises `CacheMetadataError` (a metadata problem, reported as
+such: no unit is blamed and `dump --repair` refuses). Then, per finished unit (one with a marker), the reader's
+own check (`CacheReader.unit_problems`): each chunk object exists and its sha256 equals the marker's (catches
+deleted, truncated or replaced chunks — a deleted chunk would otherwise read as fill values); the chunks decode
+(crc32c, blosc sizes); the values are sane (finite, indices in range and distinct, top-k log-probs sorted and
+<= 0, top-k mass <= 1). Completeness: every (epoch, shard)
 unit has a marker. With ``data``: the shards are the ones the cache was made from. With ``recompute``: N
 random cached views are recomputed with the given teacher and compared, which catches other weights.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 
 from logitcache.cache import schema
-from logitcache.cache.reader import CacheReader
-from logitcache.cache.store import ObjectStore, list_groups, sha256_hex, unit_index_problems
+from logitcache.cache.reader import LOGPROB_SLACK, CacheReader
+from logitcache.cache.store import ObjectStore, list_groups, unit_index_problems
 from logitcache.data.manifest import load_manifest, verify_shards
 from logitcache.data.shards import iter_shard
 from logitcache.errors import CacheError, ReplayMismatchError
@@ -30,8 +31,9 @@ from logitcache.views import digest as replay_digest
 from logitcache.views.mixing import UnitMixer
 from logitcache.views.recipe import Recipe
 
-# fp16 log-probs are rounded: allow their half-ulp near 0 when checking "<= 0" and "mass <= 1"
-LOGPROB_SLACK = 1e-3
+#: unfinished units listed one by one in a report; the rest are counted in one entry (a group declaring 10^5
+#: epochs over 10^6 shards must not make verify build 10^11 entries)
+MAX_LISTED_UNFINISHED = 100
 #: units whose replay digest `verify --data` recomputes (spread over the cache)
 REPLAY_UNITS_CHECKED = 4
 
@@ -115,14 +117,28 @@ class VerifyReport:
 
 def verify_cache(url: str, group: str | None = None, *, data: str | None = None, check_values: bool = True,
                  storage_options: dict[str, Any] | None = None) -> VerifyReport:
+    """Check a group. Its metadata first: invalid metadata (a zarr.json, a marker) raises `CacheMetadataError`
+    — a metadata problem, not damage to units, so nothing is blamed on the units and `--repair` refuses.
+    Then each finished unit through the reader's own check (`CacheReader.unit_problems`: presence and sha256
+    of every chunk against its marker, decoding, value sanity), and completeness."""
     reader = CacheReader(url, group, storage_options=storage_options)
     report = VerifyReport(url, reader.group)
-    root, meta, objects = reader.root_meta, reader.meta, reader.objects
+    root, meta = reader.root_meta, reader.meta
     markers = reader.markers(refresh=True)
+    covered = meta.shard_indices(root.num_shards)
+    n_unfinished = meta.epochs * len(covered) - sum(1 for (_, s) in markers if s in set(covered))
+    listed = 0
     for e in range(meta.epochs):
-        for s in meta.shard_indices(root.num_shards):
+        if listed >= min(n_unfinished, MAX_LISTED_UNFINISHED):
+            break
+        for s in covered:
             if (e, s) not in markers:
                 report.add(f"unit (epoch {e}, shard {s})", "unfinished: no completion marker", epoch=e, shard=s)
+                listed += 1
+                if listed >= MAX_LISTED_UNFINISHED:
+                    break
+    if n_unfinished > listed:
+        report.add("units", f"... and {n_unfinished - listed} more unfinished unit(s)")
     if meta.tail_name == "prior":
         try:
             reader.tail  # noqa: B018 - loads the class prior and checks its digest
@@ -130,31 +146,15 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
             report.add(f"group {reader.group} class prior", str(err))
     for (e, s), marker in sorted(markers.items()):
         report.units_checked += 1
-        where = f"unit (epoch {e}, shard {s})"
-        if marker.length != root.shard_lengths[s]:
-            report.add(where, f"length {marker.length} != shard length {root.shard_lengths[s]}", epoch=e, shard=s)
-        intact = True
-        for name, key in schema.unit_chunk_keys(reader.group, meta, e, s).items():
-            stored = objects.get(key)
-            if stored is None:
-                report.add(where, f"chunk {key} is missing", epoch=e, shard=s, chunk=key)
-                intact = False
-            elif sha256_hex(stored) != marker.chunks.get(name):
-                report.add(where, f"chunk {key} differs from its checksum in the marker", epoch=e, shard=s,
-                           chunk=key)
-                intact = False
-        if intact and check_values:
-            try:
-                rows = reader.read_unit(e, s, marker)
-            except Exception as err:  # a crc32c failure or undecodable chunk
-                report.add(where, f"chunks do not decode: {type(err).__name__}: {err}", epoch=e, shard=s)
-                continue
-            for what in _value_problems(rows.topk(meta), marker, meta):
-                report.add(where, what, epoch=e, shard=s)
-    for what in unit_index_problems(objects, reader.group, markers):  # readers trust the index: it must agree
+        rows, problems = reader.unit_problems(e, s, marker)
+        if rows is not None and meta.packed and check_values:  # format 2: sanity of the decoded rows
+            problems = problems + _value_problems(rows.topk(meta), marker, meta)
+        for what in problems if check_values else [p for p in problems if "chunk" in p]:
+            report.add(f"unit (epoch {e}, shard {s})", what, epoch=e, shard=s)
+    for what in unit_index_problems(reader.objects, reader.group, markers):  # readers trust the index: it must agree
         report.add("unit index", f"{what} (a dump of this group rewrites the index)")
     if data is not None:
-        data_problems = _data_problems(url, root, data, storage_options)
+        data_problems = _data_problems(reader, root, data)
         for what, shard in data_problems:
             report.add(f"data {data}" + (f" shard {shard}" if shard else ""), what)
         if not data_problems:  # the same bytes: do they still become the teacher's pixels here?
@@ -198,7 +198,7 @@ def _value_problems(tk, marker, meta: schema.GroupMeta) -> list[str]:
     return out
 
 
-def _data_problems(url, root: schema.RootMeta, data: str, storage_options) -> list[tuple[str, str | None]]:
+def _data_problems(reader, root: schema.RootMeta, data: str) -> list[tuple[str, str | None]]:
     """Differences between the data given and the data the cache was made from, naming shards."""
 
     manifest = load_manifest(data)
@@ -207,8 +207,12 @@ def _data_problems(url, root: schema.RootMeta, data: str, storage_options) -> li
     else:
         problems = [(f"dataset fingerprint {manifest.fingerprint[:16]}… != the cache's "
                      f"{root.dataset_fingerprint[:16]}…", None)]
-    stored = json.loads(ObjectStore(url, storage_options).get(schema.DATASET_MANIFEST_KEY) or b"{}")
-    stored_shards = {s["name"]: s for s in stored.get("shards", [])}
+    stored = reader.manifest_json()
+    shards = stored.get("shards", [])
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                                               for s in shards):
+        raise CacheError(f"{reader.url}: {schema.DATASET_MANIFEST_KEY} has no valid 'shards' list")
+    stored_shards = {s["name"]: s for s in shards}
     for sh in manifest.to_json().get("shards", []):
         old = stored_shards.get(sh["name"])
         if old is None:

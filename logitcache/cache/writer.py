@@ -6,7 +6,12 @@ otherwise; `encode_rows` turns a unit's `TopKLogits` + view params into what `wr
 
 Faults: an `OSError` while writing (disk full, permission denied, a failing object store) becomes
 `CacheWriteError` naming the unit and the object; every unit finished before stays valid and a rerun completes
-the rest. `write_empty_chunks` is a runtime option of zarr, not stored metadata: the writer sets it itself."""
+the rest. `write_empty_chunks` is a runtime option of zarr, not stored metadata: the writer sets it itself.
+
+Durability: on local disks a unit's chunk files are fsync'd before its marker is written. Concurrency: each dump
+run records its shards and provenance in its own object (`start_run`), never by rewriting the group's attributes,
+so `dump --shards` runs on one group from several hosts keep each other's; creating the same cache or group at
+once is retried until the other process has made it."""
 
 from __future__ import annotations
 
@@ -19,13 +24,17 @@ import torch
 from logitcache.cache import schema
 from logitcache.cache.schema import GroupMeta, PackedRows, RootMeta, UnitMarker, UnitRows
 from logitcache.cache.store import (
+    CREATE_RACE_SECONDS,
     ObjectStore,
     _check_group_name,
-    _checked_arrays,
+    _GroupBeingCreated,
     _open_zarr_root,
     _os_error,
+    check_array_metadata,
+    load_group_meta,
+    load_root_meta,
+    read_json_object,
     read_markers,
-    read_root_meta,
     sha256_hex,
 )
 from logitcache.errors import CacheError, CacheMismatchError, CacheWriteError
@@ -43,11 +52,11 @@ class CacheWriter:
     def __init__(self, url: str, group: str, *, storage_options: dict[str, Any] | None = None):
         self.url, self.group = url, _check_group_name(group, url)
         self.objects = ObjectStore(url, storage_options)
+        self.root_meta = load_root_meta(self.objects)
+        self.meta = load_group_meta(self.objects, group)
+        check_array_metadata(self.objects, group, self.meta, self.root_meta, url)
         self._zroot = _open_zarr_root(url, storage_options, mode="r+")
         g = self._zroot[group]
-        self.root_meta = RootMeta.from_json(self._zroot.attrs[schema.ATTRS_KEY])
-        self.meta = GroupMeta.from_json(g.attrs[schema.ATTRS_KEY])
-        _checked_arrays(g, self.objects, group, self.meta, url)
         # write_empty_chunks is a runtime option, not stored metadata: every writer must set it (CONTRACTS §3)
         self._arrays = {a.name: _open_array_for_write(g, a.name) for a in schema.group_arrays(self.meta)
                         if a is not schema.PRIOR}
@@ -74,83 +83,115 @@ class CacheWriter:
         names every setting that differs. ``prior``: the (C, C) class prior of tail rule ``prior``, written now
         when the group has none yet (`put_prior`).
         """
+        import time
+
+        import zarr.errors
+
         _check_group_name(group, url)
-        try:
-            w = cls._create_or_open(url, group, meta, root, manifest_json, storage_options)
-            if prior is not None and w.meta.tail_prior_digest is None:
-                w.put_prior(prior)
-            return w
-        except OSError as e:
-            raise CacheWriteError(f"{url}: cannot create or extend teacher group '{group}': {_os_error(e)}") from e
+        deadline = time.monotonic() + CREATE_RACE_SECONDS
+        while True:
+            try:
+                w = cls._create_or_open(url, group, meta, root, manifest_json, storage_options)
+                if prior is not None and w.meta.tail_prior_digest is None:
+                    w.put_prior(prior)
+                return w
+            except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError,
+                    _GroupBeingCreated) as e:
+                # another process (a concurrent `dump --shards` on another host) is creating the same cache or
+                # group right now (zarr's exclusive creates fail): wait for it and open what it made
+                if time.monotonic() > deadline:
+                    raise CacheWriteError(f"{url}: cannot create or extend teacher group '{group}': another "
+                                          f"process seems to be creating it and did not finish ({e})") from e
+                time.sleep(0.2)
+            except OSError as e:
+                raise CacheWriteError(
+                    f"{url}: cannot create or extend teacher group '{group}': {_os_error(e)}") from e
 
     @staticmethod
     def existing_format(url: str, storage_options: dict[str, Any] | None = None) -> tuple[int, int] | None:
         """The format version of the cache at ``url``, None when there is none yet (a dump keeps it)."""
-        try:
-            zroot = _open_zarr_root(url, storage_options, mode="r")
-        except FileNotFoundError:
+        objects = ObjectStore(url, storage_options)
+        if objects.get("zarr.json") is None:
             return None
-        return read_root_meta(zroot, url).format_version
+        return load_root_meta(objects).format_version  # checked before zarr parses it
 
     @classmethod
     def _create_or_open(cls, url, group, meta, root, manifest_json, storage_options) -> CacheWriter:
-        try:
-            zroot = _open_zarr_root(url, storage_options, mode="r+")
-        except FileNotFoundError:
-            zroot = None
         objects = ObjectStore(url, storage_options)
+        zroot = None
+        if objects.get("zarr.json") is not None:
+            stored_root = load_root_meta(objects)  # checked before zarr parses it
+            zroot = _open_zarr_root(url, storage_options, mode="r+")
         if zroot is None:
             zroot = _open_zarr_root(url, storage_options, mode="w-", attributes={schema.ATTRS_KEY: root.to_json()})
             objects.put(schema.DATASET_MANIFEST_KEY, json.dumps(manifest_json, sort_keys=True, indent=1).encode())
         else:
-            stored_root = read_root_meta(zroot, url)
             if stored_root.dataset_fingerprint != root.dataset_fingerprint:
                 raise CacheMismatchError(
                     f"{url} was made from other data: dataset fingerprint {stored_root.dataset_fingerprint[:16]}… "
                     f"!= {root.dataset_fingerprint[:16]}… of the data given"
                 )
-        major = read_root_meta(zroot, url).format_version[0]
+        major = load_root_meta(objects).format_version[0]
         if (major == 2) != meta.packed:
             raise CacheMismatchError(
                 f"{url} is a format {major}.x cache: its groups {'need' if major == 2 else 'cannot have'} a codec "
                 f"(format 2's packed rows); dump into a new cache to change the format"
             )
-        if group not in zroot:
+        if objects.get(f"{group}/zarr.json") is None:
             g = zroot.create_group(group, attributes={schema.ATTRS_KEY: meta.to_json()})
             if meta.packed:
-                g.create_array(schema.ROWS, **schema.packed_array_kwargs(meta, read_root_meta(zroot, url)))
+                g.create_array(schema.ROWS, **schema.packed_array_kwargs(meta, load_root_meta(objects)))
             else:
                 for spec in schema.ARRAYS:
                     g.create_array(spec.name, **schema.zarr_array_kwargs(spec, meta, root))
         else:
+            stored = load_group_meta(objects, group)
+            if any(objects.get(f"{group}/{spec.name}/zarr.json") is None for spec in schema.group_arrays(stored)):
+                raise _GroupBeingCreated(f"{url}: group '{group}' has no arrays (yet?)")
+            check_array_metadata(objects, group, stored, load_root_meta(objects), url)
             g = zroot[group]
-            stored = GroupMeta.from_json(g.attrs[schema.ATTRS_KEY])
             diff = schema.settings_diff(stored.settings(), meta.settings())
             if diff:
                 raise CacheMismatchError(
                     f"{url} group '{group}' was dumped with other settings; refusing to mix them:\n  "
                     + "\n  ".join(diff)
                 )
-            if meta.epochs > stored.epochs:  # more epochs later: grow axis 0, old units untouched
+            if meta.epochs > stored.epochs:  # more epochs later: grow axis 0 (arrays first), old units untouched
                 for spec in schema.group_arrays(stored):
                     if spec is schema.PRIOR:
                         continue
                     arr = g[spec.name]
                     arr.resize((meta.epochs, *arr.shape[1:]))
-            g.attrs[schema.ATTRS_KEY] = stored.merged(meta).to_json()  # epochs and shards only grow
+                # only `epochs` changes in the group's attributes; a run's shards and provenance are its own
+                # object (`start_run`), so concurrent dumps over other shards never lose each other's
+                raw = read_json_object(objects, f"{group}/zarr.json")["attributes"][schema.ATTRS_KEY]
+                g.attrs[schema.ATTRS_KEY] = {**raw, "epochs": meta.epochs}
         return cls(url, group, storage_options=storage_options)
 
-    def add_provenance(self, entry: dict[str, Any]) -> None:
-        """Append one run's provenance (single writer: rank 0)."""
-        g = _open_zarr_root(self.url, self.objects.storage_options, mode="r+")[self.group]
-        d = g.attrs[schema.ATTRS_KEY]
-        d["provenance"] = [*d.get("provenance", []), entry]
+    def start_run(self, shards: tuple[int, ...] | None, epochs: int, provenance: dict[str, Any]) -> str:
+        """Record this dump run as its own object ``<group>/runs/<start>-<id>.json`` (rank 0, once per run):
+        the shards it covers, its epochs and its provenance. Readers take the group's shards as the union over
+        the runs (`load_group_meta`), so two `dump --shards` runs on one group from two hosts keep both."""
+        import uuid
+
+        stamp = provenance.get("start_time", "")
+        stamp = "".join(c for c in str(stamp) if c.isalnum())[:15] or "run"
+        key = schema.run_key(self.group, f"{stamp}-{uuid.uuid4().hex[:12]}")
+        self._run = {"shards": None if shards is None else sorted(shards), "epochs": epochs,
+                     "provenance": provenance}
+        self._put_run(key)
+        return key
+
+    def finish_run(self, key: str, **provenance: Any) -> None:
+        """Complete this run's object with its end time and counts (the same object: no other writer)."""
+        self._run["provenance"] = {**self._run["provenance"], **provenance}
+        self._put_run(key)
+
+    def _put_run(self, key: str) -> None:
         try:
-            g.attrs[schema.ATTRS_KEY] = d
+            self.objects.put(key, json.dumps(self._run, sort_keys=True, indent=1).encode())
         except OSError as e:
-            raise CacheWriteError(
-                f"{self.url}: cannot record provenance in group '{self.group}': {_os_error(e)}"
-            ) from e
+            raise CacheWriteError(f"{self.url}: cannot record this run in {key}: {_os_error(e)}") from e
 
     def put_prior(self, prior) -> str:
         """Write tail rule ``prior``'s (C, C) class prior once, before any unit, and record its digest."""
@@ -206,7 +247,7 @@ class CacheWriter:
         try:
             # the marker is removed first so a crash mid-rewrite (repair) leaves the unit unfinished, not stale
             self.objects.delete(marker_key)
-            hashes = {}
+            hashes, chunk_keys = {}, []
             keys = schema.unit_chunk_keys(self.group, self.meta, epoch, shard)
             for name, values in rows.as_dict().items():
                 arr = self._arrays[name]
@@ -224,6 +265,8 @@ class CacheWriter:
                 if stored is None:
                     raise CacheError(f"chunk {key} was not written (write_empty_chunks must be on)")
                 hashes[name] = sha256_hex(stored)
+                chunk_keys.append(key)
+            self.objects.fsync(chunk_keys)  # chunks durable before the marker that certifies them
             marker = UnitMarker(
                 epoch, shard, int(length), hashes, {k: float(v) for k, v in stats.items()},
                 tuple(int(s) for s in skipped), replay,
@@ -242,5 +285,3 @@ class CacheWriter:
 def _open_array_for_write(group, name: str):
     # the runtime config that keeps all-zero chunks as stored objects (it is not stored in the metadata)
     return group[name].with_config({"write_empty_chunks": True})
-
-

@@ -37,7 +37,7 @@ def _json_safe(obj):
               help="our training checkpoint (RUN/checkpoints/last.pt) or a state_dict file; read weights-only")
 @data_option()
 @click.option("--recipe", default=None, help="view recipe whose eval view is used: imagenet | small | deit | tv-v2 "
-              "(default: the checkpoint's, else small for models made for <= 64 px inputs, else imagenet)")
+              "(default: the checkpoint's run's, else the data's default_recipe)")
 @click.option("--image-size", default=None, type=int, help="model input size in px (default: the checkpoint's, "
               "else the model's own)")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))

@@ -34,10 +34,21 @@ def verify(cache, group, data, recompute, teacher, weights, tolerance, device, t
     shards match; with --recompute N, N random views recomputed by the teacher match. Exits non-zero on any
     problem, naming each bad unit."""
     from logitcache.cache.verify import recompute_views, verify_cache
+    from logitcache.errors import CacheMetadataError
 
     if recompute and (teacher is None or data is None):
         raise click.UsageError("--recompute needs --teacher (and --weights) and --data")
-    report = verify_cache(cache, group, data=data)
+    try:
+        report = verify_cache(cache, group, data=data)
+    except CacheMetadataError as e:  # metadata, not damage to units: reported as such, nothing blamed on units
+        if as_json:
+            _print_json({"cache": cache, "group": group, "ok": False, "metadata_ok": False, "units_checked": 0,
+                         "problems": [{"where": "metadata", "what": str(e)}], "bad_units": [], "recompute": None})
+        else:
+            click.echo(f"verify {cache}: BAD metadata: {e}")
+            click.echo("FAILED: the cache's metadata is invalid (not damage to units: `dump --repair` refuses "
+                       "to run on it)")
+        raise SystemExit(1) from None
     if recompute:
         rc = recompute_views(cache, group, data, teacher, weights, recompute, device=device, tolerance=tolerance,
                              teacher_precision=teacher_precision)

@@ -92,6 +92,9 @@ class Manifest:
     base_url: str | None = field(default=None, compare=False)
     #: where each sample's label is: None = the ``.cls`` member; ``"a.b"`` = key path into the ``.json`` member
     label_key: str | None = None
+    #: the view recipe a converter knows suits this data ({"name", "image_size"}; e.g. Fashion-MNIST: small,
+    #: 28 px); a hint for commands given neither a cache nor --recipe, not part of the data's identity
+    default_recipe: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self):
         expected = 0
@@ -146,10 +149,18 @@ class Manifest:
         return shard, index - starts[shard]
 
     def to_json(self) -> dict[str, Any]:
-        return {**self._identity(), "fingerprint": self.fingerprint}
+        d = {**self._identity(), "fingerprint": self.fingerprint}
+        if self.default_recipe is not None:
+            d["default_recipe"] = dict(self.default_recipe)
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any], base_url: str | None = None, *, where: str = "manifest") -> Manifest:
+        """Parsed and checked before anything is read or allocated: every field's type, and each shard's
+        declared sample count against its declared byte size (a sample takes at least one 512-byte tar header,
+        so ``num_samples * 512 <= size``); the real file size is checked when the shard is opened."""
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: not a logitcache manifest (not a JSON object)")
         if d.get("format") != MANIFEST_FORMAT:
             raise ManifestError(f"{where}: not a logitcache manifest (format {d.get('format')!r})")
         if d.get("version") not in MANIFEST_VERSIONS:
@@ -157,18 +168,40 @@ class Manifest:
                                 f"(this logitcache reads versions {', '.join(map(str, MANIFEST_VERSIONS))})")
         if (d.get("version") == 2) != ("label_key" in d):
             raise ManifestError(f"{where}: a version-2 manifest has a label_key, a version-1 manifest none")
-        try:
-            shards = tuple(
-                ShardInfo(str(s["name"]), int(s["size"]), str(s["sha256"]), int(s["num_samples"]),
-                          str(s["keys_digest"]), int(s["first_index"]))
-                for s in d["shards"]
-            )
-            label_key = None if d.get("label_key") is None else str(d["label_key"])
-            manifest = cls(shards, tuple(str(c) for c in d["class_names"]), base_url, label_key)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
-        if int(d.get("num_classes", manifest.num_classes)) != manifest.num_classes:
-            raise ManifestError(f"{where}: num_classes {d['num_classes']} != {manifest.num_classes} class names")
+        raw_shards, names = d.get("shards"), d.get("class_names")
+        if not isinstance(raw_shards, list):
+            raise ManifestError(f"{where}: 'shards' must be a list, got {_short(raw_shards)}")
+        if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+            raise ManifestError(f"{where}: 'class_names' must be a list of strings, got {_short(names)}")
+        shards = []
+        for i, s in enumerate(raw_shards):
+            if not isinstance(s, dict):
+                raise ManifestError(f"{where}: shard {i} is not a JSON object")
+            ints = {}
+            for key in ("size", "num_samples", "first_index"):
+                v = s.get(key)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ManifestError(f"{where}: shard {i} ({s.get('name')!r}): {key!r} must be an integer "
+                                        f">= 0, got {_short(v)}")
+                ints[key] = v
+            for key in ("name", "sha256", "keys_digest"):
+                if not isinstance(s.get(key), str):
+                    raise ManifestError(f"{where}: shard {i}: {key!r} must be a string, got {_short(s.get(key))}")
+            if ints["num_samples"] * TAR_BLOCK > ints["size"]:
+                raise ManifestError(
+                    f"{where}: shard {i} ({s['name']}) declares {ints['num_samples']} samples in {ints['size']} "
+                    f"bytes; a sample takes at least {TAR_BLOCK} bytes (its tar header): refusing the manifest")
+            shards.append(ShardInfo(s["name"], ints["size"], s["sha256"], ints["num_samples"], s["keys_digest"],
+                                    ints["first_index"]))
+        label_key = d.get("label_key")
+        if label_key is not None and not isinstance(label_key, str):
+            raise ManifestError(f"{where}: 'label_key' must be a string or null, got {_short(label_key)}")
+        manifest = cls(tuple(shards), tuple(names), base_url, label_key, default_recipe=_default_recipe(d, where))
+        n = d.get("num_classes", manifest.num_classes)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ManifestError(f"{where}: 'num_classes' must be an integer, got {_short(n)}")
+        if n != manifest.num_classes:
+            raise ManifestError(f"{where}: num_classes {n} != {manifest.num_classes} class names")
         if "fingerprint" in d and d["fingerprint"] != manifest.fingerprint:
             raise ManifestError(f"{where}: recorded fingerprint {d['fingerprint']} != {manifest.fingerprint} "
                                 "computed from its contents (the manifest was edited)")
@@ -180,6 +213,26 @@ class Manifest:
         text = json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
         _write_atomic(url, text.encode("utf-8"))
         return url
+
+
+#: a tar member's header; every sample has at least one member
+TAR_BLOCK = 512
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _default_recipe(d: dict[str, Any], where: str) -> dict[str, Any] | None:
+    r = d.get("default_recipe")
+    if r is None:
+        return None
+    if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not (
+            r.get("image_size") is None or (isinstance(r["image_size"], int) and 0 < r["image_size"] <= 65536)):
+        raise ManifestError(f"{where}: 'default_recipe' must be {{\"name\": str, \"image_size\": int}}, got "
+                            f"{_short(r)}")
+    return {"name": r["name"], "image_size": r.get("image_size")}
 
 
 def _canonical(obj) -> str:
@@ -212,8 +265,6 @@ def load_manifest(path_or_url: str | os.PathLike | Manifest) -> Manifest:
         raise ManifestError(f"{url}: cannot read the manifest ({e})") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{url}: not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise ManifestError(f"{url}: not a logitcache manifest")
     return Manifest.from_json(d, base_url=url.rsplit("/", 1)[0], where=url)
 
 

@@ -84,6 +84,7 @@ def tar_members(fileobj, url: str, *, require_end: bool = False) -> Iterator[tup
                 name = long_name if long_name is not None else _ustar_name(header)
                 long_name, pax_size = None, None
                 if typeflag in _REGULAR:
+                    check_member_name(name, url)
                     last_key = split_member_name(name)[0] or name
                     yield name, data
     except (OSError, ValueError, EOFError, zlib.error) as e:
@@ -158,6 +159,14 @@ def _pax_records(data: bytes) -> dict[str, str]:
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out
+
+
+def check_member_name(name: str, url: str) -> None:
+    """A member name is a relative path without ``..`` components or backslashes: anything else (an absolute
+    path, ``../x.jpg``) is a malformed shard (`ShardFormatError`), never silently read as a sample key."""
+    if name.startswith("/") or "\\" in name or "\0" in name or ".." in name.split("/"):
+        raise ShardFormatError(f"{url}:{name}: malformed shard: member name {name!r} is absolute or climbs out "
+                               "with '..' (shards hold relative member names only)")
 
 
 _MEMBER_RE = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]+)$")

@@ -107,7 +107,7 @@ def _prepare_out(out: str | os.PathLike, overwrite: bool) -> tuple[str, Any, str
 
 
 def _finish(infos: list[ShardInfo], out_s: str, fs, out_path: str, class_names: Sequence[str], prefix: str,
-            overwrite: bool) -> Manifest:
+            overwrite: bool, default_recipe: dict[str, Any] | None = None) -> Manifest:
     if not infos:
         raise DataError("no samples to write")
     if overwrite:  # shards of an earlier, longer run with this prefix would confuse `shards scan`
@@ -116,7 +116,7 @@ def _finish(infos: list[ShardInfo], out_s: str, fs, out_path: str, class_names: 
             base = p.rsplit("/", 1)[-1]
             if re.fullmatch(re.escape(prefix) + r"-\d{6}\.tar", base) and base not in ours:
                 fs.rm(p)
-    manifest = Manifest(tuple(infos), tuple(str(c) for c in class_names), out_s)
+    manifest = Manifest(tuple(infos), tuple(str(c) for c in class_names), out_s, default_recipe=default_recipe)
     manifest.save(out_s)
     return manifest
 
@@ -138,6 +138,7 @@ def write_shards(
     max_bytes: int | None = None,
     prefix: str = "shard",
     overwrite: bool = False,
+    default_recipe: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write ``(key, {ext: bytes})`` samples into tar shards ``OUT/<prefix>-000000.tar``, ... and OUT/manifest.json.
 
@@ -167,7 +168,7 @@ def write_shards(
         shard.add(key, parts)
     if shard is not None:
         infos.append(shard.close())
-    return _finish(_chain(infos), out_s, fs, out_path, class_names, prefix, overwrite)
+    return _finish(_chain(infos), out_s, fs, out_path, class_names, prefix, overwrite, default_recipe)
 
 
 def plan_shards(sizes: Sequence[int], *, samples_per_shard: int = 1000, max_bytes: int | None = None

@@ -34,7 +34,7 @@ from logitcache.models.zoo import build_model, model_normalization, model_spec
 from logitcache.runtime import precision
 from logitcache.runtime.dist import PREFETCH_BATCHES, current_env, init_distributed
 from logitcache.views.ops.geometry import normalize
-from logitcache.views.recipe import Recipe, eval_view, get_recipe
+from logitcache.views.recipe import Recipe, eval_view, get_recipe, resolve_recipe
 
 __all__ = ["EvalTransform", "checkpoint_config", "evaluate", "load_model_for_eval", "paper_units", "recorded_settings",
            "resolve_eval_recipe"]
@@ -194,20 +194,21 @@ def recorded_settings(checkpoint: str | os.PathLike, obj: Any) -> dict[str, Any]
 
 
 def resolve_eval_recipe(model_name: str, recorded: dict[str, Any], recipe: str | None = None,
-                        image_size: int | None = None) -> Recipe:
-    """The eval recipe: ``recipe``/``image_size`` when given; else what the run recorded; else ``small`` for
-    models made for <= 64 px inputs and ``imagenet`` otherwise, at the model's own input size."""
+                        image_size: int | None = None, default: dict[str, Any] | None = None) -> Recipe:
+    """The eval recipe, by the one rule every command follows (`views.recipe.resolve_recipe`): ``recipe`` /
+    ``image_size`` when given (evaluating at another size is legitimate); else what the checkpoint's run
+    recorded; else the data's ``default_recipe``; else a clear error (no guess from the model)."""
     import dataclasses
 
-
-    spec = model_spec(model_name)
     rec = recorded.get("recipe")
     if recipe is None and isinstance(rec, dict):
         found = Recipe.from_json(rec)
         return dataclasses.replace(found, image_size=image_size) if image_size else found
-    if recipe is None:
-        recipe = rec if isinstance(rec, str) else ("small" if spec.input_size <= 64 else "imagenet")
-    return get_recipe(recipe, image_size or recorded.get("image_size") or spec.input_size)
+    if recipe is None and isinstance(rec, str):
+        recipe = rec
+    size = image_size or recorded.get("image_size") or (model_spec(model_name).input_size if recipe else None)
+    return resolve_recipe(recipe, size, default=default,
+                          default_where=f"the data's manifest (and the checkpoint of {model_name} records none)")
 
 
 def load_model_for_eval(
@@ -253,7 +254,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, *, model_name: str 
     model_name = model_name or recorded["student"]
     if not model_name:
         raise ModelError(f"{checkpoint} does not record its architecture; pass --model NAME")
-    view_recipe = resolve_eval_recipe(model_name, recorded, recipe, image_size)
+    view_recipe = resolve_eval_recipe(model_name, recorded, recipe, image_size, default=manifest.default_recipe)
     model = load_model_for_eval(model_name, checkpoint, manifest.num_classes, view_recipe.image_size,
                                 checkpoint_obj=obj).to(env.device)
     metrics, reliability = evaluate(model, manifest, view_recipe, batch_size=batch_size, workers=workers,

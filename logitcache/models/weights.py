@@ -100,8 +100,8 @@ def load_checkpoint(src: str | os.PathLike) -> Any:
         ) from e
     except FileNotFoundError as e:
         raise WeightsError(f"{s}: no such checkpoint file") from e
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise WeightsError(f"{s}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler raises anything (IndexError on text files)
+        raise WeightsError(f"{s}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
 
 
 def extract_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, Tensor]:

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from logitcache.cache.reader import CacheReader
 from logitcache.errors import LogitcacheError
 from logitcache.models.weights import load_checkpoint
+from logitcache.replay import cache_identity
 from logitcache.runtime.dist import DistEnv
 from logitcache.train.config import RESUMABLE_CHANGES, TrainConfig
 from logitcache.train.rundir import RunDir
@@ -51,13 +53,23 @@ def config_diff(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
             if saved.get(k) != now.get(k)]
 
 
+def cache_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """What differs between the cache a checkpoint was trained on and the cache now (`replay.cache_identity`:
+    weights digest, epochs — 10 grown to 20 would silently remap ``epoch mod E`` —, data, k, ...)."""
+    if saved is None:  # a checkpoint from before this check: nothing recorded to compare with
+        return []
+    return [f"{k}: {saved.get(k)!r} when the checkpoint was taken, {now.get(k)!r} now"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
 def resume(cfg: TrainConfig, run: RunDir, env: DistEnv, model: torch.nn.Module,
-           optimizer: torch.optim.Optimizer) -> ResumePoint:
+           optimizer: torch.optim.Optimizer, *, cache: CacheReader | None = None) -> ResumePoint:
     """Load ``RUN/checkpoints/last.pt`` into model and optimizer (and the RNG) when ``--resume`` asks for it.
 
     A run directory that already holds a run needs ``--resume``; a checkpoint made with another configuration
-    (beyond `RESUMABLE_CHANGES`) is refused, naming the differences; a mid-epoch checkpoint resumes only with the
-    rank and worker counts it was taken with (the data order depends on them)."""
+    (beyond `RESUMABLE_CHANGES`) is refused, naming the differences; so is a ``cache`` that changed since the
+    checkpoint (re-dumped with other weights, grown epochs, ...: `cache_changes`); a mid-epoch checkpoint resumes
+    only with the rank and worker counts it was taken with (the data order depends on them)."""
     if not cfg.resume:
         if os.path.exists(run.last):
             raise LogitcacheError(f"{cfg.out} already holds a run ({run.last}); pass --resume to continue it, or "
@@ -71,6 +83,13 @@ def resume(cfg: TrainConfig, run: RunDir, env: DistEnv, model: torch.nn.Module,
     if diff:
         raise LogitcacheError(f"{run.last} was made with another configuration; refusing to resume:\n  "
                               + "\n  ".join(diff))
+    if cache is not None:
+        changed = cache_changes(json.loads(obj["cache"]) if "cache" in obj else None, cache_identity(cache))
+        if changed:
+            raise LogitcacheError(
+                f"{run.last} was trained on cache {cfg.cache} group '{cache.group}' as it was then; the cache has "
+                f"changed since, refusing to resume:\n  " + "\n  ".join(changed)
+                + "\n(start a new run with another --out, or restore the cache the run was trained on)")
     model.load_state_dict(obj["model"])
     optimizer.load_state_dict(obj["optimizer"])
     # batches_done counts the steps done in the pass (--views-per-decode N: N epochs; N = 1: the epoch)
@@ -114,4 +133,6 @@ def save(run: RunDir, cfg: TrainConfig, env: DistEnv, model, optimizer, source, 
         "config": json.dumps(cfg.to_json(), sort_keys=True),
         "ranks": ranks if not complete else [],
     }
+    if source.identity() is not None:  # the cache trained on, checked again on --resume
+        state["cache"] = json.dumps(source.identity(), sort_keys=True)
     run.save_checkpoint(state, "last.pt", *([f"epoch-{epoch:04d}.pt"] if complete else []))

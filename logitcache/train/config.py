@@ -126,9 +126,6 @@ class TrainConfig:
             if not self.teacher:
                 raise ValueError("--teacher-precision is the online teacher's (--teacher); a cache records the "
                                  "precision it was dumped at (logitcache info)")
-        if self.cache and self.recipe is None and self.image_size is not None:
-            raise ValueError("--image-size without --recipe: with --cache the recipe (and size) is the cache's; "
-                             "give both to check them against it")
 
     # ---------------------------------------------------------------- derived
     @property

@@ -17,7 +17,6 @@ weights as an uninterrupted run on the CPU. DDP (torchrun; gloo on CPU, NCCL on 
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -30,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from logitcache.data.manifest import Manifest, load_manifest
-from logitcache.errors import LogitcacheError
+from logitcache.errors import LogitcacheError, NonFiniteLossError
 from logitcache.eval.evaluate import evaluate
 from logitcache.losses import LossSpec, get_loss, parse_loss_args
 from logitcache.losses.label_smoothing import label_smoothing
@@ -54,7 +53,7 @@ from logitcache.train.pskd_store import STORE_NAME, PredictionStore
 from logitcache.train.rundir import RunDir
 from logitcache.train.sources import CacheSource, FreshSource, OnlineSource, PSKDSource, open_cache
 from logitcache.views.mixing import mixed_targets
-from logitcache.views.recipe import get_recipe
+from logitcache.views.recipe import resolve_recipe
 
 #: tests only: SIGKILL the run right before its N+1-th optimizer step (a real kill at a reproducible point)
 KILL_AFTER_STEPS_ENV = "LOGITCACHE_TEST_KILL_AFTER_STEPS"
@@ -79,6 +78,7 @@ class Setup:
     val: Manifest | None
     recipe: Any
     notes: list[str] = field(default_factory=list)
+    guard: FiniteLossGuard = field(default_factory=lambda: FiniteLossGuard())
 
 
 def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs: int | None = None) -> dict[str, Any]:
@@ -114,6 +114,7 @@ def train(cfg: TrainConfig, *, argv: list[str] | None = None, stop_after_epochs:
             if env.is_main:
                 report_epoch(run, env, last_line, bins)
             # done: steps of the pass trained (0 once it is over), so a resume continues inside the pass
+            s.guard.flush(epoch, step)  # never save weights after a non-finite loss
             checkpoint.save(run, cfg, env, s.raw_model, s.optimizer, s.source, epoch, done, step, {}, complete=True)
             if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
                 stop = True
@@ -199,6 +200,7 @@ def train_pass(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, pass_start
         bar.update(1)
         if i % LOG_EVERY == 0 or cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             syncs.mark("display")  # the one place a step may wait for the device: every LOG_EVERY steps
+            s.guard.flush(epoch, step)
             show_progress(bar, epoch, step, terms, loss, lr, acc, seconds + time.perf_counter() - t0, env.world)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             checkpoint.save(run, cfg, env, s.raw_model, s.optimizer, s.source, epoch, i, step,
@@ -288,6 +290,7 @@ def optimizer_step(cfg: TrainConfig, env: DistEnv, s: Setup, batch, epoch: int, 
         ce_weight = s.spec.ce_weight if cfg.ce_weight is None else cfg.ce_weight
         terms["ce"] = ce_weight * label_smoothing(logits, target, epsilon=cfg.label_smoothing)
     loss = sum(terms.values())
+    s.guard.check(env, loss, terms, epoch)  # a non-finite loss never reaches the optimizer
     s.optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()
     if cfg.clip_grad:
@@ -305,11 +308,44 @@ def accumulate(acc: dict[str, torch.Tensor], terms, logits, target, n: int, devi
     acc["correct"] = acc.get("correct", zero) + (logits.detach().argmax(1) == target).sum()
 
 
+class FiniteLossGuard:
+    """Every step's loss is checked for finiteness; a non-finite one stops the run (`NonFiniteLossError`) and no
+    weights are saved after it.
+
+    The check costs no host sync and no collective per step (issue 14; `syncs` counts them): the flag
+    (``~isfinite(loss)``) accumulates on the device and is read — all-reduced across ranks first, so every rank
+    stops at once — at the sync points the loop already has: the progress update every `LOG_EVERY` steps and
+    before every checkpoint. The run therefore stops within `LOG_EVERY` steps of a non-finite loss and never
+    saves the weights those steps produced (on the CPU too: the same path everywhere, so a CPU run shows what a
+    GPU run does)."""
+
+    def __init__(self):
+        self.pending: torch.Tensor | None = None
+        self.env: DistEnv | None = None
+
+    def check(self, env: DistEnv, loss: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int) -> None:
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32)
+        self.pending = bad if self.pending is None else self.pending + bad
+        self.env = env
+
+    def flush(self, epoch: int, step: int) -> None:
+        """Read the device flag (one sync; one all-reduce under DDP): raise if any step since the last read had a
+        non-finite loss on any rank."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if self.env is not None and self.env.world > 1:
+            torch.distributed.all_reduce(pending)
+        if float(pending) > 0:
+            raise NonFiniteLossError(f"non-finite loss at epoch {epoch}, at or before step {step} {_NONFINITE_HINT}")
+
+
+_NONFINITE_HINT = ("— the run stops here and these weights are not saved (the last checkpoint, if any, is the last "
+                   "finite state). Lower --lr, add --clip-grad, or check the soft labels with `logitcache verify`")
+
+
 def show_progress(bar, epoch: int, step: int, terms, loss, lr: float, acc, elapsed: float, world: int) -> None:
-    """Every `LOG_EVERY` steps: stop on a non-finite loss, and update the progress bar (one device sync)."""
-    if not math.isfinite(float(loss.detach())):
-        raise LogitcacheError(f"non-finite loss at epoch {epoch} step {step}: "
-                              f"{ {k: float(v.detach()) for k, v in terms.items()} }")
+    """Every `LOG_EVERY` steps: update the progress bar (one device sync)."""
     seen = float(acc["n"]) if "n" in acc else 0.0
     bar.set_postfix({**{k: f"{float(v.detach()):.4f}" for k, v in terms.items()}, "lr": f"{lr:.3g}",
                      "img/s": f"{seen * world / max(elapsed, 1e-9):.0f}"}, refresh=False)
@@ -341,9 +377,10 @@ def build(cfg: TrainConfig, env: DistEnv, run: RunDir) -> tuple[Setup, checkpoin
     num_classes, notes = manifest.num_classes, []
     cache = teacher = None
     if cfg.cache:
-        cache, recipe, notes = open_cache(cfg, manifest, spec, loss_args)
-    else:
-        recipe = get_recipe(cfg.recipe or "imagenet", cfg.image_size)
+        cache, recipe, notes = open_cache(cfg, manifest, spec, loss_args, shards)
+    else:  # the one recipe rule: --recipe, else the data's default_recipe, else a clear error
+        recipe = resolve_recipe(cfg.recipe, cfg.image_size, default=manifest.default_recipe,
+                                default_where=f"the manifest of {cfg.data}")
     if cfg.teacher:
         teacher = Teacher.load(cfg.teacher, cfg.weights, num_classes, recipe.image_size, env.device, cfg.seed,
                                precision=cfg.teacher_precision)
@@ -359,7 +396,7 @@ def build(cfg: TrainConfig, env: DistEnv, run: RunDir) -> tuple[Setup, checkpoin
     model = precision.prepare_model(model, env.device)
     mean, std = (torch.tensor(v, device=env.device).view(1, -1, 1, 1) for v in model_normalization(cfg.student))
     optimizer = make_optimizer(cfg, model)
-    point = checkpoint.resume(cfg, run, env, model, optimizer)
+    point = checkpoint.resume(cfg, run, env, model, optimizer, cache=cache)
     if cfg.resume and not point.resumed:
         notes.append(f"--resume: no checkpoint in {run.checkpoints}; starting from scratch")
     elif point.resumed:

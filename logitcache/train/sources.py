@@ -20,11 +20,18 @@ import torch
 from logitcache.cache.reader import CacheReader
 from logitcache.cache.verify import check_replay
 from logitcache.errors import LogitcacheError, TemperatureNotRecorded
-from logitcache.replay import CachedViews, CycledViewsWarning, FreshViews, check_cache_matches
+from logitcache.replay import (
+    CachedViews,
+    CycledViewsWarning,
+    FreshViews,
+    cache_identity,
+    check_cache_covers,
+    check_cache_matches,
+)
 from logitcache.teacher import Teacher
 from logitcache.train.config import TrainConfig
 from logitcache.train.pskd_store import PredictionStore
-from logitcache.views.recipe import Recipe, get_recipe
+from logitcache.views.recipe import Recipe, resolve_recipe
 
 
 class FreshSource:
@@ -63,6 +70,10 @@ class FreshSource:
         pass
 
     def describe(self) -> dict[str, Any] | None:
+        return None
+
+    def identity(self) -> dict[str, Any] | None:
+        """What a checkpoint records of the soft labels' source, checked again on ``--resume``."""
         return None
 
 
@@ -134,13 +145,19 @@ class CacheSource(FreshSource):
                 "weights_digest": m.weights_digest, "epochs": m.epochs, "k": m.k,
                 "temperatures": list(m.temperatures), "seed": m.seed, "teacher_precision": m.teacher_precision}
 
+    def identity(self) -> dict[str, Any]:
+        return cache_identity(self.cache)
 
-def open_cache(cfg: TrainConfig, manifest, spec, loss_args) -> tuple[CacheReader, Recipe, list[str]]:
-    """The cache of a ``--cache`` run, checked against the data, the requested recipe and the loss's
+
+def open_cache(cfg: TrainConfig, manifest, spec, loss_args, shards) -> tuple[CacheReader, Recipe, list[str]]:
+    """The cache of a ``--cache`` run, checked against the data, the shards trained on, the requested recipe
+    (flags that agree with the cache are accepted, a disagreement is refused naming both values) and the loss's
     temperatures; returns ``(reader, the cache's recipe, notes for the log)``."""
     cache = CacheReader(cfg.cache, cfg.group)
-    requested = get_recipe(cfg.recipe, cfg.image_size) if cfg.recipe else None
-    recipe = check_cache_matches(cache, manifest, requested)
+    check_cache_matches(cache, manifest)
+    recipe = resolve_recipe(cfg.recipe, cfg.image_size, cached=cache.meta.recipe,
+                            cached_where=f"cache {cfg.cache} group '{cache.group}'")
+    check_cache_covers(cache, shards, explicit=cfg.shards is not None)
     check_replay(cache, manifest, recipe, once=True)  # these pixels are the teacher's, on this machine
     missing = [t for t in spec.teacher_temperatures(loss_args)
                if not any(math.isclose(t, u, rel_tol=1e-6) for u in cache.meta.temperatures)]

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from logitcache.errors import RecipeError
+from logitcache.errors import CacheMismatchError, RecipeError
 from logitcache.views.ops import erasing as erasing_op
 from logitcache.views.ops import mix as mix_op
 from logitcache.views.ops import randaugment as ra_op
@@ -247,6 +247,41 @@ def get_recipe(name: str, image_size: int | None = None) -> Recipe:
         raise RecipeError(f"unknown recipe {name!r}; known: {sorted(_RECIPES)}")
     spec = _RECIPES[name]
     return Recipe(name=name, version=spec.version, image_size=int(image_size or spec.image_size), **spec.defaults)
+
+
+def resolve_recipe(
+    name: str | None,
+    image_size: int | None,
+    *,
+    cached: dict[str, Any] | None = None,
+    cached_where: str = "the cache",
+    default: dict[str, Any] | None = None,
+    default_where: str = "the data's manifest",
+) -> Recipe:
+    """THE rule every command uses for its view recipe and size:
+
+    1. a cache (``cached``: its recorded recipe) decides; ``--recipe``/``--image-size`` given with it must agree
+       with it (accepted when they do, refused naming both values when they do not);
+    2. else ``--recipe`` (at ``--image-size`` or the recipe's default size);
+    3. else the data's ``default_recipe`` (recorded by converters that know it, e.g. Fashion-MNIST: small, 28);
+    4. else a clear error — never a silent guess (imagenet at 224 px on 28 px images).
+    """
+    if cached is not None:
+        recipe = Recipe.from_json(cached)
+        diff = []
+        if name is not None and name != recipe.name:
+            diff.append(f"--recipe {name}, but {cached_where} holds views of recipe {recipe.name!r}")
+        if image_size is not None and image_size != recipe.image_size:
+            diff.append(f"--image-size {image_size}, but {cached_where} holds views of {recipe.image_size} px")
+        if diff:
+            raise CacheMismatchError("; ".join(diff) + " (drop the flag, or use a cache made with it)")
+        return recipe
+    if name is not None:
+        return get_recipe(name, image_size)
+    if default is not None:
+        return get_recipe(default["name"], image_size or default.get("image_size"))
+    raise RecipeError(f"no view recipe: give --recipe ({'|'.join(sorted(_RECIPES))}) [--image-size PX]; "
+                      f"there is no cache, and {default_where} records no default_recipe")
 
 
 def sample_view(rng: np.random.Generator, height: int, width: int, recipe: Recipe) -> ViewParams | ArrayParams:

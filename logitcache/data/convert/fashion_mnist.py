@@ -21,6 +21,8 @@ FASHION_MNIST_CLASSES = (
 )
 
 
+#: what the converter records as the data's default view recipe (28 px grayscale: the small recipe, unscaled)
+FASHION_MNIST_RECIPE = {"name": "small", "image_size": 28}
 FASHION_MNIST_DEFAULT_SRC = "/usr/share/datasets/fashion-mnist/"
 
 
@@ -86,6 +88,7 @@ def write_fashion_mnist(
         split: write_shards(
             fashion_mnist_samples(src, split), f"{out}/{split}", class_names=FASHION_MNIST_CLASSES,
             samples_per_shard=samples_per_shard, max_bytes=max_bytes, overwrite=overwrite,
+            default_recipe=FASHION_MNIST_RECIPE,
         )
         for split in ("train", "test")
     }
