@@ -123,6 +123,8 @@ class CacheReader:
         self.url, self._group_arg, self.storage_options = url, group, storage_options
         self._state: dict[str, Any] | None = None
         self._pid: int | None = None
+        #: root and group metadata, read and checked once; travel to DataLoader workers with the reader
+        self._facts: dict[str, Any] | None = None
         #: cached epoch -> shard -> marker, read once (`epoch_markers`); travels to DataLoader workers with the
         #: reader (forked or pickled), so they never read markers themselves
         self._epoch_markers: dict[int, dict[int, UnitMarker]] = {}
@@ -134,6 +136,7 @@ class CacheReader:
             "storage_options": self.storage_options,
             "_state": None,
             "_pid": None,
+            "_facts": self._facts,
             "_epoch_markers": self._epoch_markers,
         }
 
@@ -142,25 +145,26 @@ class CacheReader:
         if self._state is not None and self._pid == os.getpid():
             return self._state
         objects = ObjectStore(self.url, self.storage_options)
-        root = load_root_meta(objects)  # our checks first: zarr parses only metadata that passed them
-        groups = list_groups(objects)
-        group = self._group_arg if self._group_arg is None else _check_group_name(self._group_arg, self.url)
-        if group is None:
-            if len(groups) != 1:
-                raise CacheError(f"{self.url} holds teacher groups {groups}: choose one with --group")
-            group = groups[0]
-        if group not in groups:
-            raise CacheError(f"{self.url} has no teacher group '{group}' (it has {groups})")
-        meta = load_group_meta(objects, group)
-        check_array_metadata(objects, group, meta, root, self.url)
-        g = _open_zarr_root(self.url, self.storage_options, mode="r")[group]  # only metadata that passed
+        facts = self._facts
+        if facts is None:
+            root = load_root_meta(objects)  # our checks first: zarr parses only metadata that passed them
+            groups = list_groups(objects)
+            group = self._group_arg if self._group_arg is None else _check_group_name(self._group_arg, self.url)
+            if group is None:
+                if len(groups) != 1:
+                    raise CacheError(f"{self.url} holds teacher groups {groups}: choose one with --group")
+                group = groups[0]
+            if group not in groups:
+                raise CacheError(f"{self.url} has no teacher group '{group}' (it has {groups})")
+            meta = load_group_meta(objects, group)
+            check_array_metadata(objects, group, meta, root, self.url)
+            facts = self._facts = {"root": root, "groups": groups, "group": group, "meta": meta}
+        # a DataLoader worker gets the facts checked by the process that made the reader: it only opens the arrays
+        g = _open_zarr_root(self.url, self.storage_options, mode="r")[facts["group"]]  # only metadata that passed
         self._state = {
-            "root": root,
-            "groups": groups,
-            "group": group,
+            **facts,
             "zgroup": g,
-            "arrays": {spec.name: g[spec.name] for spec in schema.group_arrays(meta)},
-            "meta": meta,
+            "arrays": {spec.name: g[spec.name] for spec in schema.group_arrays(facts["meta"])},
             "objects": objects,
             "markers": None,
             "first_index": None,
