@@ -143,14 +143,7 @@ def train_pass(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, pass_start
     loader, n_steps = pass_loader(cfg, env, s, pass_start)
     ends = pass_epoch_ends(n_steps, n_views)
     epoch = max(point.epoch, pass_start)
-    # every rank's batch sizes, known before the pass unless a sample may fail to decode (--skip-bad): then the
-    # ranks agree before each step instead (one all-reduce per step)
-    skipped: dict[int, int] = {}
-    for e in range(pass_start, pass_start + n_views):
-        for shard, count in s.source.skipped(e).items():
-            skipped[shard] = skipped.get(shard, 0) + count
-    plan = None if cfg.skip_bad else plan_epoch(s.manifest, s.shards, cfg.seed, pass_start, env.world,
-                                                cfg.batch_size, cfg.workers, skipped, n_views)
+    plan = pass_plan(cfg, env, s, pass_start)
     # running sums (float64, on the device: no host sync per step): samples, correct, Σ term·n, seconds
     acc: dict[str, torch.Tensor] = {}
     seconds, step, i = 0.0, point.step, point.batches_done if point.epoch >= pass_start else 0
@@ -168,20 +161,9 @@ def train_pass(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, pass_start
     while plan is None or i < plan.steps:
         if kill_after and step >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
-        syncs.mark("data")
-        batch = next(batches, None) if plan is None or plan.batch_size(env.rank, i) else None
-        syncs.mark("step")  # from here to the display: no host-device sync (tests/test_hot_path.py counts them)
-        n = 0 if batch is None else len(batch.target)
-        if plan is None:
-            n_all, active = agree_on_step(env, n, batch is not None)
-            if not active:
-                break
-        else:
-            n_all = plan.total(i)
-            if n != plan.batch_size(env.rank, i):
-                raise LogitcacheError(f"rank {env.rank}, epoch {epoch}, step {i}: the data gave a batch of {n} "
-                                      f"sample(s) where the plan (from the manifest and the cache's markers) "
-                                      f"expects {plan.batch_size(env.rank, i)}")
+        batch, n, n_all = next_batch(batches, plan, env, epoch, i)
+        if n_all == 0:
+            break
         repeat = batch is None  # this rank ran out of shards: keep in lockstep with weight 0
         if repeat and last_batch is None:
             raise LogitcacheError(f"rank {env.rank} has no samples to keep in lockstep with (all skipped?)")
@@ -224,6 +206,36 @@ def train_pass(cfg: TrainConfig, env: DistEnv, run: RunDir, s: Setup, pass_start
         yield epoch, epoch_stats(env, acc, seconds, s), lr, step, i
         epoch, acc, seconds = epoch + 1, {}, 0.0
     yield epoch, epoch_stats(env, acc, seconds, s), lr, step, 0
+
+
+def pass_plan(cfg: TrainConfig, env: DistEnv, s: Setup, pass_start: int):
+    """Every rank's batch sizes in the pass, known before it unless a sample may fail to decode (``--skip-bad``,
+    None: the ranks then agree before each step, one all-reduce per step)."""
+    if cfg.skip_bad:
+        return None
+    skipped: dict[int, int] = {}
+    for e in range(pass_start, pass_start + cfg.views_per_decode):
+        for shard, count in s.source.skipped(e).items():
+            skipped[shard] = skipped.get(shard, 0) + count
+    return plan_epoch(s.manifest, s.shards, cfg.seed, pass_start, env.world, cfg.batch_size, cfg.workers, skipped,
+                      cfg.views_per_decode)
+
+
+def next_batch(batches, plan, env: DistEnv, epoch: int, i: int):
+    """``(batch or None, its samples, the step's samples over all ranks — 0: the pass is over)``; from here to the
+    display the step makes no host-device sync (tests/test_hot_path.py counts them)."""
+    syncs.mark("data")
+    batch = next(batches, None) if plan is None or plan.batch_size(env.rank, i) else None
+    syncs.mark("step")
+    n = 0 if batch is None else len(batch.target)
+    if plan is None:
+        n_all, active = agree_on_step(env, n, batch is not None)
+        return batch, n, n_all if active else 0
+    if n != plan.batch_size(env.rank, i):
+        raise LogitcacheError(f"rank {env.rank}, epoch {epoch}, step {i}: the data gave a batch of {n} sample(s) "
+                              f"where the plan (from the manifest and the cache's markers) expects "
+                              f"{plan.batch_size(env.rank, i)}")
+    return batch, n, plan.total(i)
 
 
 def pass_loader(cfg: TrainConfig, env: DistEnv, s: Setup, pass_start: int):
