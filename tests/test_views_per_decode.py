@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 def cache4(imagenet_shards, tmp_path_factory):
     """resnet18 (seeded random init) over the 3 x 8 ImageNet-style samples at 32 px, 4 epochs, top-5."""
     out = tmp_path_factory.mktemp("vpd") / "cache.zarr"
-    dump(DumpConfig(data=str(imagenet_shards), out=str(out), teacher="resnet18", image_size=32, epochs=EPOCHS,
+    dump(DumpConfig(data=str(imagenet_shards), out=str(out), teacher="resnet18", recipe="imagenet", image_size=32,
+                    epochs=EPOCHS,
                     topk=5, seed=SEED, batch_size=8, progress=False))
     return out
 

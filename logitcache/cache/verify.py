@@ -85,7 +85,9 @@ def _disk_figures(objects: ObjectStore, group: str, units: int) -> dict[str, Any
         for name in names:
             allocated += os.stat(os.path.join(dirpath, name)).st_blocks * 512
             files += 1
-            unit_objects += name != "zarr.json" and not in_index  # chunks and markers (the prior's chunk included)
+            # chunks and markers (the prior's one chunk included); not the per-run records (`runs/`) nor the per-epoch
+            # unit indexes
+            unit_objects += name != "zarr.json" and os.path.basename(dirpath) != schema.RUNS_DIR and not in_index
     return {"allocated_bytes": allocated, "objects": files,
             "objects_per_unit": unit_objects / units if units else None}
 
