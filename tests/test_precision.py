@@ -136,7 +136,7 @@ def test_fp32_verify_of_an_fp32_cache_is_tight_and_still_catches_a_tiny_change(i
     m["chunks"]["target_logprob"] = hashlib.sha256((bad / "fp32" / "target_logprob" / "c" / "0" / "0" / "0")
                                                    .read_bytes()).hexdigest()
     marker.write_text(json.dumps(m))
-    (bad / "fp32" / "unit_index" / "e00000.json").unlink()  # readers use the epoch's index (a copy of its markers)
+    (bad / "fp32" / "unit_index" / "e00000.json").unlink()  # readers would use the epoch's index (issue 14) instead
     rc = recompute_views(str(bad), "fp32", str(imagenet_shards), "resnet18", None, 24)
     assert [(m["epoch"], m["shard"], m["offset"]) for m in rc["mismatches"]] == [(0, 0, 3)]
 
