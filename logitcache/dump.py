@@ -391,12 +391,7 @@ def calibrate_prior(cfg: DumpConfig, env: DistEnv, manifest, recipe, teacher: Te
     if writer.meta.tail_name != "prior" or writer.meta.tail_prior_digest:
         return writer
     if env.is_main:
-        shards, n = [], 0
-        for s in selected_shards(cfg, manifest):
-            if n >= prior_views(cfg, manifest):
-                break
-            shards.append(s)
-            n += manifest.shards[s].num_samples
+        shards = shards_covering(manifest, selected_shards(cfg, manifest), prior_views(cfg, manifest))
         acc = PriorAccumulator(manifest.num_classes)
         views = UnitViews(manifest, {s: [0] for s in shards}, recipe, cfg.seed, cfg.batch_size, cfg.skip_bad)
         loader = torch.utils.data.DataLoader(views, batch_size=None, num_workers=cfg.workers,
@@ -410,6 +405,18 @@ def calibrate_prior(cfg: DumpConfig, env: DistEnv, manifest, recipe, teacher: Te
         writer.put_prior(acc.prior())
     env.barrier()
     return CacheWriter.open(cfg.out, cfg.group_name)
+
+
+def shards_covering(manifest, shards: list[int], n: int) -> list[int]:
+    """The first of ``shards`` (in order) that hold at least ``n`` samples together (all when they hold fewer):
+    where the prior calibration and `logitcache probe` take their epoch-0 views."""
+    out, have = [], 0
+    for s in shards:
+        if have >= n:
+            break
+        out.append(s)
+        have += manifest.shards[s].num_samples
+    return out
 
 
 def open_writer(cfg: DumpConfig, env: DistEnv, manifest, meta: schema.GroupMeta) -> CacheWriter:

@@ -14,7 +14,6 @@ the sum over fields of each field's empirical entropy (the floor for any coder t
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -26,13 +25,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_storage  # noqa: E402 - the synthetic teacher, cache writer and size accounting of the storage bench
+from synthetic_teacher import synthetic_teacher_logits  # noqa: E402 - the storage bench's synthetic teacher
 
+from logitcache.cache import schema  # noqa: E402
+from logitcache.cache.fidelity import FORMAT_2, write_cache  # noqa: E402 - the storage bench's cache writer
 from logitcache.views.ops.mix import block_partners  # noqa: E402
 from logitcache.views.recipe import get_recipe, sample_view  # noqa: E402
 from logitcache.views.rng import view_rng  # noqa: E402
 
 K = 10
+C = 1000
 
 
 def recipe_params(name: str, n: int, shard_size: int, seed: int = 0,
@@ -76,14 +78,8 @@ def cache_bytes(url: str) -> int:
 
 
 def write_synthetic_cache(url, logits, target, views, fields, shard_size) -> None:
-    """The storage bench's own writer (its signature grew with format 2; the default format is written)."""
-    params = inspect.signature(bench_storage.write_cache).parameters
-    if "fmt" in params:
-        fmt = bench_storage.schema.FORMAT_VERSION[0]
-        bench_storage.write_cache(url, logits, target, views, fields, K, (1.0,), fmt, {}, "uniform", None,
-                                  shard_size)
-    else:
-        bench_storage.write_cache(url, logits, target, views, fields, K, "float16", shard_size)
+    """The storage bench's writer (`logitcache.cache.fidelity`), format 2 with its default codec."""
+    write_cache(url, logits, target, views, fields, K, (1.0,), FORMAT_2, None, shard_size)
 
 
 def field_entropies(rows: np.ndarray, fields) -> dict[str, float]:
@@ -113,11 +109,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    bench_storage.TEMPS = (1.0,)
     torch.manual_seed(0)
-    logits, target = bench_storage.synthetic_teacher_logits(args.views, bench_storage.C, seed=0)
+    logits, target = synthetic_teacher_logits(args.views, C, seed=0)
     result = {"benchmark": "recipe_storage", "machine": platform.machine(), "cpus": os.cpu_count(),
-              "date": time.strftime("%Y-%m-%d"), "views": args.views, "k": K, "num_classes": bench_storage.C,
+              "date": time.strftime("%Y-%m-%d"), "views": args.views, "k": K, "num_classes": C,
               "temperatures": [1.0], "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name, version in (("imagenet", 1), ("deit", 1), ("deit", 2), ("tv-v2", 1), ("tv-v2", 2)):
@@ -133,7 +128,7 @@ def main(argv=None) -> dict:
                 "bytes_per_view": cache_bytes(url) / args.views,
                 "view_params_bytes_per_view_in_cache": (cache_bytes(url) - cache_bytes(zero_url)) / args.views,
                 "view_params_joint_entropy_bytes": joint_entropy_bits(views) / 8,
-                "cache_format": list(bench_storage.schema.FORMAT_VERSION),
+                "cache_format": list(schema.FORMAT_VERSION),
                 "view_params_bytes_per_view_format1": layouts["format1_rows"],
                 "view_params_bytes_per_view_format2": layouts["format2_fields"],
                 "view_params_field_entropy_bytes": field_entropy_bytes(views),
@@ -142,8 +137,8 @@ def main(argv=None) -> dict:
     if args.json:
         print(json.dumps(result, indent=1))
         return result
-    fmt = ".".join(str(v) for v in bench_storage.schema.FORMAT_VERSION)
-    print(f"cache bytes/view at k={K}, C={bench_storage.C}, T=1, {args.views} synthetic views, format {fmt}, "
+    fmt = ".".join(str(v) for v in schema.FORMAT_VERSION)
+    print(f"cache bytes/view at k={K}, C={C}, T=1, {args.views} synthetic views, format {fmt}, "
           f"by view recipe; the params' share of it (cache minus the same cache with all params 0); the view "
           f"params alone as format 1 / format 2 lay them out; the sum of per-field entropies:")
     print(f"{'recipe':>11} {'fields':>6} {'B/view':>7} {'params in cache':>15} {'params f1':>10} {'params f2':>10} "
