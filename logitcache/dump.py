@@ -146,7 +146,8 @@ class UnitViews(torch.utils.data.IterableDataset):
         buffers: dict[int, list] = {e: [] for e in epochs}
         # the views of each unit, in offset order (mixing recipes finish a block of them at a time, each view
         # mixed with a partner of the same unit), and the digest of the unit's first views for its marker
-        mixers = {e: UnitMixer(self.recipe, seed=self.seed, epoch=e, shard=shard) for e in epochs}
+        length = self.manifest.shards[shard].num_samples
+        mixers = {e: UnitMixer(self.recipe, seed=self.seed, epoch=e, shard=shard, length=length) for e in epochs}
         digests = {e: DigestBuilder() for e in epochs}
         seen: set[int] = set()
 
@@ -170,7 +171,6 @@ class UnitViews(torch.utils.data.IterableDataset):
                 for e in epochs:
                     yield from views(e, chunk)
                 chunk = []
-        length = self.manifest.shards[shard].num_samples
         skipped = tuple(sorted(set(range(length)) - seen))
         for e in epochs:  # the unit's last batch (possibly empty) carries its length and what was skipped
             yield from views(e, chunk)

@@ -1,10 +1,12 @@
 """Benchmark: bytes per view of a cache at k = 10, C = 1000, one temperature, per view recipe (issue 15).
 
 Same synthetic 1000-class teacher as ``bench_storage.py`` (its figures printed there); only the view parameters
-differ: ``imagenet`` (crop box + flip, 5 int16) vs ``deit`` (crop box, flags, RandAugment, erasing, mix partner,
-λ and CutMix box: 18 int16), drawn for typical ImageNet image sizes (300-500 px a side) with the unit's partner
-cycles, 1000 views per shard. Reports the whole cache's bytes/view and the view-param array's bytes/view, and the
-sum over fields of each field's empirical entropy (the floor for any coder that treats fields independently).
+differ: ``imagenet`` (crop box + flip, 5 int16) vs ``deit`` v1 (crop box, flags, RandAugment, erasing box and
+seed, mix partner, λ and CutMix box: 18 int16) and v2 (the same on coarser grids, no stored seed or partner:
+15 int16), and ``tv-v2`` v1 / v2 likewise, drawn for typical ImageNet image sizes (300-500 px a side) with the
+unit's partner cycles, 1000 views per shard. Reports the whole cache's bytes/view, the params' share of it (the
+cache minus the same cache with all params 0), the view-param array alone as format 1 / format 2 lay it out, and
+the sum over fields of each field's empirical entropy (the floor for any coder that treats fields independently).
 
     .venv/bin/python pipelines/bench_recipe_storage.py [--views 10000] [--json]
 """
@@ -35,14 +37,16 @@ K = 10
 C = 1000
 
 
-def recipe_params(name: str, n: int, shard_size: int, seed: int = 0) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The stored params of ``n`` views of recipe ``name``, partners drawn per unit block as the dump does."""
-    recipe = get_recipe(name, 224)
+def recipe_params(name: str, n: int, shard_size: int, seed: int = 0,
+                  version: int | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The stored params of ``n`` views of recipe ``name``, partners drawn per unit block as the dump does
+    (version 1 stores the partner; version 2 derives it from the unit and stores nothing for it)."""
+    recipe = get_recipe(name, 224, version)
     rng = np.random.default_rng(seed)
     hs, ws = rng.integers(300, 501, n), rng.integers(300, 501, n)
     rows = np.stack([sample_view(view_rng(seed, 0, i), int(h), int(w), recipe).to_array()
                      for i, (h, w) in enumerate(zip(hs, ws, strict=True))]).astype(np.int16)
-    if recipe.mixes:
+    if recipe.mixes and not recipe.coded:
         i_partner = recipe.field_index("mix_partner")
         for shard_start in range(0, n, shard_size):
             for b0 in range(shard_start, min(shard_start + shard_size, n), recipe.mix_block):
@@ -78,13 +82,25 @@ def write_synthetic_cache(url, logits, target, views, fields, shard_size) -> Non
     write_cache(url, logits, target, views, fields, K, (1.0,), FORMAT_2, None, shard_size)
 
 
-def field_entropy_bytes(rows: np.ndarray) -> float:
-    total = 0.0
-    for j in range(rows.shape[1]):
+def field_entropies(rows: np.ndarray, fields) -> dict[str, float]:
+    """Empirical entropy of each field, bits per view."""
+    out = {}
+    for j, f in enumerate(fields):
         _, c = np.unique(rows[:, j], return_counts=True)
         p = c / len(rows)
-        total += float(-(p * np.log2(p)).sum())
-    return total / 8
+        out[f] = float(-(p * np.log2(p)).sum())
+    return out
+
+
+def field_entropy_bytes(rows: np.ndarray) -> float:
+    return sum(field_entropies(rows, range(rows.shape[1])).values()) / 8
+
+
+def joint_entropy_bits(rows: np.ndarray) -> float:
+    """Entropy of whole rows (a lower bound on any coder of these views; biased low when views are few)."""
+    _, c = np.unique(rows, axis=0, return_counts=True)
+    p = c / len(rows)
+    return float(-(p * np.log2(p)).sum())
 
 
 def main(argv=None) -> dict:
@@ -99,29 +115,42 @@ def main(argv=None) -> dict:
               "date": time.strftime("%Y-%m-%d"), "views": args.views, "k": K, "num_classes": C,
               "temperatures": [1.0], "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("imagenet", "deit"):
-            views, fields = recipe_params(name, args.views, args.shard_size)
-            url = os.path.join(tmp, f"{name}.zarr")
+        for name, version in (("imagenet", 1), ("deit", 1), ("deit", 2), ("tv-v2", 1), ("tv-v2", 2)):
+            views, fields = recipe_params(name, args.views, args.shard_size, version=version)
+            url = os.path.join(tmp, f"{name}-v{version}.zarr")
             write_synthetic_cache(url, logits, target, views, fields, args.shard_size)
+            # the same cache with every param 0: the difference is what the params cost inside the real layout
+            zero_url = os.path.join(tmp, f"{name}-v{version}-zero.zarr")
+            write_synthetic_cache(zero_url, logits, target, np.zeros_like(views), fields, args.shard_size)
             layouts = layout_bytes(views, args.shard_size)
             result["rows"].append({
-                "recipe": name, "param_fields": len(fields), "bytes_per_view": cache_bytes(url) / args.views,
+                "recipe": f"{name} v{version}", "param_fields": len(fields),
+                "bytes_per_view": cache_bytes(url) / args.views,
+                "view_params_bytes_per_view_in_cache": (cache_bytes(url) - cache_bytes(zero_url)) / args.views,
+                "view_params_joint_entropy_bytes": joint_entropy_bits(views) / 8,
                 "cache_format": list(schema.FORMAT_VERSION),
                 "view_params_bytes_per_view_format1": layouts["format1_rows"],
                 "view_params_bytes_per_view_format2": layouts["format2_fields"],
                 "view_params_field_entropy_bytes": field_entropy_bytes(views),
+                "field_entropy_bits": field_entropies(views, fields),
             })
     if args.json:
         print(json.dumps(result, indent=1))
         return result
     fmt = ".".join(str(v) for v in schema.FORMAT_VERSION)
     print(f"cache bytes/view at k={K}, C={C}, T=1, {args.views} synthetic views, format {fmt}, "
-          f"by view recipe; then the view params alone as format 1 / format 2 lay them out:")
-    print(f"{'recipe':>9} {'fields':>6} {'B/view':>7} {'params f1':>10} {'params f2':>10} {'entropy floor':>14}")
+          f"by view recipe; the params' share of it (cache minus the same cache with all params 0); the view "
+          f"params alone as format 1 / format 2 lay them out; the sum of per-field entropies:")
+    print(f"{'recipe':>11} {'fields':>6} {'B/view':>7} {'params in cache':>15} {'params f1':>10} {'params f2':>10} "
+          f"{'entropy floor':>14}")
     for r in result["rows"]:
-        print(f"{r['recipe']:>9} {r['param_fields']:>6} {r['bytes_per_view']:7.1f} "
+        print(f"{r['recipe']:>11} {r['param_fields']:>6} {r['bytes_per_view']:7.1f} "
+              f"{r['view_params_bytes_per_view_in_cache']:15.1f} "
               f"{r['view_params_bytes_per_view_format1']:10.1f} {r['view_params_bytes_per_view_format2']:10.1f} "
               f"{r['view_params_field_entropy_bytes']:14.1f}")
+    print("per-field entropy, bits/view:")
+    for r in result["rows"]:
+        print(f"  {r['recipe']}: " + ", ".join(f"{f} {b:.2f}" for f, b in r["field_entropy_bits"].items()))
     return result
 
 
