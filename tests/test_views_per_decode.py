@@ -13,8 +13,10 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from logitcache.data.manifest import load_manifest
 from logitcache.data.spread import SpreadWarning, spread_possible, spread_views, window_plan
@@ -25,6 +27,7 @@ from logitcache.replay import CachedViews, FreshViews, RowSource, collate
 from logitcache.train.config import TrainConfig, learning_rate
 from logitcache.train.lockstep import pass_epoch_ends, planned_steps
 from logitcache.train.loop import KILL_AFTER_STEPS_ENV, train
+from logitcache.views.recipe import apply_view, get_recipe, sample_view
 
 SEED, EPOCHS = 5, 4
 REPO = Path(__file__).resolve().parents[1]
@@ -249,3 +252,25 @@ def test_two_process_ddp_trains_each_view_of_a_pass_once(imagenet_shards, tmp_pa
     m = load_manifest(imagenet_shards)
     assert ddp[-1]["step"] == sum(planned_steps(m, [0, 1, 2], SEED, e, 2, 4, 0, 2) for e in (0, 2))
     assert single[-1]["step"] == sum(planned_steps(m, [0, 1, 2], SEED, e, 1, 4, 0, 2) for e in (0, 2))
+
+
+def test_the_per_view_path_gives_pillows_own_pixels():
+    """The per-view path (PIL unpacks a channels-last crop where it lies; the view leaves as contiguous planes) gives
+    exactly the pixels of the plain Pillow route: copy the crop, ``Image.fromarray``, resize, flip, ``np.array``."""
+    rng = np.random.default_rng(3)
+    for H, W in ((37, 53), (1, 9), (64, 20), (30, 1)):
+        a = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        for image in (torch.from_numpy(a).permute(2, 0, 1), torch.from_numpy(a.transpose(2, 0, 1).copy())):
+            for recipe in (get_recipe("imagenet", 24), get_recipe("small", 16)):
+                for _ in range(8):
+                    p = sample_view(rng, H, W, recipe)
+                    if recipe.name == "small":
+                        q = recipe.pad
+                        crop = np.pad(a, ((q, q), (q, q), (0, 0)))[p.top + q:p.top + q + H, p.left + q:p.left + q + W]
+                    else:
+                        crop = a[p.top:p.top + p.height, p.left:p.left + p.width]
+                    im = Image.fromarray(np.ascontiguousarray(crop)).resize((recipe.image_size,) * 2, recipe.resample)
+                    want = np.array(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else im)
+                    got = apply_view(image, p, recipe)
+                    assert np.array_equal(got.permute(1, 2, 0).numpy(), want), (H, W, recipe.name, p)
+    assert collate([(got,), (got,)])[0].is_contiguous()

@@ -318,7 +318,7 @@ def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Re
     deit / tv-v2: the imagenet steps with the recipe's filter, then RandAugment / TrivialAugment and erasing;
     NOT the mix, which needs the partner view (`logitcache.views.mixing.UnitMixer` does it).
     Params that do not fit the image (a replay against the wrong image) raise `RecipeError`.
-    Like torchvision's ``PILToTensor``, the result's memory is usually channels-last (HWC): one copy fewer.
+    Resized views come out as contiguous planes (a batch stacks them with a plain copy).
     """
     _check_image(image)
     _, H, W = image.shape
