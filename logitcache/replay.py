@@ -522,7 +522,9 @@ class FreshViews(_Views):
     def _shard_groups(self, shard: int) -> Iterator[list[ReplayItem]]:
         table = self.rows.table(shard) if self.rows is not None else None
         # one mixer per view epoch of the pass: draws, as the dump does
-        mixers = [(e, UnitMixer(self.recipe, seed=self.seed, epoch=e, shard=shard)) for e in self.view_epochs]
+        length = self.manifest.shards[shard].num_samples
+        mixers = [(e, UnitMixer(self.recipe, seed=self.seed, epoch=e, shard=shard, length=length))
+                  for e in self.view_epochs]
 
         def items(e: int, views) -> Iterator[ReplayItem]:
             for v in views:

@@ -54,7 +54,7 @@ def run_ours(jpegs: list[bytes], epoch: int) -> int:
     from logitcache.views.mixing import UnitMixer
     from logitcache.views.recipe import get_recipe
 
-    mixer = UnitMixer(get_recipe("deit", 224), seed=0, epoch=epoch, shard=0)
+    mixer = UnitMixer(get_recipe("deit", 224), seed=0, epoch=epoch, shard=0, length=len(jpegs))
     n = 0
     for i, data in enumerate(jpegs):
         n += len(mixer.push(_Sample(i, decode_image(data))))

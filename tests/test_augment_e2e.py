@@ -29,6 +29,7 @@ from logitcache.train.config import TrainConfig
 from logitcache.train.loop import train
 from logitcache.views import digest as digest_mod
 from logitcache.views import recipe as recipe_mod
+from logitcache.views.ops import mix as mix_op
 from logitcache.views.recipe import get_recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -91,7 +92,8 @@ def test_cached_views_are_the_dumped_mixed_views(small_shards, deit_cache):
     fresh = _views(FreshViews(small_shards, seed=SEED, epoch=0, recipe=get_recipe("deit", 28), return_items=True))
     assert cached == fresh and len(cached) == 24
     r = get_recipe("deit", 28)
-    modes = [(np.frombuffer(v[3], np.int16)[r.field_index("flags")] >> 1) & 3 for v in cached.values()]
+    modes = [mix_op.decode_mode(np.frombuffer(v[3], np.int16)[r.field_index("flags")], r.coded)
+             for v in cached.values()]
     assert {1, 2} <= set(modes)  # both Mixup and CutMix occur
     assert any(v[2] < 1 for v in cached.values())
     # the public face: the mixed (C,) label that sums to 1
@@ -99,9 +101,9 @@ def test_cached_views_are_the_dumped_mixed_views(small_shards, deit_cache):
     assert target.shape == (10,) and math.isclose(float(target.sum()), 1.0, rel_tol=1e-6) and len(row) == 1
 
 
-@pytest.mark.parametrize("name", ["deit", "tv-v2"])
-def test_views_do_not_depend_on_workers_or_ranks(small_shards, name):
-    r = get_recipe(name, 28)
+@pytest.mark.parametrize("name,version", [("deit", 2), ("tv-v2", 2), ("deit", 1)])
+def test_views_do_not_depend_on_workers_or_ranks(small_shards, name, version):
+    r = get_recipe(name, 28, version)
 
     def run(workers, rank, world):
         ds = FreshViews(small_shards, seed=3, epoch=1, recipe=r, rank=rank, world_size=world, return_items=True,
@@ -236,3 +238,23 @@ def test_tv_v2_end_to_end(small_shards, teacher_weights, tmp_path):
     assert cached == fresh and len(cached) == 24 and any(v[2] < 1 for v in cached.values())
     res = recompute_views(str(out), None, str(small_shards), "smallcnn", teacher_weights, 8)
     assert res["views"] == 8 and res["mismatches"] == []
+
+
+def test_a_version_1_cache_still_replays_byte_exactly(small_shards, teacher_weights, tmp_path, monkeypatch):
+    """Caches dumped before ``deit`` v2 keep replaying with v1's params (stored seed and partner), and verify
+    --recompute agrees with them; v2 is what a dump makes now."""
+    out = tmp_path / "v1.zarr"
+    monkeypatch.setitem(recipe_mod._NEWEST, "deit", 1)  # what a dump made before v2 existed
+    dump(_dump_cfg(small_shards, out, teacher_weights))
+    monkeypatch.undo()
+    reader = CacheReader(str(out))
+    assert reader.meta.recipe["version"] == 1 and get_recipe("deit").version == 2
+    cached = _views(CachedViews(small_shards, reader, epoch=0, return_items=True))
+    fresh = _views(FreshViews(small_shards, seed=SEED, epoch=0, recipe=get_recipe("deit", 28, 1),
+                              return_items=True))
+    assert cached == fresh and len(cached) == 24
+    assert verify_cache(str(out), data=str(small_shards)).ok  # the replay digests of v1 views
+    res = recompute_views(str(out), None, str(small_shards), "smallcnn", teacher_weights, 12)
+    assert res["views"] == 12 and res["mismatches"] == []
+    with pytest.raises(CacheMismatchError):
+        CachedViews(small_shards, str(out), epoch=0, recipe=get_recipe("deit", 28))
