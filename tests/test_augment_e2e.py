@@ -258,3 +258,58 @@ def test_a_version_1_cache_still_replays_byte_exactly(small_shards, teacher_weig
     assert res["views"] == 12 and res["mismatches"] == []
     with pytest.raises(CacheMismatchError):
         CachedViews(small_shards, str(out), epoch=0, recipe=get_recipe("deit", 28))
+
+
+def test_two_rank_training_with_deit_sees_the_one_process_views(small_shards, tmp_path):
+    """A 2-rank torchrun (gloo, CPU) training run with ``--recipe deit`` against the 1-process run: the same sample
+    accounting (every sample once per epoch, lockstep at the planned steps) and the same mixed views and λ-mixed
+    targets. Batch 1 per rank and a vanishing learning rate make each view's loss depend on that view alone
+    (BatchNorm over one image, weights that do not move), so the epoch's mean CE and top-1 agree only if every
+    view — pixels, partner and λ — is the 1-process run's."""
+    from logitcache.data.manifest import load_manifest
+    from logitcache.train.lockstep import planned_steps
+
+    def run(out, nproc):
+        launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+                  if nproc > 1 else [sys.executable])
+        cmd = [*launch, "-m", "logitcache.cli", "train", "--data", str(small_shards), "--val", str(small_shards),
+               "--out", str(out), "--student", "smallcnn", "--loss", "ce", "--label-smoothing", "0.1",
+               "--recipe", "deit", "--image-size", "28", "--epochs", "2", "--batch-size", "1", "--lr", "1e-9",
+               "--seed", str(SEED), "--no-progress"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             cwd=Path(__file__).resolve().parents[1], timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    ddp, one = run(tmp_path / "ddp", 2), run(tmp_path / "one", 1)
+    m = load_manifest(small_shards)
+    for lines, world in ((ddp, 2), (one, 1)):
+        assert [x["epoch"] for x in lines] == [0, 1]
+        assert all(x["train"]["samples"] == 24 and x["train"]["samples_skipped"] == 0 and x["val"]["n"] == 24
+                   for x in lines)
+        assert lines[-1]["step"] == sum(planned_steps(m, [0, 1], SEED, e, world, 1, 0) for e in (0, 1))
+    for a, b in zip(ddp, one, strict=True):
+        assert math.isclose(a["train"]["ce"], b["train"]["ce"], rel_tol=1e-5), (a["train"], b["train"])
+        assert a["train"]["top1"] == b["train"]["top1"]
+    assert ddp[0]["train"]["ce"] != ddp[1]["train"]["ce"]  # epoch 1 draws other views (and partners)
+
+
+def test_pskd_refuses_a_mixing_recipe_naming_it(small_shards, tmp_path):
+    """PS-KD's target for a sample is its own previous-epoch prediction; a mixed view's prediction belongs to two
+    samples, so PS-KD with ``deit`` / ``tv-v2`` is refused before training (CLI: a message, no traceback)."""
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+    from logitcache.errors import RecipeError
+
+    for name in ("deit", "tv-v2"):
+        with pytest.raises(RecipeError, match=f"--loss pskd cannot train on recipe '{name}'.*two samples"):
+            train(TrainConfig(data=str(small_shards), out=str(tmp_path / name), student="smallcnn", loss="pskd",
+                              recipe=name, image_size=28, epochs=1, batch_size=4, progress=False))
+    res = CliRunner().invoke(main, ["train", "--data", str(small_shards), "--out", str(tmp_path / "cli"),
+                                    "--student", "smallcnn", "--loss", "pskd", "--recipe", "deit", "--image-size",
+                                    "28", "--epochs", "1", "--no-progress"])
+    assert res.exit_code != 0 and "recipe 'deit'" in res.output and "Traceback" not in res.output
+    # without mixing PS-KD runs as before
+    train(TrainConfig(data=str(small_shards), out=str(tmp_path / "small"), student="smallcnn", loss="pskd",
+                      recipe="small", epochs=1, batch_size=12, progress=False))

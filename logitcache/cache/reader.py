@@ -317,8 +317,13 @@ class CacheReader:
         if problems:
             return None, problems
         if meta.packed:  # format 2: its codec decodes the checked chunk (value sanity: format 1 only, for now)
-            mat = np.asarray(st["arrays"][schema.ROWS][epoch, shard])[:, :marker.length]
-            return PackedUnit(decode_unit(meta.packed_codec(), mat, meta.temperatures)), []
+            codec = meta.packed_codec()
+            key = keys[schema.ROWS]
+            try:  # the very bytes checked above: one GET per unit, and no window for them to change
+                mat = decode_chunk(got[key], codec.dtype, (codec.n_fields, root.max_shard_len), f"chunk {key}")
+            except DamagedUnitError as e:
+                return None, [str(e)]
+            return PackedUnit(decode_unit(codec, mat[:, :marker.length], meta.temperatures)), []
         L = root.max_shard_len
         arrays = {}
         for spec in schema.ARRAYS:
