@@ -369,7 +369,7 @@ def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Re
     recipes take the crop box from the stored codes and the image size, and ``key`` = the view's
     ``(cache seed, epoch, sample index)`` for the erasing noise.
     Params that do not fit the image (a replay against the wrong image) raise `RecipeError`.
-    Like torchvision's ``PILToTensor``, the result's memory is usually channels-last (HWC): one copy fewer.
+    Resized views come out as contiguous planes (a batch stacks them with a plain copy).
     """
     _check_image(image)
     _, H, W = image.shape
