@@ -331,6 +331,8 @@ def test_v2_grids_are_pinned_and_the_crop_keeps_torchvisions_statistics():
     for bad in ([64, 1, 0, 0], [0, 16, 0, 0], [0, 0, 64, 0], [-1, 0, 0, 0]):
         with pytest.raises(ValueError, match="not valid"):
             geometry.crop_box_from_codes(bad, H, W, v2.scale, v2.ratio)
+    with pytest.raises(RecipeError, match="crop codes, not a box"):
+        _ = p.top
     with pytest.raises(ValueError, match="does not fit"):  # a large box replayed on a smaller image
         geometry.crop_box_from_codes([63, 8, 0, 0], 20, 20, v2.scale, (1.0, 4.0))
 

@@ -21,10 +21,15 @@ cache made by a different version of a recipe is refused rather than replayed ap
 
     imagenet v1  RandomResizedCrop 0.08-1 bilinear, flip                      eval: resize 256, center 224
     small v1     pad 4 + crop, flip                                            eval: resize
-    deit v1      RRC 0.08-1 bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25 (pixel noise),
+    deit v2      RRC 0.08-1 bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25 (pixel noise),
                  Mixup 0.8 / CutMix 1.0 switch 0.5                            eval: bicubic resize 256, center 224
-    tv-v2 v1     RRC 0.08-1 bilinear, flip, TrivialAugmentWide, RandomErasing 0.1 (mean colour),
+    tv-v2 v2     RRC 0.08-1 bilinear, flip, TrivialAugmentWide, RandomErasing 0.1 (mean colour),
                  Mixup 0.2 / CutMix 1.0 switch 0.5                            eval: resize 232, center 224
+
+deit / tv-v2 v1 (still replayed) store source-pixel boxes, an erasing seed and the partner offset; v2 (what
+`get_recipe` makes) stores grid codes instead (`Recipe.coded`): the crop box is a pure function of the codes
+and the image size, the erasing noise is keyed by the view's (seed, epoch, index) and the partner comes from the
+unit (see the ops' modules and README "Augmentation recipes").
 """
 
 from __future__ import annotations
@@ -364,7 +369,7 @@ def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Re
     recipes take the crop box from the stored codes and the image size, and ``key`` = the view's
     ``(cache seed, epoch, sample index)`` for the erasing noise.
     Params that do not fit the image (a replay against the wrong image) raise `RecipeError`.
-    Like torchvision's ``PILToTensor``, the result's memory is usually channels-last (HWC): one copy fewer.
+    Resized views come out as contiguous planes (a batch stacks them with a plain copy).
     """
     _check_image(image)
     _, H, W = image.shape

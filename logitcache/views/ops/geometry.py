@@ -125,12 +125,22 @@ def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def _to_pil(x: torch.Tensor) -> Image.Image:
-    # decoded images are channels-last already, so this is one copy of the (cropped) region at most
+    """uint8 (3, h, w) -> an RGB image, one copy of the region. A window of channels-last memory (decoded images
+    and crops of them) is unpacked by PIL row by row from where it lies, into an uninitialised image."""
+    _, h, w = x.shape
+    rows = x.stride(1)
+    if h and w and x.stride(0) == 1 and x.stride(2) == 3 and rows >= 3 * w:
+        flat = np.lib.stride_tricks.as_strided(x.permute(1, 2, 0).numpy(), ((h - 1) * rows + 3 * w,), (1,))
+        im = Image.new("RGB", (w, h), None)
+        im.frombytes(flat, "raw", ("RGB", rows, 1))
+        return im
     return Image.fromarray(x.permute(1, 2, 0).contiguous().numpy())
 
 
 def _from_pil(im: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (3, H, W) over HWC memory, as PILToTensor gives
+    """An RGB image -> uint8 (3, H, W) in contiguous planes (PIL packs each channel; batches stack with memcpy)."""
+    planes = bytearray(b"".join(im.tobytes("raw", c) for c in "RGB"))
+    return torch.frombuffer(planes, dtype=torch.uint8).view(3, im.height, im.width)
 
 
 def _check_image(image) -> None:
