@@ -146,7 +146,8 @@ class UnitViews(torch.utils.data.IterableDataset):
         buffers: dict[int, list] = {e: [] for e in epochs}
         # the views of each unit, in offset order (mixing recipes finish a block of them at a time, each view
         # mixed with a partner of the same unit), and the digest of the unit's first views for its marker
-        mixers = {e: UnitMixer(self.recipe, seed=self.seed, epoch=e, shard=shard) for e in epochs}
+        length = self.manifest.shards[shard].num_samples
+        mixers = {e: UnitMixer(self.recipe, seed=self.seed, epoch=e, shard=shard, length=length) for e in epochs}
         digests = {e: DigestBuilder() for e in epochs}
         seen: set[int] = set()
 
@@ -170,7 +171,6 @@ class UnitViews(torch.utils.data.IterableDataset):
                 for e in epochs:
                     yield from views(e, chunk)
                 chunk = []
-        length = self.manifest.shards[shard].num_samples
         skipped = tuple(sorted(set(range(length)) - seen))
         for e in epochs:  # the unit's last batch (possibly empty) carries its length and what was skipped
             yield from views(e, chunk)
@@ -391,12 +391,7 @@ def calibrate_prior(cfg: DumpConfig, env: DistEnv, manifest, recipe, teacher: Te
     if writer.meta.tail_name != "prior" or writer.meta.tail_prior_digest:
         return writer
     if env.is_main:
-        shards, n = [], 0
-        for s in selected_shards(cfg, manifest):
-            if n >= prior_views(cfg, manifest):
-                break
-            shards.append(s)
-            n += manifest.shards[s].num_samples
+        shards = shards_covering(manifest, selected_shards(cfg, manifest), prior_views(cfg, manifest))
         acc = PriorAccumulator(manifest.num_classes)
         views = UnitViews(manifest, {s: [0] for s in shards}, recipe, cfg.seed, cfg.batch_size, cfg.skip_bad)
         loader = torch.utils.data.DataLoader(views, batch_size=None, num_workers=cfg.workers,
@@ -410,6 +405,18 @@ def calibrate_prior(cfg: DumpConfig, env: DistEnv, manifest, recipe, teacher: Te
         writer.put_prior(acc.prior())
     env.barrier()
     return CacheWriter.open(cfg.out, cfg.group_name)
+
+
+def shards_covering(manifest, shards: list[int], n: int) -> list[int]:
+    """The first of ``shards`` (in order) that hold at least ``n`` samples together (all when they hold fewer):
+    where the prior calibration and `logitcache probe` take their epoch-0 views."""
+    out, have = [], 0
+    for s in shards:
+        if have >= n:
+            break
+        out.append(s)
+        have += manifest.shards[s].num_samples
+    return out
 
 
 def open_writer(cfg: DumpConfig, env: DistEnv, manifest, meta: schema.GroupMeta) -> CacheWriter:

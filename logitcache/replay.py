@@ -59,7 +59,7 @@ from logitcache.data.decode import decode_sample
 from logitcache.data.manifest import Manifest, ShardCheck, load_manifest
 from logitcache.data.shards import ShardDataset, iter_shard, shuffle_buffer
 from logitcache.data.split import split_shards
-from logitcache.data.spread import spread_possible, spread_views, window_plan
+from logitcache.data.spread import spread_possible, spread_stream, spread_views, window_plan
 from logitcache.errors import BadSampleError, CacheError, CacheMismatchError, DataError
 from logitcache.labels.topk import TopKLogits
 from logitcache.views.mixing import UnitMixer, mixed_targets
@@ -522,7 +522,9 @@ class FreshViews(_Views):
     def _shard_groups(self, shard: int) -> Iterator[list[ReplayItem]]:
         table = self.rows.table(shard) if self.rows is not None else None
         # one mixer per view epoch of the pass: draws, as the dump does
-        mixers = [(e, UnitMixer(self.recipe, seed=self.seed, epoch=e, shard=shard)) for e in self.view_epochs]
+        length = self.manifest.shards[shard].num_samples
+        mixers = [(e, UnitMixer(self.recipe, seed=self.seed, epoch=e, shard=shard, length=length))
+                  for e in self.view_epochs]
 
         def items(e: int, views) -> Iterator[ReplayItem]:
             for v in views:
@@ -545,7 +547,8 @@ class CachedViewsStage:
     """A webdataset pipeline stage that attaches cached views to raw samples: for each sample of ``data``'s shards
     (``{"__key__", "__url__", ext: bytes}``, as ``webdataset.tarfile_to_samples()`` or our `tarfile_samples`
     yield them), it adds ``image`` (uint8 (3, S, S): the view cached for epoch ``epoch mod E``, replayed pixel
-    for pixel), ``soft`` (that view's `TopKLogits` row), ``target`` and ``index`` (the global sample index).
+    for pixel), ``soft`` (that view's `TopKLogits` row), ``target``, ``index`` (the global sample index) and
+    ``epoch`` (the training epoch whose view it is).
 
     Checked as `CachedViews` checks: the cache must have been made from ``data`` (dataset fingerprint) with the
     recipe replayed; each shard's samples must come in order, complete, with the manifest's keys (count and key
@@ -556,16 +559,35 @@ class CachedViewsStage:
     moves to another epoch; the cache opens lazily in each DataLoader worker. Mixing recipes (``deit``,
     ``tv-v2``): each view is mixed with its stored partner of the same shard (so samples leave the stage a block of
     16 late) and ``target`` is the (C,) float mixed label.
+
+    ``views_per_decode=N`` (as `CachedViews`): ``epoch`` (a multiple of N) starts a pass; each raw sample is
+    decoded once and leaves as N samples, its views for epochs ``epoch .. epoch+N-1`` (cached epochs
+    ``(epoch+j) mod E``; N must divide E). They are spread over this stream's batches of ``batch_size`` (required)
+    so that no batch holds two views of one image — batch right after the stage (``to_tuple``/``map`` in between
+    are fine; a shuffle or filter in between undoes the spread). ``shuffle_seed`` (None: in order) shuffles the
+    images and batches within each spread window.
     """
 
     def __init__(self, data, cache, *, epoch: int, group: str | None = None, recipe: Recipe | None = None,
-                 skip_bad: bool = False, storage_options: dict[str, Any] | None = None):
+                 skip_bad: bool = False, storage_options: dict[str, Any] | None = None, views_per_decode: int = 1,
+                 batch_size: int | None = None, shuffle_seed: int | None = None):
         self.reader = cache if isinstance(cache, CacheReader) else CacheReader(
             str(cache), group, storage_options=storage_options)
         self.manifest = load_manifest(data)
         self.recipe = check_cache_matches(self.reader, self.manifest, recipe)
         check_replay(self.reader, self.manifest, self.recipe, once=True)
         self.cached_epochs, self.skip_bad = self.reader.meta.epochs, skip_bad
+        if views_per_decode < 1:
+            raise ValueError(f"views_per_decode must be >= 1, got {views_per_decode}")
+        if views_per_decode > 1 and (batch_size is None or batch_size < 1):
+            raise ValueError("views_per_decode > 1 needs the batch_size of the batching that follows the stage (the "
+                             "views of one image are spread over different batches)")
+        if self.cached_epochs % views_per_decode:
+            divisors = [d for d in range(1, self.cached_epochs + 1) if self.cached_epochs % d == 0]
+            raise ValueError(f"views_per_decode={views_per_decode} does not divide the {self.cached_epochs} epoch(s) "
+                             f"of views cache {self.reader.url} group '{self.reader.group}' holds (a pass would "
+                             f"straddle the cycle); use one of {divisors}")
+        self.views_per_decode, self.batch_size, self.shuffle_seed = views_per_decode, batch_size, shuffle_seed
         self.epoch = 0
         self.set_epoch(epoch)
         self._by_url: dict[str, int] = {}
@@ -579,12 +601,22 @@ class CachedViewsStage:
                 self._by_url.setdefault(base, shards[0])
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch to attach (with views_per_decode N: the first epoch of the pass, a multiple of N)."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch % self.views_per_decode:
+            raise ValueError(f"with views_per_decode={self.views_per_decode} a pass starts at a multiple of it; got "
+                             f"epoch {epoch}")
         self.epoch = epoch
-        if epoch >= self.cached_epochs:
-            warnings.warn(f"cache {self.reader.url} holds {self.cached_epochs} epoch(s) of views; epoch {epoch} "
-                          f"replays cached epoch {epoch % self.cached_epochs}", CycledViewsWarning, stacklevel=2)
+        last = epoch + self.views_per_decode - 1
+        if last >= self.cached_epochs:
+            warnings.warn(f"cache {self.reader.url} holds {self.cached_epochs} epoch(s) of views; epoch {last} "
+                          f"replays cached epoch {last % self.cached_epochs}", CycledViewsWarning, stacklevel=2)
+
+    @property
+    def view_epochs(self) -> list[int]:
+        """The training epochs whose views a pass attaches (``[epoch]`` when views_per_decode is 1)."""
+        return list(range(self.epoch, self.epoch + self.views_per_decode))
 
     def shard_of(self, url: str) -> int:
         """The manifest's shard index of a sample's ``__url__`` (full URL, manifest name, or a unique file name)."""
@@ -595,11 +627,30 @@ class CachedViewsStage:
                         f"{len(self.manifest.shards)} shards, e.g. {self.manifest.shards[0].name})")
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        url, shard, check, table, offset, mixer = None, -1, None, None, 0, None
+        groups = self._groups(src)
+        if self.views_per_decode == 1:
+            for group in groups:
+                yield from group
+            return
+        rng = None if self.shuffle_seed is None else random.Random(
+            f"logitcache-stage-spread/{self.shuffle_seed}/{self.epoch}/{self.views_per_decode}")
+        yield from spread_stream(groups, self.views_per_decode, self.batch_size, rng, where="cached_views_stage")
+
+    def _units(self, shard: int) -> list[tuple[int, UnitTable, UnitMixer]]:
+        units = []
+        for e in self.view_epochs:  # one unit (cached epoch e mod E, shard) per view epoch of the pass
+            table = UnitTable(self.reader, e % self.cached_epochs, shard)
+            # the dump's own path: stored params, mixing recipes mix with the stored partner of the unit
+            units.append((e, table, UnitMixer(self.recipe, seed=self.reader.meta.seed, epoch=e % self.cached_epochs,
+                                              shard=shard, stored=table.view_params)))
+        return units
+
+    def _groups(self, src: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        """Per decoded sample, its finished views (one dict each; the raw dict itself when N is 1)."""
+        url, shard, check, offset, units = None, -1, None, 0, []
         for sample in src:
             if sample.get("__url__") != url:
-                if mixer is not None:
-                    yield from self._finish(mixer.finish())
+                yield from self._by_sample([(e, t, m.finish()) for e, t, m in units])
                 if check is not None:
                     check.finish()
                 url = sample.get("__url__")
@@ -608,14 +659,11 @@ class CachedViewsStage:
                                     "the tar reader (tarfile_to_samples)")
                 shard = self.shard_of(url)
                 check = ShardCheck(self.manifest.shards[shard], url)
-                table = UnitTable(self.reader, self.epoch % self.cached_epochs, shard)
-                # the dump's own path: stored params, mixing recipes mix with the stored partner of the unit
-                mixer = UnitMixer(self.recipe, seed=self.reader.meta.seed, epoch=self.epoch % self.cached_epochs,
-                                  shard=shard, stored=table.view_params)
-                offset = -1
+                units, offset = self._units(shard), -1
             offset += 1
             check.add_key(sample["__key__"])
-            if offset in table.skipped:
+            live = [u for u in units if offset not in u[1].skipped]
+            if not live:
                 continue  # the dump skipped it: no teacher row
             try:
                 image, label = decode_sample(sample, self.manifest.num_classes, label_key=self.manifest.label_key)
@@ -623,23 +671,24 @@ class CachedViewsStage:
                 if self.skip_bad:
                     continue
                 raise
-            index = self.manifest.shards[shard].first_index + offset
-            yield from self._finish(mixer.push(_StageSample(offset, index, image, label, url, sample, table)))
-        if mixer is not None:
-            yield from self._finish(mixer.finish())
+            s = _StageSample(offset, self.manifest.shards[shard].first_index + offset, image, label, url, sample)
+            yield from self._by_sample([(e, t, m.push(s)) for e, t, m in live])
+        yield from self._by_sample([(e, t, m.finish()) for e, t, m in units])
         if check is not None:
             check.finish()
 
-    def _finish(self, views) -> Iterator[dict[str, Any]]:
-        for v in views:
-            s = v.sample
-            s.raw["image"] = v.image
-            s.raw["soft"] = s.table.row(s.offset, s.label)
-            s.raw["target"] = s.label if not self.recipe.mixes else mixed_targets(
-                torch.tensor([s.label]), torch.tensor([v.partner_label]), torch.tensor([v.lam]),
-                self.manifest.num_classes)[0]
-            s.raw["index"] = s.index
-            yield s.raw
+    def _by_sample(self, pushed: list[tuple[int, UnitTable, list]]) -> Iterator[list[dict[str, Any]]]:
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for e, table, views in pushed:
+            for v in views:
+                s = v.sample
+                d = s.raw if self.views_per_decode == 1 else dict(s.raw)
+                d["image"], d["soft"], d["index"], d["epoch"] = v.image, table.row(s.offset, s.label), s.index, e
+                d["target"] = s.label if not self.recipe.mixes else mixed_targets(
+                    torch.tensor([s.label]), torch.tensor([v.partner_label]), torch.tensor([v.lam]),
+                    self.manifest.num_classes)[0]
+                groups.setdefault(s.offset, []).append(d)
+        yield from groups.values()
 
 
 class _StageSample(NamedTuple):
@@ -651,7 +700,6 @@ class _StageSample(NamedTuple):
     label: int
     url: str
     raw: dict[str, Any]
-    table: UnitTable
 
     @property
     def where(self) -> str:
@@ -659,7 +707,8 @@ class _StageSample(NamedTuple):
 
 
 def cached_views_stage(data, cache, *, epoch: int, group: str | None = None, **kwargs) -> CachedViewsStage:
-    """The webdataset stage of `CachedViewsStage` (a callable ``stage(samples) -> samples``); see there."""
+    """The webdataset stage of `CachedViewsStage` (a callable ``stage(samples) -> samples``; ``views_per_decode``,
+    ``batch_size``, ``shuffle_seed``: several views per decode); see there."""
     return CachedViewsStage(data, cache, epoch=epoch, group=group, **kwargs)
 
 

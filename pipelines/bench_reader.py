@@ -5,7 +5,8 @@ synthetic_teacher.py) is written locally with the real CacheWriter and copied to
 this script starts on loopback, in a process of its own. Then, for each store, three access patterns are timed
 (no images decoded):
 
-  units       read every unit once (5 chunk objects) and build the `TopKLogits` rows of all its views;
+  units       read every unit once (one chunk object in format 2, the default; 5 with --format 1) and build
+              the `TopKLogits` rows of all its views;
   batches     `CacheReader.rows()` per batch of --batch-size views in shard order: each call re-reads the
               unit, as a loader that does not keep the unit between batches would;
   prefetch    `units` with --threads units fetched concurrently (a thread pool; zarr's async I/O underneath).
@@ -20,11 +21,11 @@ GETs per training epoch (issue 14, ``--only gets``): an ImageNet-shaped cache â€
 --gets-epochs 10 cached epochs, tiny units (2 samples of 28 px each, so the count, not the bytes, is measured) â€”
 on a moto S3 server in this process that counts every request it answers (server side, so DataLoader workers'
 requests count too). One training epoch through `CachedViews` + DataLoader, from a fresh reader, with 0 and with
-4 workers: the requests it costs, next to the units it reads (5 chunk objects each). Claims: 4 workers cost the
-same as 0 (within 1%), and the requests are the units' chunks plus a constant (opening the cache and one unit
-index object per epoch; with --gets-without-index also a cache without them, where the fallback lists the
-markers and reads the epoch's). The units'
-chunk objects and markers are copies of one real unit (their bytes do not matter to the count), the unit
+4 workers: the requests it costs, next to the units it reads (1 chunk object each in format 2; 5 with
+--format 1). Claims: 4 workers cost the same as 0 (within 1%), and the requests are the units' chunks plus a
+constant (opening the cache and one unit index object per epoch; with --gets-without-index also a cache without
+them, where the fallback lists the markers and reads the epoch's). The units' chunk objects and markers are
+copies of one real unit (their bytes do not matter to the count), the unit
 indexes are the dump's (`write_unit_indexes`).
 
     .venv/bin/python pipelines/bench_reader.py --only gets     # about a minute; the GET table only
@@ -50,8 +51,9 @@ from synthetic_teacher import describe, synthetic_teacher_logits  # noqa: E402
 
 from logitcache.cache import schema  # noqa: E402
 from logitcache.cache.reader import CacheReader
-from logitcache.cache.schema import UnitRows  # noqa: E402
-from logitcache.cache.writer import CacheWriter
+from logitcache.cache.writer import CacheWriter  # noqa: E402
+from logitcache.labels.codecs import PackedCodec  # noqa: E402
+from logitcache.labels.tails import tail_settings  # noqa: E402
 from logitcache.labels.topk import TopKLogits  # noqa: E402
 
 C, K, TEMPS = 1000, 10, (1.0, 4.0)
@@ -84,32 +86,41 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     return server, endpoint
 
 
-def write_cache(url: str, shards: int, shard_size: int, epochs: int, seed: int = 0) -> dict[str, float]:
-    """A cache of synthetic-teacher rows; returns the teacher's figures (accuracy, top-1 prob, top-k mass)."""
+def group_meta(recipe, num_classes: int, k: int, temps: tuple[float, ...], epochs: int, fmt: int,
+               seed: int = 0) -> schema.GroupMeta:
+    """The group metadata of a synthetic cache in format ``fmt`` (2: the packed codec at its defaults, uniform
+    tail; 1: float16 values)."""
+    kw = {}
+    if fmt == 2:
+        codec = PackedCodec(k, num_classes, len(temps), len(recipe.param_fields))
+        kw = {"codec": codec.to_json(), "tail": tail_settings("uniform", prior_views=0), "value_dtype": None,
+              "index_dtype": None}
+    return schema.GroupMeta(
+        teacher="synthetic", weights=None, weights_digest="-", num_classes=num_classes,
+        normalization={"mean": [0.5] * 3, "std": [0.5] * 3}, recipe=recipe.to_json(),
+        param_fields=tuple(recipe.param_fields), k=k, temperatures=temps, seed=seed, epochs=epochs, **kw)
+
+
+def write_cache(url: str, shards: int, shard_size: int, epochs: int, fmt: int = 2, seed: int = 0) -> dict[str, float]:
+    """A cache of synthetic-teacher rows in format ``fmt``; returns the teacher's figures (accuracy, top-1 prob,
+    top-k mass)."""
     from logitcache.views.recipe import get_recipe, sample_view
     from logitcache.views.rng import view_rng
 
     recipe = get_recipe("imagenet", 224)
-    root = schema.RootMeta("synthetic", C, shards, (shard_size,) * shards, format_version=schema.FORMAT_1)
-    meta = schema.GroupMeta(
-        teacher="synthetic", weights=None, weights_digest="-", num_classes=C,
-        normalization={"mean": [0.0] * 3, "std": [1.0] * 3}, recipe=recipe.to_json(),
-        param_fields=tuple(recipe.param_fields), k=K, temperatures=TEMPS, seed=seed, epochs=epochs,
-    )
-    w = CacheWriter.create_or_open(url, "synthetic", meta, root, {})
+    root = schema.RootMeta("synthetic", C, shards, (shard_size,) * shards,
+                           format_version=(2, 0) if fmt == 2 else schema.FORMAT_1)
+    w = CacheWriter.create_or_open(url, "synthetic", group_meta(recipe, C, K, TEMPS, epochs, fmt, seed), root, {})
     figures = None
     for e in range(epochs):
         for s in range(shards):
             z, y = synthetic_teacher_logits(shard_size, C, seed=seed + 1000 * e + s)
             if figures is None:
                 figures = describe(z, y, ks=(K,))
-            tk = TopKLogits.from_logits(z, y, K, TEMPS)
+            tk = TopKLogits.from_logits(z, y, K, TEMPS, keep_rest=fmt == 2)
             views = np.stack([sample_view(view_rng(seed, e, s * shard_size + i), 375, 500, recipe).to_array()
                               for i in range(shard_size)]).astype(np.int16)
-            rows = UnitRows(tk.indices.numpy().astype(meta.index_dtype),
-                            (tk.logits - tk.lse[:, :1]).numpy().astype("float16"), tk.target_logprob.numpy(),
-                            tk.lse.numpy(), views)
-            w.write_unit(e, s, np.arange(shard_size), rows, shard_size, {"views": shard_size})
+            w.write_unit(e, s, np.arange(shard_size), w.encode_rows(tk, views), shard_size, {"views": shard_size})
     return figures
 
 
@@ -192,7 +203,8 @@ class CountingS3:
         self._server.shutdown()
 
 
-def imagenet_shaped_cache(tmp: str, shards: int, epochs: int, per_shard: int = 2) -> tuple[str, dict[str, bytes]]:
+def imagenet_shaped_cache(tmp: str, shards: int, epochs: int, per_shard: int = 2,
+                          fmt: int = 2) -> tuple[str, dict[str, bytes]]:
     """Data shards (``per_shard`` 28 px PNGs each) on local disk, and the objects of a cache over them:
     ``shards x epochs`` units, each a copy of one real unit, with markers and the dump's unit indexes."""
     import io
@@ -218,17 +230,16 @@ def imagenet_shaped_cache(tmp: str, shards: int, epochs: int, per_shard: int = 2
     write_shards(samples(), data, class_names=[str(c) for c in range(10)], samples_per_shard=per_shard)
     manifest = load_manifest(data)
     recipe = get_recipe("small", 28)
-    root = schema.RootMeta(manifest.fingerprint, 10, shards, tuple(s.num_samples for s in manifest.shards))
-    meta = schema.GroupMeta(
-        teacher="synthetic", weights=None, weights_digest="-", num_classes=10,
-        normalization={"mean": [0.5] * 3, "std": [0.5] * 3}, recipe=recipe.to_json(),
-        param_fields=tuple(recipe.param_fields), k=3, temperatures=(1.0,), seed=0, epochs=epochs)
+    root = schema.RootMeta(manifest.fingerprint, 10, shards, tuple(s.num_samples for s in manifest.shards),
+                           format_version=(2, 0) if fmt == 2 else schema.FORMAT_1)
+    meta = group_meta(recipe, 10, 3, (1.0,), epochs, fmt)
     local = os.path.join(tmp, "template.zarr")
     writer = CacheWriter.create_or_open(local, "synthetic", meta, root, manifest.to_json())
     g = torch.Generator().manual_seed(0)
-    tk = TopKLogits.from_logits(torch.randn(per_shard, 10, generator=g), torch.arange(per_shard) % 10, 3, (1.0,))
+    tk = TopKLogits.from_logits(torch.randn(per_shard, 10, generator=g), torch.arange(per_shard) % 10, 3, (1.0,),
+                                keep_rest=fmt == 2)
     views = np.stack([sample_view(view_rng(0, 0, i), 28, 28, recipe).to_array() for i in range(per_shard)])
-    template = writer.write_unit(0, 0, np.arange(per_shard), UnitRows.from_topk(tk, views, "float16"), per_shard,
+    template = writer.write_unit(0, 0, np.arange(per_shard), writer.encode_rows(tk, views), per_shard,
                                  {"views": float(per_shard)})
     objects: dict[str, bytes] = {}
     for dirpath, _, files in os.walk(local):
@@ -236,13 +247,12 @@ def imagenet_shaped_cache(tmp: str, shards: int, epochs: int, per_shard: int = 2
             path = os.path.join(dirpath, f)
             with open(path, "rb") as fh:
                 objects[os.path.relpath(path, local)] = fh.read()
-    ndim = {name: len(writer._arrays[name].shape) for name in schema.ARRAY_NAMES}
-    chunks = {name: objects[schema.chunk_key("synthetic", name, 0, 0, ndim[name])] for name in schema.ARRAY_NAMES}
+    chunks = {name: objects[key] for name, key in schema.unit_chunk_keys("synthetic", meta, 0, 0).items()}
     per_epoch: dict[int, list] = {}
     for e in range(epochs):
         for s in range(shards):
-            for name in schema.ARRAY_NAMES:
-                objects[schema.chunk_key("synthetic", name, e, s, ndim[name])] = chunks[name]
+            for name, key in schema.unit_chunk_keys("synthetic", meta, e, s).items():
+                objects[key] = chunks[name]
             m = schema.UnitMarker(e, s, per_shard, template.chunks, template.stats, ())
             objects[schema.unit_marker_key("synthetic", e, s)] = m.to_bytes()
             per_epoch.setdefault(e, []).append(m)
@@ -269,7 +279,8 @@ def gets_per_epoch(args) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            data, objects = imagenet_shaped_cache(tmp, args.gets_shards, args.gets_epochs)
+            data, objects = imagenet_shaped_cache(tmp, args.gets_shards, args.gets_epochs, fmt=args.format)
+            n_arrays = 1 if args.format == 2 else len(schema.ARRAY_NAMES)  # chunk objects per unit
             backend = s3_backends["123456789012"]["aws"]
             backend.create_bucket(BUCKET, "us-east-1")
             for key, value in objects.items():
@@ -291,13 +302,14 @@ def gets_per_epoch(args) -> dict:
                 counts = server.snapshot()
                 units = args.gets_shards
                 rows.append({"unit_index": index, "workers": workers, "samples": samples, "units_read": units,
-                             "chunk_objects": units * len(schema.ARRAY_NAMES), "requests": counts,
+                             "chunk_objects": units * n_arrays, "requests": counts,
                              "gets": counts.get("GET", 0), "total": sum(counts.values()),
-                             "get_overhead": counts.get("GET", 0) - units * len(schema.ARRAY_NAMES)})
+                             "get_overhead": counts.get("GET", 0) - units * n_arrays})
     finally:
         server.stop()
     by = {(r["unit_index"], r["workers"]): r for r in rows}
     return {"shards": args.gets_shards, "cached_epochs": args.gets_epochs, "objects": len(objects),
+            "format": args.format, "chunk_objects_per_unit": n_arrays,
             "setup_seconds": setup_s, "rows": rows,
             "gets_ratio_4_over_0_workers": by[(True, 4)]["gets"] / by[(True, 0)]["gets"],
             "requests_ratio_4_over_0_workers": by[(True, 4)]["total"] / by[(True, 0)]["total"],
@@ -306,8 +318,9 @@ def gets_per_epoch(args) -> dict:
 
 
 def print_gets(g: dict) -> None:
-    n_arrays = len(schema.ARRAY_NAMES)
-    print(f"GETs per training epoch: {g['shards']} shards x {g['cached_epochs']} cached epochs ({g['objects']:,} "
+    n_arrays = g["chunk_objects_per_unit"]
+    print(f"GETs per training epoch, format {g['format']}: {g['shards']} shards x {g['cached_epochs']} cached "
+          f"epochs ({g['objects']:,} "
           f"objects on moto S3); one epoch reads {g['shards']} units = {g['shards'] * n_arrays:,} chunk objects")
     print(f"{'unit index':>10s} {'workers':>7s} {'GET':>7s} {'GET - chunks':>12s} {'LIST':>5s} {'HEAD':>6s} "
           f"{'all requests':>12s}")
@@ -337,6 +350,7 @@ def main() -> None:
     ap.add_argument("--gets-epochs", type=int, default=10, help="cached epochs of the ImageNet-shaped cache (GETs)")
     ap.add_argument("--gets-without-index", action="store_true", help="also count a cache without unit indexes")
     ap.add_argument("--only", choices=("gets", "throughput"), default=None)
+    ap.add_argument("--format", type=int, choices=(1, 2), default=2, help="cache format (2: one chunk per unit)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -355,7 +369,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "cache.zarr")
-            teacher = write_cache(local, args.shards, args.shard_size, args.epochs)
+            teacher = write_cache(local, args.shards, args.shard_size, args.epochs, args.format)
             fs = fsspec.filesystem("s3")
             fs.mkdir(BUCKET)
             fs.put(local, f"{BUCKET}/cache.zarr", recursive=True)
@@ -380,7 +394,7 @@ def main() -> None:
     report = {
         "setup": {"shards": args.shards, "shard_size": args.shard_size, "epochs": args.epochs, "k": K,
                   "classes": C, "temperatures": list(TEMPS), "batch_size": args.batch_size,
-                  "threads": args.threads, "bytes_per_unit": unit_bytes,
+                  "threads": args.threads, "bytes_per_unit": unit_bytes, "format": args.format,
                   "bytes_per_view": unit_bytes / args.shard_size, "logit_source": "synthetic_teacher",
                   "teacher": teacher, "s3": f"moto server (own process) at {endpoint}",
                   "cpu": platform.processor() or "?", "torch_threads": 1},
@@ -391,7 +405,8 @@ def main() -> None:
         print(json.dumps(report, indent=1))
         return
     s = report["setup"]
-    print(f"cache: {s['shards']} shards x {s['shard_size']} views x {s['epochs']} epochs, k={K}, C={C}, "
+    print(f"cache (format {s['format']}): {s['shards']} shards x {s['shard_size']} views x {s['epochs']} epochs, "
+          f"k={K}, C={C}, "
           f"{s['bytes_per_view']:.1f} B/view, {s['bytes_per_unit'] / 1024:.1f} KiB/unit; synthetic teacher "
           f"top-1 prob {teacher['mean_top1_prob']:.2f}, top-{K} mass {teacher[f'mean_top{K}_mass']:.2f}")
     print(f"{'pattern':10s} {'local views/s':>14s} {'S3 (moto) views/s':>18s} {'local/S3':>9s}")

@@ -1,10 +1,12 @@
 """Benchmark: bytes per view of a cache at k = 10, C = 1000, one temperature, per view recipe (issue 15).
 
 Same synthetic 1000-class teacher as ``bench_storage.py`` (its figures printed there); only the view parameters
-differ: ``imagenet`` (crop box + flip, 5 int16) vs ``deit`` (crop box, flags, RandAugment, erasing, mix partner,
-λ and CutMix box: 18 int16), drawn for typical ImageNet image sizes (300-500 px a side) with the unit's partner
-cycles, 1000 views per shard. Reports the whole cache's bytes/view and the view-param array's bytes/view, and the
-sum over fields of each field's empirical entropy (the floor for any coder that treats fields independently).
+differ: ``imagenet`` (crop box + flip, 5 int16) vs ``deit`` v1 (crop box, flags, RandAugment, erasing box and
+seed, mix partner, λ and CutMix box: 18 int16) and v2 (the same on coarser grids, no stored seed or partner:
+15 int16), and ``tv-v2`` v1 / v2 likewise, drawn for typical ImageNet image sizes (300-500 px a side) with the
+unit's partner cycles, 1000 views per shard. Reports the whole cache's bytes/view, the params' share of it (the
+cache minus the same cache with all params 0), the view-param array alone as format 1 / format 2 lay it out, and
+the sum over fields of each field's empirical entropy (the floor for any coder that treats fields independently).
 
     .venv/bin/python pipelines/bench_recipe_storage.py [--views 10000] [--json]
 """
@@ -12,7 +14,6 @@ sum over fields of each field's empirical entropy (the floor for any coder that 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -24,23 +25,28 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_storage  # noqa: E402 - the synthetic teacher, cache writer and size accounting of the storage bench
+from synthetic_teacher import synthetic_teacher_logits  # noqa: E402 - the storage bench's synthetic teacher
 
+from logitcache.cache import schema  # noqa: E402
+from logitcache.cache.fidelity import FORMAT_2, write_cache  # noqa: E402 - the storage bench's cache writer
 from logitcache.views.ops.mix import block_partners  # noqa: E402
 from logitcache.views.recipe import get_recipe, sample_view  # noqa: E402
 from logitcache.views.rng import view_rng  # noqa: E402
 
 K = 10
+C = 1000
 
 
-def recipe_params(name: str, n: int, shard_size: int, seed: int = 0) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The stored params of ``n`` views of recipe ``name``, partners drawn per unit block as the dump does."""
-    recipe = get_recipe(name, 224)
+def recipe_params(name: str, n: int, shard_size: int, seed: int = 0,
+                  version: int | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The stored params of ``n`` views of recipe ``name``, partners drawn per unit block as the dump does
+    (version 1 stores the partner; version 2 derives it from the unit and stores nothing for it)."""
+    recipe = get_recipe(name, 224, version)
     rng = np.random.default_rng(seed)
     hs, ws = rng.integers(300, 501, n), rng.integers(300, 501, n)
     rows = np.stack([sample_view(view_rng(seed, 0, i), int(h), int(w), recipe).to_array()
                      for i, (h, w) in enumerate(zip(hs, ws, strict=True))]).astype(np.int16)
-    if recipe.mixes:
+    if recipe.mixes and not recipe.coded:
         i_partner = recipe.field_index("mix_partner")
         for shard_start in range(0, n, shard_size):
             for b0 in range(shard_start, min(shard_start + shard_size, n), recipe.mix_block):
@@ -72,23 +78,29 @@ def cache_bytes(url: str) -> int:
 
 
 def write_synthetic_cache(url, logits, target, views, fields, shard_size) -> None:
-    """The storage bench's own writer (its signature grew with format 2; the default format is written)."""
-    params = inspect.signature(bench_storage.write_cache).parameters
-    if "fmt" in params:
-        fmt = bench_storage.schema.FORMAT_VERSION[0]
-        bench_storage.write_cache(url, logits, target, views, fields, K, (1.0,), fmt, {}, "uniform", None,
-                                  shard_size)
-    else:
-        bench_storage.write_cache(url, logits, target, views, fields, K, "float16", shard_size)
+    """The storage bench's writer (`logitcache.cache.fidelity`), format 2 with its default codec."""
+    write_cache(url, logits, target, views, fields, K, (1.0,), FORMAT_2, None, shard_size)
+
+
+def field_entropies(rows: np.ndarray, fields) -> dict[str, float]:
+    """Empirical entropy of each field, bits per view."""
+    out = {}
+    for j, f in enumerate(fields):
+        _, c = np.unique(rows[:, j], return_counts=True)
+        p = c / len(rows)
+        out[f] = float(-(p * np.log2(p)).sum())
+    return out
 
 
 def field_entropy_bytes(rows: np.ndarray) -> float:
-    total = 0.0
-    for j in range(rows.shape[1]):
-        _, c = np.unique(rows[:, j], return_counts=True)
-        p = c / len(rows)
-        total += float(-(p * np.log2(p)).sum())
-    return total / 8
+    return sum(field_entropies(rows, range(rows.shape[1])).values()) / 8
+
+
+def joint_entropy_bits(rows: np.ndarray) -> float:
+    """Entropy of whole rows (a lower bound on any coder of these views; biased low when views are few)."""
+    _, c = np.unique(rows, axis=0, return_counts=True)
+    p = c / len(rows)
+    return float(-(p * np.log2(p)).sum())
 
 
 def main(argv=None) -> dict:
@@ -97,36 +109,48 @@ def main(argv=None) -> dict:
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    bench_storage.TEMPS = (1.0,)
     torch.manual_seed(0)
-    logits, target = bench_storage.synthetic_teacher_logits(args.views, bench_storage.C, seed=0)
+    logits, target = synthetic_teacher_logits(args.views, C, seed=0)
     result = {"benchmark": "recipe_storage", "machine": platform.machine(), "cpus": os.cpu_count(),
-              "date": time.strftime("%Y-%m-%d"), "views": args.views, "k": K, "num_classes": bench_storage.C,
+              "date": time.strftime("%Y-%m-%d"), "views": args.views, "k": K, "num_classes": C,
               "temperatures": [1.0], "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("imagenet", "deit"):
-            views, fields = recipe_params(name, args.views, args.shard_size)
-            url = os.path.join(tmp, f"{name}.zarr")
+        for name, version in (("imagenet", 1), ("deit", 1), ("deit", 2), ("tv-v2", 1), ("tv-v2", 2)):
+            views, fields = recipe_params(name, args.views, args.shard_size, version=version)
+            url = os.path.join(tmp, f"{name}-v{version}.zarr")
             write_synthetic_cache(url, logits, target, views, fields, args.shard_size)
+            # the same cache with every param 0: the difference is what the params cost inside the real layout
+            zero_url = os.path.join(tmp, f"{name}-v{version}-zero.zarr")
+            write_synthetic_cache(zero_url, logits, target, np.zeros_like(views), fields, args.shard_size)
             layouts = layout_bytes(views, args.shard_size)
             result["rows"].append({
-                "recipe": name, "param_fields": len(fields), "bytes_per_view": cache_bytes(url) / args.views,
-                "cache_format": list(bench_storage.schema.FORMAT_VERSION),
+                "recipe": f"{name} v{version}", "param_fields": len(fields),
+                "bytes_per_view": cache_bytes(url) / args.views,
+                "view_params_bytes_per_view_in_cache": (cache_bytes(url) - cache_bytes(zero_url)) / args.views,
+                "view_params_joint_entropy_bytes": joint_entropy_bits(views) / 8,
+                "cache_format": list(schema.FORMAT_VERSION),
                 "view_params_bytes_per_view_format1": layouts["format1_rows"],
                 "view_params_bytes_per_view_format2": layouts["format2_fields"],
                 "view_params_field_entropy_bytes": field_entropy_bytes(views),
+                "field_entropy_bits": field_entropies(views, fields),
             })
     if args.json:
         print(json.dumps(result, indent=1))
         return result
-    fmt = ".".join(str(v) for v in bench_storage.schema.FORMAT_VERSION)
-    print(f"cache bytes/view at k={K}, C={bench_storage.C}, T=1, {args.views} synthetic views, format {fmt}, "
-          f"by view recipe; then the view params alone as format 1 / format 2 lay them out:")
-    print(f"{'recipe':>9} {'fields':>6} {'B/view':>7} {'params f1':>10} {'params f2':>10} {'entropy floor':>14}")
+    fmt = ".".join(str(v) for v in schema.FORMAT_VERSION)
+    print(f"cache bytes/view at k={K}, C={C}, T=1, {args.views} synthetic views, format {fmt}, "
+          f"by view recipe; the params' share of it (cache minus the same cache with all params 0); the view "
+          f"params alone as format 1 / format 2 lay them out; the sum of per-field entropies:")
+    print(f"{'recipe':>11} {'fields':>6} {'B/view':>7} {'params in cache':>15} {'params f1':>10} {'params f2':>10} "
+          f"{'entropy floor':>14}")
     for r in result["rows"]:
-        print(f"{r['recipe']:>9} {r['param_fields']:>6} {r['bytes_per_view']:7.1f} "
+        print(f"{r['recipe']:>11} {r['param_fields']:>6} {r['bytes_per_view']:7.1f} "
+              f"{r['view_params_bytes_per_view_in_cache']:15.1f} "
               f"{r['view_params_bytes_per_view_format1']:10.1f} {r['view_params_bytes_per_view_format2']:10.1f} "
               f"{r['view_params_field_entropy_bytes']:14.1f}")
+    print("per-field entropy, bits/view:")
+    for r in result["rows"]:
+        print(f"  {r['recipe']}: " + ", ".join(f"{f} {b:.2f}" for f, b in r["field_entropy_bits"].items()))
     return result
 
 

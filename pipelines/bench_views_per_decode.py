@@ -11,6 +11,8 @@ classes, imagenet recipe at 224 px) — the teacher does not enter any figure be
    views/s alongside. Replay: `CachedViews(views_per_decode=N)` over all 8 cached epochs (8/N passes), N = 1, 2, 4, 8;
    views/s and the ratio to N = 1 (target: N = 4 >= 2.0). The dump's data path (`UnitViews`, which decodes a
    shard once for all its pending epochs) is reported the same way: views/s for E = 1, 2, 4, 8 epochs per decode.
+   ``--stages``: where the time goes, in CPU milliseconds: read + decode per image; per view the crop to PIL, the
+   antialiased resize, the flip, PIL to tensor, the soft-label row, and the collation of a batch.
 2. End to end (``--e2e``): `train` in a data-bound setting — a student far cheaper than decoding (`tiny224`: one
    8x8/8 patchify conv to 8 channels, global pool, linear; registered by this script), 224 px, batch 32, the same
    ``--workers`` for both: cached NKD with N = 4 vs plain CE with N = 1, images (views) per second of training
@@ -19,7 +21,7 @@ classes, imagenet recipe at 224 px) — the teacher does not enter any figure be
 Rounds are interleaved and the best of ``--repeats`` is kept, so a noisy neighbour hurts every contender alike;
 the figures are ratios from one run on this machine (printed with its CPU count and load average).
 
-    .venv/bin/python pipelines/bench_views_per_decode.py [--images 64] [--repeats 3] [--e2e] [--json]
+    .venv/bin/python pipelines/bench_views_per_decode.py [--images 64] [--repeats 3] [--stages] [--e2e] [--json]
 """
 
 from __future__ import annotations
@@ -37,14 +39,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from logitcache.cache.reader import CacheReader, UnitTable
 from logitcache.data.manifest import load_manifest
+from logitcache.data.shards import iter_shard
 from logitcache.data.write import write_shards
 from logitcache.dump import DumpConfig, UnitViews, dump
 from logitcache.models.zoo import IMAGENET_MEAN, IMAGENET_STD, LOCAL_MODELS, ModelSpec
 from logitcache.replay import CachedViews, collate
 from logitcache.train.config import TrainConfig
 from logitcache.train.loop import train
-from logitcache.views.recipe import get_recipe
+from logitcache.views.ops.geometry import _from_pil, _to_pil
+from logitcache.views.recipe import Recipe, get_recipe
 
 SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (333, 500), (500, 375), (400, 300))
 CACHED_EPOCHS = 8
@@ -115,6 +120,47 @@ def dump_rate(data: str, n_epochs: int, batch_size: int) -> tuple[float, float]:
     return views / (time.process_time() - c0), views / (time.perf_counter() - t0)
 
 
+def stage_costs(data: str, cache: str, batch_size: int, repeats: int) -> dict[str, float]:
+    """CPU milliseconds of each step of the replay path (best of ``repeats``): per image the read + decode, per
+    view (all cached epochs of every image) the steps of `apply_view` for this recipe, the row and the collation."""
+    manifest, reader = load_manifest(data), CacheReader(cache, None)
+    recipe = Recipe.from_json(reader.meta.recipe)
+    tables = {(e, s): UnitTable(reader, e, s) for e in range(CACHED_EPOCHS) for s in range(len(manifest.shards))}
+    best: dict[str, float] = {}
+
+    def clock(name: str, per: int, t0: float) -> None:
+        best[name] = min(best.get(name, float("inf")), (time.process_time() - t0) * 1e3 / per)
+
+    for _ in range(repeats):
+        t0 = time.process_time()
+        samples = [(s, x) for s in range(len(manifest.shards)) for x in iter_shard(manifest, s)]
+        clock("read + decode (per image)", len(samples), t0)
+        views = [(x, tables[(e, s)], recipe.params_from_array(np.asarray(tables[(e, s)].view_params[x.offset],
+                                                                         np.int16)))
+                 for s, x in samples for e in range(CACHED_EPOCHS)]
+        t0 = time.process_time()
+        ims = [_to_pil(x.image[:, p.top:p.top + p.height, p.left:p.left + p.width]) for x, _, p in views]
+        clock("crop to PIL", len(views), t0)
+        t0 = time.process_time()
+        ims = [im.resize((recipe.image_size,) * 2, recipe.resample) for im in ims]
+        clock("resize (Pillow, antialiased)", len(views), t0)
+        t0 = time.process_time()
+        ims = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else im
+               for im, (_, _, p) in zip(ims, views, strict=True)]
+        clock("flip", len(views), t0)
+        t0 = time.process_time()
+        tensors = [_from_pil(im) for im in ims]
+        clock("PIL to tensor", len(views), t0)
+        t0 = time.process_time()
+        rows = [table.row(x.offset, x.label) for x, table, _ in views]
+        clock("soft-label row", len(views), t0)
+        t0 = time.process_time()
+        for k in range(0, len(views), batch_size):
+            collate([(tensors[j], rows[j], views[j][0].label) for j in range(k, min(k + batch_size, len(views)))])
+        clock("collate", len(views), t0)
+    return best
+
+
 class _Tiny224(torch.nn.Module):
     def __init__(self, num_classes: int):
         super().__init__()
@@ -149,6 +195,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--per-shard", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stages", action="store_true", help="also the cost of each step of the replay path")
     ap.add_argument("--e2e", action="store_true", help="also the end-to-end training comparison")
     ap.add_argument("--e2e-workers", type=int, default=1)
     ap.add_argument("--e2e-epochs", type=int, default=8)
@@ -169,6 +216,7 @@ def main(argv=None) -> dict:
                 replay[n], replay_wall[n] = max(replay.get(n, 0.0), cpu), max(replay_wall.get(n, 0.0), wall)
                 cpu, wall = dump_rate(data, n, args.batch_size)
                 dumping[n], dumping_wall[n] = max(dumping.get(n, 0.0), cpu), max(dumping_wall.get(n, 0.0), wall)
+        stages = stage_costs(data, cache, args.batch_size, args.repeats) if args.stages else {}
         e2e_rates = e2e(data, cache, root, args.e2e_workers, args.e2e_epochs, args.repeats) if args.e2e else {}
     summary = {
         "benchmark": "views_per_decode", "images": args.images, "mean_jpeg_kb": kb, "image_size": 224,
@@ -183,6 +231,8 @@ def main(argv=None) -> dict:
         "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version(),
                     "torch": torch.__version__, "processor": platform.processor() or platform.machine()},
     }
+    if stages:
+        summary["stages_cpu_ms"] = {k: round(v, 4) for k, v in stages.items()}
     if e2e_rates:
         summary.update({"e2e_images_per_s": {k: round(v, 1) for k, v in e2e_rates.items()},
                         "e2e_ratio_nkd_n4_over_ce_n1": e2e_rates["nkd cached, N=4"] / e2e_rates["ce, N=1"],
@@ -195,6 +245,8 @@ def main(argv=None) -> dict:
               f"dump data path E={n}: {dumping[n]:7.1f} views/CPU-s  "
               f"x{dumping[n] / dumping[1]:.2f}", file=log)
     print(f"target: replay N=4 / N=1 >= 2.0 -> {replay[4] / replay[1]:.2f}", file=log)
+    for k, v in stages.items():
+        print(f"  {k:30s} {v:6.3f} CPU-ms per {'image' if 'image' in k else 'view'}", file=log)
     if e2e_rates:
         for k, v in e2e_rates.items():
             print(f"train {k:16s} {v:7.1f} images/s ({args.e2e_workers} worker(s), tiny224 student)", file=log)

@@ -29,6 +29,7 @@ from logitcache.train.config import TrainConfig
 from logitcache.train.loop import train
 from logitcache.views import digest as digest_mod
 from logitcache.views import recipe as recipe_mod
+from logitcache.views.ops import mix as mix_op
 from logitcache.views.recipe import get_recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -91,7 +92,8 @@ def test_cached_views_are_the_dumped_mixed_views(small_shards, deit_cache):
     fresh = _views(FreshViews(small_shards, seed=SEED, epoch=0, recipe=get_recipe("deit", 28), return_items=True))
     assert cached == fresh and len(cached) == 24
     r = get_recipe("deit", 28)
-    modes = [(np.frombuffer(v[3], np.int16)[r.field_index("flags")] >> 1) & 3 for v in cached.values()]
+    modes = [mix_op.decode_mode(np.frombuffer(v[3], np.int16)[r.field_index("flags")], r.coded)
+             for v in cached.values()]
     assert {1, 2} <= set(modes)  # both Mixup and CutMix occur
     assert any(v[2] < 1 for v in cached.values())
     # the public face: the mixed (C,) label that sums to 1
@@ -99,9 +101,9 @@ def test_cached_views_are_the_dumped_mixed_views(small_shards, deit_cache):
     assert target.shape == (10,) and math.isclose(float(target.sum()), 1.0, rel_tol=1e-6) and len(row) == 1
 
 
-@pytest.mark.parametrize("name", ["deit", "tv-v2"])
-def test_views_do_not_depend_on_workers_or_ranks(small_shards, name):
-    r = get_recipe(name, 28)
+@pytest.mark.parametrize("name,version", [("deit", 2), ("tv-v2", 2), ("deit", 1)])
+def test_views_do_not_depend_on_workers_or_ranks(small_shards, name, version):
+    r = get_recipe(name, 28, version)
 
     def run(workers, rank, world):
         ds = FreshViews(small_shards, seed=3, epoch=1, recipe=r, rank=rank, world_size=world, return_items=True,
@@ -236,3 +238,104 @@ def test_tv_v2_end_to_end(small_shards, teacher_weights, tmp_path):
     assert cached == fresh and len(cached) == 24 and any(v[2] < 1 for v in cached.values())
     res = recompute_views(str(out), None, str(small_shards), "smallcnn", teacher_weights, 8)
     assert res["views"] == 8 and res["mismatches"] == []
+
+
+def test_a_version_1_cache_still_replays_byte_exactly(small_shards, teacher_weights, tmp_path, monkeypatch):
+    """Caches dumped before ``deit`` v2 keep replaying with v1's params (stored seed and partner), and verify
+    --recompute agrees with them; v2 is what a dump makes now."""
+    out = tmp_path / "v1.zarr"
+    monkeypatch.setitem(recipe_mod._NEWEST, "deit", 1)  # what a dump made before v2 existed
+    dump(_dump_cfg(small_shards, out, teacher_weights))
+    monkeypatch.undo()
+    reader = CacheReader(str(out))
+    assert reader.meta.recipe["version"] == 1 and get_recipe("deit").version == 2
+    cached = _views(CachedViews(small_shards, reader, epoch=0, return_items=True))
+    fresh = _views(FreshViews(small_shards, seed=SEED, epoch=0, recipe=get_recipe("deit", 28, 1),
+                              return_items=True))
+    assert cached == fresh and len(cached) == 24
+    assert verify_cache(str(out), data=str(small_shards)).ok  # the replay digests of v1 views
+    res = recompute_views(str(out), None, str(small_shards), "smallcnn", teacher_weights, 12)
+    assert res["views"] == 12 and res["mismatches"] == []
+    with pytest.raises(CacheMismatchError):
+        CachedViews(small_shards, str(out), epoch=0, recipe=get_recipe("deit", 28))
+
+
+def test_two_rank_training_with_deit_sees_the_one_process_views(small_shards, tmp_path):
+    """A 2-rank torchrun (gloo, CPU) training run with ``--recipe deit`` against the 1-process run: the same sample
+    accounting (every sample once per epoch, lockstep at the planned steps) and the same mixed views and λ-mixed
+    targets. Batch 1 per rank and a vanishing learning rate make each view's loss depend on that view alone
+    (BatchNorm over one image, weights that do not move), so the epoch's mean CE and top-1 agree only if every
+    view — pixels, partner and λ — is the 1-process run's."""
+    from logitcache.data.manifest import load_manifest
+    from logitcache.train.lockstep import planned_steps
+
+    def run(out, nproc):
+        launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+                  if nproc > 1 else [sys.executable])
+        cmd = [*launch, "-m", "logitcache.cli", "train", "--data", str(small_shards), "--val", str(small_shards),
+               "--out", str(out), "--student", "smallcnn", "--loss", "ce", "--label-smoothing", "0.1",
+               "--recipe", "deit", "--image-size", "28", "--epochs", "2", "--batch-size", "1", "--lr", "1e-9",
+               "--seed", str(SEED), "--no-progress"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             cwd=Path(__file__).resolve().parents[1], timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    ddp, one = run(tmp_path / "ddp", 2), run(tmp_path / "one", 1)
+    m = load_manifest(small_shards)
+    for lines, world in ((ddp, 2), (one, 1)):
+        assert [x["epoch"] for x in lines] == [0, 1]
+        assert all(x["train"]["samples"] == 24 and x["train"]["samples_skipped"] == 0 and x["val"]["n"] == 24
+                   for x in lines)
+        assert lines[-1]["step"] == sum(planned_steps(m, [0, 1], SEED, e, world, 1, 0) for e in (0, 1))
+    for a, b in zip(ddp, one, strict=True):
+        assert math.isclose(a["train"]["ce"], b["train"]["ce"], rel_tol=1e-5), (a["train"], b["train"])
+        assert a["train"]["top1"] == b["train"]["top1"]
+    assert ddp[0]["train"]["ce"] != ddp[1]["train"]["ce"]  # epoch 1 draws other views (and partners)
+
+
+def test_pskd_refuses_a_mixing_recipe_naming_it(small_shards, tmp_path):
+    """PS-KD's target for a sample is its own previous-epoch prediction; a mixed view's prediction belongs to two
+    samples, so PS-KD with ``deit`` / ``tv-v2`` is refused before training (CLI: a message, no traceback)."""
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+    from logitcache.errors import RecipeError
+
+    for name in ("deit", "tv-v2"):
+        with pytest.raises(RecipeError, match=f"--loss pskd cannot train on recipe '{name}'.*two samples"):
+            train(TrainConfig(data=str(small_shards), out=str(tmp_path / name), student="smallcnn", loss="pskd",
+                              recipe=name, image_size=28, epochs=1, batch_size=4, progress=False))
+    res = CliRunner().invoke(main, ["train", "--data", str(small_shards), "--out", str(tmp_path / "cli"),
+                                    "--student", "smallcnn", "--loss", "pskd", "--recipe", "deit", "--image-size",
+                                    "28", "--epochs", "1", "--no-progress"])
+    assert res.exit_code != 0 and "recipe 'deit'" in res.output and "Traceback" not in res.output
+    # without mixing PS-KD runs as before
+    train(TrainConfig(data=str(small_shards), out=str(tmp_path / "small"), student="smallcnn", loss="pskd",
+                      recipe="small", epochs=1, batch_size=12, progress=False))
+
+
+def test_a_sample_the_dump_skips_leaves_its_partner_unmixed_and_replay_agrees(teacher_weights, tmp_path):
+    """deit v2 derives partners from the unit: a corrupt sample skipped by the dump is nobody's partner — the view
+    whose cycle partner it was is stored unmixed — and replay, fresh views and verify --recompute agree."""
+    from _data_helpers import make_png_gray
+
+    from logitcache.data.write import write_shards
+
+    rng = np.random.default_rng(3)
+    samples = [(f"s{i:03d}", {"png": make_png_gray(rng), "cls": str(i % 10).encode()}) for i in range(12)]
+    samples[4] = ("s004", {"png": b"not a png", "cls": b"4"})
+    write_shards(iter(samples), tmp_path / "data", class_names=[str(c) for c in range(10)], samples_per_shard=12)
+    out = tmp_path / "cache.zarr"
+    dump(_dump_cfg(tmp_path / "data", out, teacher_weights, skip_bad=True))
+    reader = CacheReader(str(out))
+    assert reader.markers()[(0, 0)].skipped == (4,)
+    cached = _views(CachedViews(tmp_path / "data", reader, epoch=0, skip_bad=True, return_items=True))
+    fresh = _views(FreshViews(tmp_path / "data", seed=SEED, epoch=0, recipe=get_recipe("deit", 28), skip_bad=True,
+                              return_items=True))
+    assert cached == fresh and sorted(cached) == [i for i in range(12) if i != 4]
+    orphan = next(o for o, p in mix_op.cycle_partners(SEED, 0, 0, 0, 16, 12).items() if p == 4)
+    assert cached[orphan][2] == 1.0 and cached[orphan][1] == orphan % 10  # not mixed: own label, λ 1
+    assert all(v[1] != 4 for v in cached.values())  # nobody mixes with the skipped sample
+    res = recompute_views(str(out), None, str(tmp_path / "data"), "smallcnn", teacher_weights, 11)
+    assert res["views"] == 11 and res["mismatches"] == []

@@ -176,23 +176,27 @@ def test_partners_form_cycles_inside_a_block_and_depend_only_on_the_unit():
 
 
 # ------------------------------------------------------------------ recipes
-@pytest.mark.parametrize("name", ["deit", "tv-v2"])
-def test_recipe_views_apply_twice_to_identical_bytes(name):
-    r = get_recipe(name, 32)
+VERSIONS = [("deit", 1), ("deit", 2), ("tv-v2", 1), ("tv-v2", 2)]
+
+
+@pytest.mark.parametrize("name,version", VERSIONS)
+def test_recipe_views_apply_twice_to_identical_bytes(name, version):
+    r = get_recipe(name, 32, version)
     x = _tensor(45, 60)
     for i in range(40):
         p = sample_view(view_rng(0, 0, i), 45, 60, r)
         assert isinstance(p, ArrayParams) and p.to_array().dtype == np.int16 and len(p.to_array()) == len(
             r.param_fields)
-        a, b = apply_view(x, p, r), apply_view(x, r.params_from_array(p.to_array()), r)
+        a = apply_view(x, p, r, key=(0, 0, i))
+        b = apply_view(x, r.params_from_array(p.to_array()), r, key=(0, 0, i))
         assert a.dtype == torch.uint8 and a.shape == (3, 32, 32) and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["deit", "tv-v2"])
+@pytest.mark.parametrize("name,version", VERSIONS)
 @pytest.mark.parametrize("shape", [(1, 1), (2, 64), (64, 2), (3, 3), (64, 64)])
 @pytest.mark.parametrize("gray", [False, True])
-def test_tiny_grayscale_and_extreme_aspect_images(name, shape, gray):
-    r = get_recipe(name, 16)
+def test_tiny_grayscale_and_extreme_aspect_images(name, version, shape, gray):
+    r = get_recipe(name, 16, version)
     samples = [_Sample(i, _tensor(*shape, seed=i, gray=gray)) for i in range(5)]
     out = _run_unit(r, samples)
     assert len(out) == 5 and all(o.image.shape == (3, 16, 16) for o in out)
@@ -208,8 +212,9 @@ class _Sample:
         self.where = f"test:{offset}"
 
 
-def _run_unit(recipe, samples, stored=None, seed=0, epoch=0, shard=0):
-    m = UnitMixer(recipe, seed=seed, epoch=epoch, shard=shard, stored=stored)
+def _run_unit(recipe, samples, stored=None, seed=0, epoch=0, shard=0, length=None):
+    length = max(s.offset for s in samples) + 1 if length is None and stored is None else length
+    m = UnitMixer(recipe, seed=seed, epoch=epoch, shard=shard, stored=stored, length=length)
     out = []
     for s in samples:
         out += m.push(s)
@@ -217,7 +222,7 @@ def _run_unit(recipe, samples, stored=None, seed=0, epoch=0, shard=0):
 
 
 def test_unit_mixer_labels_and_refusals():
-    r = get_recipe("deit", 16)
+    r = get_recipe("deit", 16, version=1)
     samples = [_Sample(i, _tensor(20, 24, seed=i)) for i in range(20)]  # blocks [0, 16) and [16, 20)
     out = _run_unit(r, samples)
     i_flags, i_partner = r.field_index("flags"), r.field_index("mix_partner")
@@ -238,9 +243,13 @@ def test_unit_mixer_labels_and_refusals():
 
 def test_recipe_versions_and_settings_are_checked():
     r = get_recipe("deit")
-    assert Recipe.from_json(r.to_json()) == r and r.image_size == 224 and r.mixes
-    with pytest.raises(RecipeError, match="version 2"):
-        Recipe.from_json({**r.to_json(), "version": 2})
+    assert Recipe.from_json(r.to_json()) == r and r.image_size == 224 and r.mixes and r.version == 2 and r.coded
+    v1 = get_recipe("deit", version=1)
+    assert Recipe.from_json(v1.to_json()) == v1 and not v1.coded and v1.param_fields != r.param_fields
+    with pytest.raises(RecipeError, match="version 3"):
+        Recipe.from_json({**r.to_json(), "version": 3})
+    with pytest.raises(RecipeError, match="param fields"):  # a v1 cache's fields under the name of v2
+        Recipe.from_json({**v1.to_json(), "version": 2})
     with pytest.raises(RecipeError, match="param fields"):
         Recipe.from_json({**r.to_json(), "param_fields": ["top"]})
     with pytest.raises(RecipeError, match="rand-m"):
@@ -254,10 +263,11 @@ import numpy as np, torch
 from logitcache.views.recipe import get_recipe
 from test_augment_ops import _Sample, _jitter_digests, _run_unit, _tensor
 out = {}
-for name in ("deit", "tv-v2"):
-    r = get_recipe(name, 24)
+for name, version in (("deit", 1), ("deit", 2), ("tv-v2", 1), ("tv-v2", 2)):
+    r = get_recipe(name, 24, version)
     views = _run_unit(r, [_Sample(i, _tensor(30 + i, 40, seed=i)) for i in range(18)], seed=3, epoch=1, shard=2)
-    out[name] = [hashlib.sha256(v.image.numpy().tobytes() + v.params.tobytes()).hexdigest() for v in views]
+    out[f"{name}{version}"] = [hashlib.sha256(v.image.numpy().tobytes() + v.params.tobytes()).hexdigest()
+                               for v in views]
 out["colorjitter"] = _jitter_digests()
 print(json.dumps(out))
 """
@@ -280,9 +290,163 @@ def test_params_to_pixels_identical_in_another_process():
                          env={**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
                               "PYTHONHASHSEED": "123"})
     theirs = json.loads(res.stdout)
-    for name in ("deit", "tv-v2"):
-        r = get_recipe(name, 24)
+    for name, version in VERSIONS:
+        r = get_recipe(name, 24, version)
         views = _run_unit(r, [_Sample(i, _tensor(30 + i, 40, seed=i)) for i in range(18)], seed=3, epoch=1, shard=2)
         ours = [hashlib.sha256(v.image.numpy().tobytes() + v.params.tobytes()).hexdigest() for v in views]
-        assert ours == theirs[name]
+        assert ours == theirs[f"{name}{version}"]
     assert _jitter_digests() == theirs["colorjitter"]
+
+
+# ------------------------------------------------------------------ version 2: codes on grids, derived seed/partner
+def test_v2_grids_are_pinned_and_the_crop_keeps_torchvisions_statistics():
+    from logitcache.views.ops import geometry
+
+    g = geometry.log_grid(3 / 4, 4 / 3, 16)
+    assert len(g) == 16 and g == geometry.log_grid.__wrapped__(3 / 4, 4 / 3, 16)
+    for j, v in enumerate(g):  # the midpoints of the log range, computed without exp/log
+        assert v == pytest.approx(np.exp(np.log(3 / 4) + (2 * j + 1) / 32 * np.log(16 / 9)), rel=1e-13)
+    with pytest.raises(ValueError, match="power of 2"):
+        geometry.log_grid(1, 2, 12)
+    v1, v2 = get_recipe("deit", 224, 1), get_recipe("deit", 224, 2)
+    H, W = 375, 500
+    stats = {1: [], 2: []}
+    for i in range(3000):
+        for version, r in ((1, v1), (2, v2)):
+            p = sample_view(view_rng(0, 0, i), H, W, r)
+            if version == 2:
+                t, lft, h, w = geometry.crop_box_from_codes(p.get("crop_area", "crop_ratio", "crop_y", "crop_x"), H, W,
+                                                            r.scale, r.ratio)
+            else:
+                t, lft, h, w = p.top, p.left, p.height, p.width
+            assert 0 <= t <= H - h and 0 <= lft <= W - w
+            stats[version].append((h * w / (H * W), np.log(w / h), t / max(H - h, 1), lft / max(W - w, 1)))
+    a, b = np.array(stats[1]), np.array(stats[2])
+    assert np.abs(a.mean(0) - b.mean(0)).max() < 0.02 and np.abs(a.std(0) - b.std(0)).max() < 0.02
+    # too thin for any box of the ratio range: torchvision's centre fallback, stored as its own code
+    p = sample_view(view_rng(0, 0, 1), 2, 64, v2)
+    assert p.get("crop_area")[0] == geometry.CROP_FALLBACK
+    assert geometry.crop_box_from_codes(p.get("crop_area", "crop_ratio", "crop_y", "crop_x"), 2, 64, v2.scale,
+                                        v2.ratio) == geometry._fallback_box(2, 64, v2.ratio)
+    for bad in ([64, 1, 0, 0], [0, 16, 0, 0], [0, 0, 64, 0], [-1, 0, 0, 0]):
+        with pytest.raises(ValueError, match="not valid"):
+            geometry.crop_box_from_codes(bad, H, W, v2.scale, v2.ratio)
+    with pytest.raises(RecipeError, match="crop codes, not a box"):
+        _ = p.top
+    with pytest.raises(ValueError, match="does not fit"):  # a large box replayed on a smaller image
+        geometry.crop_box_from_codes([63, 8, 0, 0], 20, 20, v2.scale, (1.0, 4.0))
+
+
+def test_v2_randaugment_applies_the_same_ops_as_v1():
+    img = _pil(40, 40, seed=3)
+    same = 0
+    for i in range(300):
+        a = randaugment.draw_randaugment(view_rng(0, 0, i))
+        b = randaugment.draw_randaugment(view_rng(0, 0, i), coded=True)
+        ops_a = [randaugment.decode_op(c, m) for c, m in zip(a[0::2], a[1::2], strict=True)]
+        ops_b = [randaugment.decode_op(c, m, 9.0) for c, m in zip(b[0::2], b[1::2], strict=True)]
+        def no_arg(ops):  # AutoContrast / Equalize / Invert take no magnitude (v2 stores none)
+            return [o if o is None or o[0] not in randaugment._ARG_FREE else (o[0], 0.0, o[2]) for o in ops]
+
+        assert [o for o in no_arg(ops_a) if o] == [o for o in no_arg(ops_b) if o]  # the applied layers, in order
+        assert ops_b == sorted(ops_b, key=lambda o: o is None)  # v2: applied layers first
+        assert max(b[1::2]) < 64  # zigzag(tenths - 90): small codes
+        if i < 40:
+            pa = randaugment.apply_randaugment(img, a, fill=FILL, resample=Image.Resampling.BICUBIC)
+            pb = randaugment.apply_randaugment(img, b, fill=FILL, resample=Image.Resampling.BICUBIC, center=9.0)
+            assert np.array_equal(np.asarray(pa), np.asarray(pb))
+            same += 1
+    assert same == 40
+
+
+def test_v2_erasing_noise_is_keyed_by_the_views_identity():
+    r = get_recipe("deit", 32, 2)
+    x = _tensor(45, 60)
+    erased = [i for i in range(200) if sample_view(view_rng(0, 0, i), 45, 60, r).get("erase_shape")[0]]
+    assert 0.15 < len(erased) / 200 < 0.35  # p = 0.25
+    p = sample_view(view_rng(0, 0, erased[0]), 45, 60, r)
+    box = erasing.box_from_codes(p.get("erase_shape", "erase_y", "erase_x"), 32)
+    assert 0 < box[2] < 32 and 0 < box[3] < 32 and box[0] + box[2] <= 32 and box[1] + box[3] <= 32
+    a = apply_view(x, p, r, key=(0, 0, 5))
+    assert torch.equal(a, apply_view(x, p, r, key=(0, 0, 5)))
+    t, lft, h, w = box
+    for other in ((1, 0, 5), (0, 1, 5), (0, 0, 6)):  # another seed, epoch or index: other noise, same elsewhere
+        b = apply_view(x, p, r, key=other)
+        assert not torch.equal(a[:, t:t + h, lft:lft + w], b[:, t:t + h, lft:lft + w])
+        mask = torch.ones_like(a, dtype=torch.bool)
+        mask[:, t:t + h, lft:lft + w] = False
+        assert torch.equal(a[mask], b[mask])
+    with pytest.raises(RecipeError, match="seed, epoch, index"):
+        apply_view(x, p, r)
+    # mean-colour erasing (tv-v2) needs no key
+    tv = get_recipe("tv-v2", 32, 2)
+    q = next(p for i in range(400) if (p := sample_view(view_rng(0, 0, i), 45, 60, tv)).get("erase_shape")[0])
+    assert apply_view(x, q, tv).shape == (3, 32, 32)
+    for bad in ([65, 0, 0], [1, 16, 0], [0, 1, 0]):
+        with pytest.raises(ValueError, match="not valid"):
+            erasing.box_from_codes(bad, 32)
+
+
+def test_v2_mix_codes_lambda_grid_and_flags():
+    a = np.full((16, 16, 3), 200, np.uint8)
+    b = np.full((16, 16, 3), 10, np.uint8)
+    lam_field, _, _ = mix.fields_from_codes(mix.MIX_MIXUP, [7, 0, 0], 16, "timm")
+    assert lam_field == 60 and mix.mix_lambda(mix.MIX_MIXUP, lam_field, 0, 0, 16) == 15 / 64  # (2·7 + 1) / 64
+    cut, cy, cx = mix.fields_from_codes(mix.MIX_CUTMIX, [15, 0, 15], 16, "timm")
+    assert cut == int(16 * np.sqrt(1 - 31 / 64)) and (cy, cx) == (0, 15)
+    assert mix.mix_lambda(mix.MIX_CUTMIX, cut, cy, cx, 16) == 1 - np.prod(
+        [hi - lo for lo, hi in zip(mix.cutmix_box(16, cut, cy, cx)[::2], mix.cutmix_box(16, cut, cy, cx)[1::2],
+                                   strict=True)]) / 256
+    assert (mix.apply_mix(a, b, mix.MIX_CUTMIX, cut, cy, cx) == 10).any()
+    assert mix.fields_from_codes(mix.MIX_CUTMIX, [0, 0, 0], 16, "torchvision")[0] % 2 == 0
+    for bad in ([32, 0, 0], [0, 16, 0], [-1, 0, 0]):
+        with pytest.raises(ValueError, match="not valid"):
+            mix.fields_from_codes(mix.MIX_CUTMIX, bad, 16, "timm")
+    for flip in (False, True):
+        for mode in (mix.MIX_NONE, mix.MIX_MIXUP, mix.MIX_CUTMIX):
+            for coded in (False, True):
+                assert mix.decode_mode(mix.encode_flags(flip, mode, coded), coded) == mode
+    with pytest.raises(ValueError, match="not valid"):
+        mix.decode_mode(6, True)
+    # λ keeps the distribution of the continuous draw (Beta(0.8, 0.8) Mixup, Beta(1, 1) CutMix)
+    lam = {1: [], 2: []}
+    for version in (1, 2):
+        r = get_recipe("deit", 224, version)
+        for i in range(3000):
+            p = sample_view(view_rng(0, 0, i), 300, 400, r).to_array()
+            i_lam = r.field_index("mix_lam")
+            lam_field, cy, cx = (p[i_lam:i_lam + 3] if version == 1 else
+                                 mix.fields_from_codes(mix.decode_mode(p[4], True), p[i_lam:i_lam + 3], 224, "timm"))
+            lam[version].append(mix.mix_lambda(mix.decode_mode(p[4], version == 2), int(lam_field), int(cy), int(cx),
+                                               224))
+    assert abs(np.mean(lam[1]) - np.mean(lam[2])) < 0.02 and abs(np.std(lam[1]) - np.std(lam[2])) < 0.02
+
+
+def test_v2_partner_comes_from_the_unit_and_a_skipped_partner_is_refused_or_unmixed():
+    r = get_recipe("deit", 16, 2)
+    samples = [_Sample(i, _tensor(20, 24, seed=i)) for i in range(20)]  # blocks [0, 16) and [16, 20)
+    out = _run_unit(r, samples, seed=2, epoch=1, shard=3, length=20)
+    cycles = {**mix.cycle_partners(2, 1, 3, 0, 16, 20), **mix.cycle_partners(2, 1, 3, 1, 16, 20)}
+    for o in out:
+        assert mix.decode_mode(o.params[r.field_index("flags")], True) in (mix.MIX_MIXUP, mix.MIX_CUTMIX)
+        assert o.partner_label == cycles[o.sample.offset] != o.sample.offset and 0 <= o.lam <= 1
+    stored = np.stack([o.params for o in out])
+    replay = _run_unit(r, samples, stored=stored, seed=2, epoch=1, shard=3)
+    assert all(torch.equal(a.image, b.image) and a.lam == b.lam and a.partner_label == b.partner_label
+               for a, b in zip(out, replay, strict=True))
+    # replayed where a partner is missing now: refused, never mixed with another view
+    gone = cycles[0]
+    with pytest.raises(RecipeError, match="not among the decoded samples"):
+        _run_unit(r, [s for s in samples if s.offset != gone], stored=stored, seed=2, epoch=1, shard=3)
+    # drawn with a sample skipped (corrupt): the view whose partner it was is not mixed; replay agrees
+    skip = [s for s in samples if s.offset != gone]
+    drawn = _run_unit(r, skip, seed=2, epoch=1, shard=3, length=20)
+    lone = next(o for o in drawn if o.sample.offset == 0)
+    assert mix.decode_mode(lone.params[r.field_index("flags")], True) == mix.MIX_NONE and lone.lam == 1.0
+    rows = np.zeros((20, len(r.param_fields)), np.int16)
+    for o in drawn:
+        rows[o.sample.offset] = o.params
+    again = _run_unit(r, skip, stored=rows, seed=2, epoch=1, shard=3)
+    assert all(torch.equal(a.image, b.image) for a, b in zip(drawn, again, strict=True))
+    with pytest.raises(ValueError, match="length"):
+        UnitMixer(r, seed=0, epoch=0, shard=0)

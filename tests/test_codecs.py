@@ -212,3 +212,28 @@ def test_tail_settings_round_trip_and_digest_check():
         tail_from_settings({"name": "prior"}, prior + 1, rule.digest)
     with pytest.raises(ValueError, match="needs"):
         tail_from_settings({"name": "prior"})
+
+
+def test_a_format_2_unit_is_decoded_from_the_bytes_its_checksum_checked(tmp_path, monkeypatch):
+    """One fetch per unit: the reader decodes the chunk whose sha256 it compared with the marker (not a second
+    read through zarr, which costs a GET per unit on object stores and could see other bytes)."""
+    import zarr
+
+    from logitcache.cache import fidelity
+    from logitcache.cache.reader import CacheReader
+
+    z, y = _teacher(n=24)
+    url = str(tmp_path / "c.zarr")
+    lengths = fidelity.write_cache(url, z, y, _params(24), tuple(f"p{i}" for i in range(5)), 5, (1.0,),
+                                   fidelity.FORMAT_2, None, 12)
+    expected, _ = fidelity.read_back(url, y, lengths)
+
+    def no_zarr_reads(self, *a, **kw):
+        raise AssertionError("unit read through zarr")
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", no_zarr_reads)
+    r = CacheReader(url)
+    rows = TopKLogits.cat([r.topk_rows(r.read_unit(0, s), np.arange(n), y[12 * s:12 * s + n])
+                           for s, n in enumerate(lengths)])
+    assert torch.equal(rows.log_probs(1.0), expected.log_probs(1.0))
+    assert torch.equal(rows.indices, z.topk(5, 1).indices)  # it is the teacher's top-5

@@ -13,18 +13,23 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import webdataset as wds
+from PIL import Image
 
 from logitcache.data.manifest import load_manifest
-from logitcache.data.spread import SpreadWarning, spread_possible, spread_views, window_plan
+from logitcache.data.spread import SpreadWarning, spread_possible, spread_stream, spread_views, window_plan
+from logitcache.data.tar import tarfile_samples
 from logitcache.dump import DumpConfig, dump
 from logitcache.errors import LogitcacheError
 from logitcache.models.weights import load_checkpoint
-from logitcache.replay import CachedViews, FreshViews, RowSource, collate
+from logitcache.replay import CachedViews, FreshViews, RowSource, cached_views_stage, collate
 from logitcache.train.config import TrainConfig, learning_rate
 from logitcache.train.lockstep import pass_epoch_ends, planned_steps
 from logitcache.train.loop import KILL_AFTER_STEPS_ENV, train
+from logitcache.views.recipe import apply_view, get_recipe, sample_view
 
 SEED, EPOCHS = 5, 4
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +112,54 @@ def test_the_spread_stage_keeps_views_apart_exactly_when_a_worker_holds_a_batch_
         assert apart == spread_possible(num, b) == (not caught), (num, n, b, buffer)
         assert all(issubclass(w.category, SpreadWarning) for w in caught)
 
+
+
+def test_the_streaming_spread_keeps_views_apart_exactly_when_the_stream_holds_a_batch_of_images():
+    """`spread_stream` (the webdataset stage: the stream's length is unknown): the same guarantee, exhaustively."""
+    rng = random.Random(0)
+    for num, n, b in itertools.product(range(0, 60), (2, 3, 4, 8), (1, 2, 3, 5, 8)):
+        groups = [[(i, e) for e in range(n)] for i in range(num)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = list(spread_stream(iter(groups), n, b, rng))
+        assert sorted(out) == [v for g in groups for v in g]
+        apart = all(len({i for i, _ in out[k:k + b]}) == len(out[k:k + b]) for k in range(0, len(out), b))
+        assert apart == spread_possible(num, b) == (not caught), (num, n, b)
+        assert all(issubclass(w.category, SpreadWarning) for w in caught)
+
+
+@pytest.mark.parametrize(("n", "epoch", "batch", "seed"), [(2, 2, 4, 0), (4, 0, 5, None)])
+def test_the_webdataset_stage_yields_each_view_of_its_pass_once_and_never_two_in_a_batch(imagenet_shards, cache4, n,
+                                                                                          epoch, batch, seed):
+    m = load_manifest(imagenet_shards)
+    urls = [m.shard_url(i) for i in range(len(m.shards))][::-1]
+    stage = cached_views_stage(imagenet_shards, cache4, epoch=epoch, views_per_decode=n, batch_size=batch,
+                               shuffle_seed=seed)
+    assert stage.view_epochs == list(range(epoch, epoch + n))
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), tarfile_samples, stage,
+                                wds.to_tuple("image", "soft", "target", "index", "epoch"),
+                                wds.batched(batch, collation_fn=collate, partial=True))
+    batches = list(pipeline)
+    reference = {}
+    for e in stage.view_epochs:
+        for image, soft, target, index in CachedViews(imagenet_shards, cache4, epoch=e, return_index=True):
+            reference[(int(index), e)] = (image, soft, target)
+    seen = []
+    for images, soft, target, index, epochs in batches:
+        assert len(set(index.tolist())) == len(index), "a batch holds two views of one image"
+        for k, (i, e) in enumerate(zip(index.tolist(), epochs.tolist(), strict=True)):
+            ref = reference[(i, e)]
+            assert torch.equal(images[k], ref[0]) and target[k] == ref[2]
+            assert torch.equal(soft.logits[k], ref[1].logits[0]) and torch.equal(soft.indices[k], ref[1].indices[0])
+            seen.append((i, e))
+    assert sorted(seen) == sorted(reference) and len(seen) == 24 * n  # each view of the pass, exactly once
+    with pytest.raises(ValueError, match=r"views_per_decode=3 does not divide the 4 epoch\(s\).*\[1, 2, 4\]"):
+        cached_views_stage(imagenet_shards, cache4, epoch=0, views_per_decode=3, batch_size=4)
+    with pytest.raises(ValueError, match="needs the batch_size"):
+        cached_views_stage(imagenet_shards, cache4, epoch=0, views_per_decode=2)
+    with pytest.raises(ValueError, match="a pass starts at a multiple of it; got epoch 1"):
+        stage.set_epoch(1) if n == 2 else cached_views_stage(imagenet_shards, cache4, epoch=1, views_per_decode=4,
+                                                             batch_size=4)
 
 def test_views_per_decode_refusals(imagenet_shards, cache4, tmp_path):
     with pytest.raises(ValueError, match=r"views_per_decode=3 does not divide the 4 epoch\(s\).*\[1, 2, 4\]"):
@@ -249,3 +302,25 @@ def test_two_process_ddp_trains_each_view_of_a_pass_once(imagenet_shards, tmp_pa
     m = load_manifest(imagenet_shards)
     assert ddp[-1]["step"] == sum(planned_steps(m, [0, 1, 2], SEED, e, 2, 4, 0, 2) for e in (0, 2))
     assert single[-1]["step"] == sum(planned_steps(m, [0, 1, 2], SEED, e, 1, 4, 0, 2) for e in (0, 2))
+
+
+def test_the_per_view_path_gives_pillows_own_pixels():
+    """The per-view path (PIL unpacks a channels-last crop where it lies; the view leaves as contiguous planes) gives
+    exactly the pixels of the plain Pillow route: copy the crop, ``Image.fromarray``, resize, flip, ``np.array``."""
+    rng = np.random.default_rng(3)
+    for H, W in ((37, 53), (1, 9), (64, 20), (30, 1)):
+        a = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        for image in (torch.from_numpy(a).permute(2, 0, 1), torch.from_numpy(a.transpose(2, 0, 1).copy())):
+            for recipe in (get_recipe("imagenet", 24), get_recipe("small", 16)):
+                for _ in range(8):
+                    p = sample_view(rng, H, W, recipe)
+                    if recipe.name == "small":
+                        q = recipe.pad
+                        crop = np.pad(a, ((q, q), (q, q), (0, 0)))[p.top + q:p.top + q + H, p.left + q:p.left + q + W]
+                    else:
+                        crop = a[p.top:p.top + p.height, p.left:p.left + p.width]
+                    im = Image.fromarray(np.ascontiguousarray(crop)).resize((recipe.image_size,) * 2, recipe.resample)
+                    want = np.array(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else im)
+                    got = apply_view(image, p, recipe)
+                    assert np.array_equal(got.permute(1, 2, 0).numpy(), want), (H, W, recipe.name, p)
+    assert collate([(got,), (got,)])[0].is_contiguous()

@@ -28,9 +28,10 @@ from logitcache.cli.dump import dump  # noqa: E402
 from logitcache.cli.eval import eval_command  # noqa: E402
 from logitcache.cli.info import info  # noqa: E402
 from logitcache.cli.plot import plot  # noqa: E402
+from logitcache.cli.probe import probe  # noqa: E402
 from logitcache.cli.shards import shards  # noqa: E402
 from logitcache.cli.train import train  # noqa: E402
 from logitcache.cli.verify import verify  # noqa: E402
 
-for _command in (shards, dump, info, verify, train, eval_command, plot):
+for _command in (shards, dump, probe, info, verify, train, eval_command, plot):
     main.add_command(_command)

@@ -15,7 +15,8 @@ column of the window spans at least N+2 batches (every window of `window_plan` d
 starts a worker's stream — exactly when the worker holds at least B images (`spread_possible`). Every window is
 checked as it is placed; a violation (only when decode failures shrink the last window) warns, once.
 
-Memory: one window's views per worker, about max((N+3)·B, shuffle_buffer) views.
+Memory: one window's views per worker, about max((N+3)·B, shuffle_buffer) views. A stream of unknown length (the
+webdataset stage) uses `spread_stream`: windows of w = ceil((N+3)·B/N) images, the last one of w .. 2w-1.
 """
 
 from __future__ import annotations
@@ -34,10 +35,15 @@ class SpreadWarning(UserWarning):
 def window_plan(num_images: int, views_per_decode: int, batch_size: int, min_views: int = 0) -> list[int]:
     """Images per window for a worker that holds ``num_images``: ``q = max(1, num_images // w)`` windows of
     ``num_images / q`` (rounded), ``w = max(ceil((N+3)·B/N), ceil(min_views/N))``."""
-    n, b = views_per_decode, batch_size
-    w = max(math.ceil((n + 3) * b / n), math.ceil(min_views / n), 1)
+    w = window_images(views_per_decode, batch_size, min_views)
     q = max(1, num_images // w)
     return [(j + 1) * num_images // q - j * num_images // q for j in range(q)]
+
+
+def window_images(views_per_decode: int, batch_size: int, min_views: int = 0) -> int:
+    """The images a window needs: ``max(ceil((N+3)·B/N), ceil(min_views/N), 1)``."""
+    n = views_per_decode
+    return max(math.ceil((n + 3) * batch_size / n), math.ceil(min_views / n), 1)
 
 
 def spread_possible(num_images: int, batch_size: int) -> bool:
@@ -115,3 +121,33 @@ def spread_views(groups: Iterable[Sequence[Any]], plan: Sequence[int], batch_siz
                           f"views of one image", SpreadWarning, stacklevel=2)
         pos += len(out)
         yield from out
+
+
+def spread_stream(groups: Iterable[Sequence[Any]], views_per_decode: int, batch_size: int,
+                  rng: random.Random | None, where: str = "") -> Iterator[Any]:
+    """`spread_views` for a stream whose length is not known in advance: windows of ``w`` images (`window_plan`'s
+    w), except the last, which takes the w .. 2w-1 that remain (all of them when the stream holds fewer than 2w).
+    Holds at most 2w images' views."""
+    w = window_images(views_per_decode, batch_size)
+    buf: list[Sequence[Any]] = []
+    pos, warned = 0, False
+
+    def place(window: list[Sequence[Any]]) -> Iterator[Any]:
+        nonlocal pos, warned
+        out, ok = place_window(window, pos, batch_size, rng)
+        if not ok and not warned:
+            warned = True
+            warnings.warn(f"{where}: {len(window)} image(s) in a window cannot put their views into different "
+                          f"batches of {batch_size} (fewer than one batch of images in this stream); some batches "
+                          f"hold two views of one image", SpreadWarning, stacklevel=3)
+        pos += len(out)
+        yield from out
+
+    for g in groups:
+        if len(g):
+            buf.append(g)
+        if len(buf) == 2 * w:
+            yield from place(buf[:w])
+            buf = buf[w:]
+    if buf:
+        yield from place(buf)

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from logitcache.data.manifest import Manifest, load_manifest
-from logitcache.errors import LogitcacheError, NonFiniteLossError
+from logitcache.errors import LogitcacheError, NonFiniteLossError, RecipeError
 from logitcache.eval.evaluate import evaluate
 from logitcache.losses import LossSpec, get_loss, parse_loss_args
 from logitcache.losses.label_smoothing import label_smoothing
@@ -393,6 +393,13 @@ def build(cfg: TrainConfig, env: DistEnv, run: RunDir) -> tuple[Setup, checkpoin
     else:  # the one recipe rule: --recipe, else the data's default_recipe, else a clear error
         recipe = resolve_recipe(cfg.recipe, cfg.image_size, default=manifest.default_recipe,
                                 default_where=f"the manifest of {cfg.data}")
+    if spec.name == "pskd" and recipe.mixes:
+        raise RecipeError(
+            f"--loss pskd cannot train on recipe {recipe.name!r} (v{recipe.version}), which mixes every view with "
+            f"another sample (Mixup/CutMix): PS-KD's target for a sample is the student's own prediction on that "
+            f"sample in the previous epoch, but a mixed view's prediction belongs to two samples, so it would "
+            f"become next epoch's target for an image that was partly another sample. Use a recipe without "
+            f"mixing (imagenet, small) with pskd")
     if cfg.teacher:
         teacher = Teacher.load(cfg.teacher, cfg.weights, num_classes, recipe.image_size, env.device, cfg.seed,
                                precision=cfg.teacher_precision)

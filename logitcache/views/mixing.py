@@ -5,7 +5,8 @@
 
 Recipes that do not mix pass each view straight through (no buffering). Mixing recipes buffer one block of
 ``recipe.mix_block`` consecutive offsets (base views, i.e. everything but the mix), then mix each with its
-partner: drawn with `block_partners` (dump, fresh views) or read from the stored ``mix_partner`` (replay).
+partner: drawn with `block_partners` (dump, fresh views) or read from the stored ``mix_partner`` (replay);
+version-2 recipes derive it from the unit alone (`cycle_partners`, which needs the unit's length).
 So dump, `CachedViews`, `FreshViews` and ``verify --recompute`` produce the same pixels and labels through
 this one class, whatever the batch size, worker or rank counts.
 """
@@ -37,10 +38,16 @@ class MixedView(NamedTuple):
 
 class UnitMixer:
     """Views of one (epoch, shard) unit. ``stored``: the unit's ``view_params`` (replay); None: draw them with
-    ``view_rng(seed, epoch, sample.index)`` and the unit's partner cycles (dump, fresh views)."""
+    ``view_rng(seed, epoch, sample.index)`` and the unit's partner cycles (dump, fresh views). ``length``: the
+    unit's number of samples (skipped ones included), needed to draw a version-2 mixing recipe's views; with
+    ``stored`` it is ``len(stored)``."""
 
-    def __init__(self, recipe: Recipe, *, seed: int, epoch: int, shard: int, stored: np.ndarray | None = None):
+    def __init__(self, recipe: Recipe, *, seed: int, epoch: int, shard: int, stored: np.ndarray | None = None,
+                 length: int | None = None):
         self.recipe, self.seed, self.epoch, self.shard, self.stored = recipe, seed, epoch, shard, stored
+        self.length = len(stored) if stored is not None else length
+        if recipe.coded and recipe.mixes and self.length is None:
+            raise ValueError(f"recipe {recipe.name!r} v{recipe.version} mixes inside the unit: give its length")
         self._block: int | None = None
         self._buf: list[tuple[Any, torch.Tensor, np.ndarray]] = []
 
@@ -54,7 +61,8 @@ class UnitMixer:
 
     def push(self, sample) -> list[MixedView]:
         params = self._params(sample)
-        base = apply_view(sample.image, self.recipe.params_from_array(params), self.recipe)
+        base = apply_view(sample.image, self.recipe.params_from_array(params), self.recipe,
+                          key=(self.seed, self.epoch, sample.index))
         if not self.recipe.mixes:
             return [MixedView(sample, base, params, sample.label, 1.0)]
         out: list[MixedView] = []
@@ -73,35 +81,61 @@ class UnitMixer:
 
     def _mix_block(self) -> list[MixedView]:
         buf, self._buf = self._buf, []
-        r = self.recipe
         by_offset = {s.offset: (s, base, p) for s, base, p in buf}
-        i_mode, i_partner = r.field_index("flags"), r.field_index("mix_partner")
-        if self.stored is None:
-            partners = mixop.block_partners(self.seed, self.epoch, self.shard, self._block, list(by_offset))
-            for s, _, p in buf:
-                if s.offset in partners:
-                    p[i_partner] = partners[s.offset] - s.offset
-                else:  # a block with one decoded sample: nothing to mix with
-                    p[i_mode] &= 1
-                    p[i_partner:i_partner + 4] = 0
+        partners = self._partners(buf, by_offset)
         out = []
         for s, base, p in buf:
-            mode = (int(p[i_mode]) >> 1) & 3
-            lam_field, my, mx = (int(v) for v in p[i_partner + 1:i_partner + 4])
+            mode, (lam_field, my, mx) = self._mix_fields(s, p)
             if mode == mixop.MIX_NONE:
                 out.append(MixedView(s, base, p, s.label, 1.0))
                 continue
-            partner = by_offset.get(s.offset + int(p[i_partner]))
-            if int(p[i_partner]) == 0 or partner is None:
-                raise RecipeError(f"{s.where}: its view mixes with offset {s.offset + int(p[i_partner])} of the "
+            partner = by_offset.get(partners.get(s.offset, s.offset))
+            if partners.get(s.offset, s.offset) == s.offset or partner is None:
+                raise RecipeError(f"{s.where}: its view mixes with offset {partners.get(s.offset)} of the "
                                   f"same shard, which is not among the decoded samples of its block (was it "
                                   f"skipped here but not when the cache was made?)")
             own = base.permute(1, 2, 0).numpy()
             other = partner[1].permute(1, 2, 0).numpy()
             mixed = mixop.apply_mix(own, other, mode, lam_field, my, mx)
-            lam = mixop.mix_lambda(mode, lam_field, my, mx, r.image_size)
+            lam = mixop.mix_lambda(mode, lam_field, my, mx, self.recipe.image_size)
             out.append(MixedView(s, torch.from_numpy(mixed).permute(2, 0, 1), p, partner[0].label, lam))
         return out
+
+    def _partners(self, buf, by_offset) -> dict[int, int]:
+        """offset -> partner offset of the block's views; when drawing, the views that have no decoded partner
+        are made unmixed (their mode and mix fields zeroed)."""
+        r = self.recipe
+        i_mode = r.field_index("flags")
+        if r.coded:
+            partners = mixop.cycle_partners(self.seed, self.epoch, self.shard, self._block, r.mix_block, self.length)
+            i_mix = r.field_index("mix_lam")
+        else:
+            i_mix = r.field_index("mix_partner")
+            if self.stored is not None:
+                return {s.offset: s.offset + int(p[i_mix]) for s, _, p in buf}
+            partners = mixop.block_partners(self.seed, self.epoch, self.shard, self._block, list(by_offset))
+        for s, _, p in buf:
+            if self.stored is not None:
+                continue
+            if partners.get(s.offset) in by_offset:
+                if not r.coded:
+                    p[i_mix] = partners[s.offset] - s.offset
+            else:  # no decoded partner (a block with one decoded sample; v2: the partner was skipped)
+                p[i_mode] = mixop.encode_flags(bool(p[i_mode] & 1), mixop.MIX_NONE, r.coded)
+                p[i_mix:i_mix + (4 if not r.coded else 3)] = 0
+        return partners
+
+    def _mix_fields(self, s, p) -> tuple[int, tuple[int, int, int]]:
+        """(mode, (mix_lam, mix_y, mix_x)) in version 1's units (λ·256 or box side, centre in pixels)."""
+        r = self.recipe
+        i = r.field_index("mix_lam")
+        try:
+            mode = mixop.decode_mode(p[r.field_index("flags")], r.coded)
+            if not r.coded:
+                return mode, tuple(int(v) for v in p[i:i + 3])
+            return mode, mixop.fields_from_codes(mode, p[i:i + 3], r.image_size, r.cutmix_box)
+        except ValueError as e:
+            raise RecipeError(f"{s.where}: {e}") from e
 
 
 def mixed_targets(target: torch.Tensor, partner_target: torch.Tensor, lam: torch.Tensor, num_classes: int,

@@ -48,8 +48,9 @@ class ViewParams:
 class ArrayParams:
     """The params of an augmenting recipe's view (``deit``, ``tv-v2``): one int16 per ``recipe.param_fields``.
 
-    The crop box (``top``, ``left``, ``height``, ``width``, source pixels) and ``flags`` (bit 0: flip, bits 1-2:
-    mix mode) come first; the other fields belong to the ops (see each op's module for what it stores).
+    Version 1: the crop box (``top``, ``left``, ``height``, ``width``, source pixels) and ``flags`` (bit 0: flip,
+    bits 1-2: mix mode) come first; version 2: four crop codes, then ``flags`` (bit 0 flip, bit 1 CutMix, bit 2
+    not mixed). The other fields belong to the ops (see each op's module for what it stores).
     """
 
     fields: tuple[str, ...]
@@ -65,25 +66,31 @@ class ArrayParams:
     def get(self, *names: str) -> list[int]:
         return [self.values[self.fields.index(n)] for n in names]
 
+    def _box(self, name: str) -> int:
+        if name not in self.fields:
+            raise RecipeError(f"view params {self} hold crop codes, not a box: the box depends on the image size "
+                              f"(logitcache.views.ops.geometry.crop_box_from_codes)")
+        return self.values[self.fields.index(name)]
+
     @property
     def top(self) -> int:
-        return self.values[0]
+        return self._box("top")
 
     @property
     def left(self) -> int:
-        return self.values[1]
+        return self._box("left")
 
     @property
     def height(self) -> int:
-        return self.values[2]
+        return self._box("height")
 
     @property
     def width(self) -> int:
-        return self.values[3]
+        return self._box("width")
 
     @property
     def flip(self) -> bool:
-        return bool(self.values[4] & 1)
+        return bool(self.values[self.fields.index("flags")] & 1)
 
     def to_array(self) -> np.ndarray:
         return np.asarray(self.values, dtype=np.int16)

@@ -21,10 +21,15 @@ cache made by a different version of a recipe is refused rather than replayed ap
 
     imagenet v1  RandomResizedCrop 0.08-1 bilinear, flip                      eval: resize 256, center 224
     small v1     pad 4 + crop, flip                                            eval: resize
-    deit v1      RRC 0.08-1 bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25 (pixel noise),
+    deit v2      RRC 0.08-1 bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25 (pixel noise),
                  Mixup 0.8 / CutMix 1.0 switch 0.5                            eval: bicubic resize 256, center 224
-    tv-v2 v1     RRC 0.08-1 bilinear, flip, TrivialAugmentWide, RandomErasing 0.1 (mean colour),
+    tv-v2 v2     RRC 0.08-1 bilinear, flip, TrivialAugmentWide, RandomErasing 0.1 (mean colour),
                  Mixup 0.2 / CutMix 1.0 switch 0.5                            eval: resize 232, center 224
+
+deit / tv-v2 v1 (still replayed) store source-pixel boxes, an erasing seed and the partner offset; v2 (what
+`get_recipe` makes) stores grid codes instead (`Recipe.coded`): the crop box is a pure function of the codes
+and the image size, the erasing noise is keyed by the view's (seed, epoch, index) and the partner comes from the
+unit (see the ops' modules and README "Augmentation recipes").
 """
 
 from __future__ import annotations
@@ -44,7 +49,16 @@ from logitcache.views.ops import erasing as erasing_op
 from logitcache.views.ops import mix as mix_op
 from logitcache.views.ops import randaugment as ra_op
 from logitcache.views.ops import trivialaugment as ta_op
-from logitcache.views.ops.geometry import _check_image, _from_pil, _random_resized_crop_box, _to_pil, _window, resize
+from logitcache.views.ops.geometry import (
+    _check_image,
+    _from_pil,
+    _random_resized_crop_box,
+    _to_pil,
+    _window,
+    crop_box_from_codes,
+    draw_crop_codes,
+    resize,
+)
 from logitcache.views.params import ArrayParams, ViewParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,6 +75,12 @@ _RA_PATTERN = re.compile(r"rand-m(\d+)-mstd([0-9.]+)-inc1")
 _BOX_FIELDS = ("top", "left", "height", "width")
 _ERASE_FIELDS = ("erase_top", "erase_left", "erase_height", "erase_width", "erase_seed")
 _MIX_FIELDS = ("mix_partner", "mix_lam", "mix_y", "mix_x")
+# version 2 of the augmenting recipes: codes on documented grids, no stored seed or partner (see README)
+_CROP_CODES = ("crop_area", "crop_ratio", "crop_y", "crop_x")
+_ERASE_CODES = ("erase_shape", "erase_y", "erase_x")
+_MIX_CODES = ("mix_lam", "mix_y", "mix_x")
+_RA_FIELDS = ("ra_op0", "ra_mag0", "ra_op1", "ra_mag1")
+_TA_FIELDS = ("ta_op", "ta_bin")
 
 
 @dataclass(frozen=True)
@@ -72,25 +92,44 @@ class _Spec:
     fields: tuple[str, ...]
 
 
-_RECIPES: dict[str, _Spec] = {
-    "imagenet": _Spec(1, 224, _CROP, {}, (*_BOX_FIELDS, "flip")),
-    "small": _Spec(1, 28, ("pad", "flip_p", "interpolation"), {}, (*_BOX_FIELDS, "flip")),
-    # DeiT (Touvron et al. 2021; facebookresearch/deit main.py defaults), i.e. timm's create_transform(
-    # auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25, re_mode="pixel") + Mixup(0.8,
-    # cutmix 1.0, switch 0.5). flags = flip | mix mode << 1.
-    "deit": _Spec(1, 224, (*_CROP, "randaugment", *_AUG), dict(
-        interpolation=_BICUBIC, randaugment="rand-m9-mstd0.5-inc1", erasing_p=0.25, erasing_mode="pixel",
-        mixup_alpha=0.8, cutmix_alpha=1.0, mix_switch=0.5, mix_prob=1.0, cutmix_box="timm"),
-        (*_BOX_FIELDS, "flags", "ra_op0", "ra_mag0", "ra_op1", "ra_mag1", *_ERASE_FIELDS, *_MIX_FIELDS)),
-    # torchvision's current classification recipe: ResNet-50 IMAGENET1K_V2 ("How to Train State-Of-The-Art Models
-    # Using TorchVision's Latest Primitives", 2021; references/classification/train.py --auto-augment ta_wide
-    # --random-erase 0.1 --mixup-alpha 0.2 --cutmix-alpha 1.0 --val-resize-size 232; its train crop is 176:
-    # --image-size 176). Label smoothing 0.1 is a training setting (--label-smoothing), not part of the views.
-    "tv-v2": _Spec(1, 224, (*_CROP, "trivialaugment", *_AUG), dict(
-        interpolation=_BILINEAR, trivialaugment=31, erasing_p=0.1, erasing_mode="mean", mixup_alpha=0.2,
-        cutmix_alpha=1.0, mix_switch=0.5, mix_prob=1.0, cutmix_box="torchvision", eval_crop_fraction=224 / 232),
-        (*_BOX_FIELDS, "flags", "ta_op", "ta_bin", *_ERASE_FIELDS, *_MIX_FIELDS)),
+# DeiT (Touvron et al. 2021; facebookresearch/deit main.py defaults), i.e. timm's create_transform(
+# auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25, re_mode="pixel") + Mixup(0.8,
+# cutmix 1.0, switch 0.5). flags = flip | mix mode << 1.
+_DEIT = dict(interpolation=_BICUBIC, randaugment="rand-m9-mstd0.5-inc1", erasing_p=0.25, erasing_mode="pixel",
+             mixup_alpha=0.8, cutmix_alpha=1.0, mix_switch=0.5, mix_prob=1.0, cutmix_box="timm")
+# torchvision's current classification recipe: ResNet-50 IMAGENET1K_V2 ("How to Train State-Of-The-Art Models
+# Using TorchVision's Latest Primitives", 2021; references/classification/train.py --auto-augment ta_wide
+# --random-erase 0.1 --mixup-alpha 0.2 --cutmix-alpha 1.0 --val-resize-size 232; its train crop is 176:
+# --image-size 176). Label smoothing 0.1 is a training setting (--label-smoothing), not part of the views.
+_TV2 = dict(interpolation=_BILINEAR, trivialaugment=31, erasing_p=0.1, erasing_mode="mean", mixup_alpha=0.2,
+            cutmix_alpha=1.0, mix_switch=0.5, mix_prob=1.0, cutmix_box="torchvision", eval_crop_fraction=224 / 232)
+
+#: every (name, version) this logitcache can replay; `get_recipe` makes the newest of each name
+_RECIPES: dict[tuple[str, int], _Spec] = {
+    ("imagenet", 1): _Spec(1, 224, _CROP, {}, (*_BOX_FIELDS, "flip")),
+    ("small", 1): _Spec(1, 28, ("pad", "flip_p", "interpolation"), {}, (*_BOX_FIELDS, "flip")),
+    ("deit", 1): _Spec(1, 224, (*_CROP, "randaugment", *_AUG), _DEIT,
+                       (*_BOX_FIELDS, "flags", *_RA_FIELDS, *_ERASE_FIELDS, *_MIX_FIELDS)),
+    ("deit", 2): _Spec(2, 224, (*_CROP, "randaugment", *_AUG), _DEIT,
+                       (*_CROP_CODES, "flags", *_RA_FIELDS, *_ERASE_CODES, *_MIX_CODES)),
+    ("tv-v2", 1): _Spec(1, 224, (*_CROP, "trivialaugment", *_AUG), _TV2,
+                        (*_BOX_FIELDS, "flags", *_TA_FIELDS, *_ERASE_FIELDS, *_MIX_FIELDS)),
+    ("tv-v2", 2): _Spec(2, 224, (*_CROP, "trivialaugment", *_AUG), _TV2,
+                        (*_CROP_CODES, "flags", *_TA_FIELDS, *_ERASE_CODES, *_MIX_CODES)),
 }
+_NAMES = sorted({n for n, _ in _RECIPES})
+_NEWEST = {n: max(v for m, v in _RECIPES if m == n) for n in _NAMES}
+
+
+def _spec(name: str, version: int | None = None) -> _Spec:
+    if name not in _NEWEST:
+        raise RecipeError(f"unknown recipe {name!r}; known: {_NAMES}")
+    v = _NEWEST[name] if version is None else version
+    if (name, v) not in _RECIPES:
+        raise RecipeError(
+            f"recipe {name!r} version {v} cannot be replayed by this logitcache, which implements versions "
+            f"{sorted(m for n, m in _RECIPES if n == name)} (the pixels would differ)")
+    return _RECIPES[(name, v)]
 
 
 @dataclass(frozen=True)
@@ -134,14 +173,7 @@ class Recipe:
     fill_std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
-        if self.name not in _RECIPES:
-            raise RecipeError(f"unknown recipe {self.name!r}; known: {sorted(_RECIPES)}")
-        spec = _RECIPES[self.name]
-        if self.version != spec.version:
-            raise RecipeError(
-                f"recipe {self.name!r} version {self.version} cannot be replayed by this logitcache, which "
-                f"implements version {spec.version} (the pixels would differ)"
-            )
+        _spec(self.name, self.version)
         if not isinstance(self.image_size, int) or self.image_size < 1:
             raise RecipeError(f"image_size must be a positive int, got {self.image_size!r}")
         if self.interpolation not in _RESAMPLE or (self.name in ("imagenet", "small") and
@@ -168,7 +200,7 @@ class Recipe:
     @property
     def param_fields(self) -> tuple[str, ...]:
         """The names of a view's int16 params, in stored order."""
-        return _RECIPES[self.name].fields
+        return _spec(self.name, self.version).fields
 
     def field_index(self, name: str) -> int:
         return self.param_fields.index(name)
@@ -177,6 +209,12 @@ class Recipe:
     def augments(self) -> bool:
         """A recipe beyond crop + flip (its params are an `ArrayParams`)."""
         return self.name not in ("imagenet", "small")
+
+    @property
+    def coded(self) -> bool:
+        """Version 2 of an augmenting recipe: crop, erasing and mix stored as grid codes, the erasing noise keyed
+        by the view's identity and the mix partner derived from the unit (no stored seed or partner)."""
+        return self.augments and self.version >= 2
 
     @property
     def mixes(self) -> bool:
@@ -210,7 +248,7 @@ class Recipe:
     def to_json(self) -> dict[str, Any]:
         """The recipe's name, version, image size and the settings it uses (what a cache records)."""
         d: dict[str, Any] = {"name": self.name, "version": self.version, "image_size": self.image_size}
-        for key in _RECIPES[self.name].settings:
+        for key in _spec(self.name, self.version).settings:
             v = getattr(self, key)
             d[key] = list(v) if isinstance(v, tuple) else v
         d["param_fields"] = list(self.param_fields)
@@ -220,13 +258,17 @@ class Recipe:
     def from_json(cls, d: dict[str, Any]) -> Recipe:
         d = dict(d)
         name = d.get("name")
-        if name not in _RECIPES:
-            raise RecipeError(f"unknown recipe {name!r}; known: {sorted(_RECIPES)}")
+        if not isinstance(name, str):
+            raise RecipeError(f"unknown recipe {name!r}; known: {_NAMES}")
+        version = d.get("version")
+        if not isinstance(version, int):
+            raise RecipeError(f"recipe {name!r}: malformed version {version!r}")
+        spec = _spec(name, version)
         fields = d.pop("param_fields", None)
-        if fields is not None and tuple(fields) != _RECIPES[name].fields:
-            raise RecipeError(f"recipe {name!r} records param fields {fields}, this version has "
-                              f"{_RECIPES[name].fields}")
-        allowed = {"name", "version", "image_size", *_RECIPES[name].settings}
+        if fields is not None and tuple(fields) != spec.fields:
+            raise RecipeError(f"recipe {name!r} version {version} records param fields {fields}, this logitcache "
+                              f"has {spec.fields}")
+        allowed = {"name", "version", "image_size", *spec.settings}
         unknown = set(d) - allowed
         if unknown:
             raise RecipeError(f"recipe {name!r} has settings this version does not know: {sorted(unknown)}")
@@ -234,18 +276,17 @@ class Recipe:
             for key in ("scale", "ratio", "fill_mean", "fill_std"):
                 if key in d:
                     d[key] = tuple(float(x) for x in d[key])
-            return cls(**{**_RECIPES[name].defaults, **d})
+            return cls(**{**spec.defaults, **d})
         except (TypeError, ValueError) as e:
             if isinstance(e, RecipeError):
                 raise
             raise RecipeError(f"recipe {name!r}: malformed settings {d} ({e})") from e
 
 
-def get_recipe(name: str, image_size: int | None = None) -> Recipe:
-    """The current version of recipe ``name`` at ``image_size`` px (default: small 28, the others 224)."""
-    if name not in _RECIPES:
-        raise RecipeError(f"unknown recipe {name!r}; known: {sorted(_RECIPES)}")
-    spec = _RECIPES[name]
+def get_recipe(name: str, image_size: int | None = None, version: int | None = None) -> Recipe:
+    """Recipe ``name`` (its newest version unless ``version``) at ``image_size`` px (default: small 28, the others
+    224)."""
+    spec = _spec(name, version)
     return Recipe(name=name, version=spec.version, image_size=int(image_size or spec.image_size), **spec.defaults)
 
 
@@ -280,7 +321,7 @@ def resolve_recipe(
         return get_recipe(name, image_size)
     if default is not None:
         return get_recipe(default["name"], image_size or default.get("image_size"))
-    raise RecipeError(f"no view recipe: give --recipe ({'|'.join(sorted(_RECIPES))}) [--image-size PX]; "
+    raise RecipeError(f"no view recipe: give --recipe ({'|'.join(_NAMES)}) [--image-size PX]; "
                       f"there is no cache, and {default_where} records no default_recipe")
 
 
@@ -291,38 +332,54 @@ def sample_view(rng: np.random.Generator, height: int, width: int, recipe: Recip
         raise RecipeError(f"cannot sample a view of a {height}x{width} image")
     if recipe.name == "small":  # a source-sized window over the zero-padded image, offset uniform in [-pad, pad]
         p = recipe.pad
-        top, left, h, w = int(rng.integers(0, 2 * p + 1)) - p, int(rng.integers(0, 2 * p + 1)) - p, height, width
+        crop = [int(rng.integers(0, 2 * p + 1)) - p, int(rng.integers(0, 2 * p + 1)) - p, height, width]
+    elif recipe.coded:
+        crop = draw_crop_codes(rng, height, width, recipe.scale, recipe.ratio)
     else:
-        top, left, h, w = _random_resized_crop_box(rng, height, width, recipe.scale, recipe.ratio)
+        crop = list(_random_resized_crop_box(rng, height, width, recipe.scale, recipe.ratio))
     flip = bool(rng.random() < recipe.flip_p)
     if not recipe.augments:
-        return ViewParams(top, left, h, w, flip)
+        return ViewParams(*crop, flip)
     S = recipe.image_size
     if recipe.randaugment:
         m, mstd = recipe.randaugment_settings
-        ops = ra_op.draw_randaugment(rng, magnitude=m, magnitude_std=mstd)
+        ops = ra_op.draw_randaugment(rng, magnitude=m, magnitude_std=mstd, coded=recipe.coded)
     else:
         ops = ta_op.draw_trivialaugment(rng)
+    mix_kw = dict(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha, switch_prob=recipe.mix_switch,
+                  prob=recipe.mix_prob)
+    if recipe.coded:
+        erase = erasing_op.draw_erasing_codes(rng, S, p=recipe.erasing_p)
+        mode, mixed = mix_op.draw_mix_codes(rng, **mix_kw)
+        return ArrayParams.from_array(recipe, [*crop, mix_op.encode_flags(flip, mode, True), *ops, *erase, *mixed])
     erase = erasing_op.draw_erasing(rng, S, p=recipe.erasing_p)
-    mode, mixed = mix_op.draw_mix(rng, S, mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha,
-                                  switch_prob=recipe.mix_switch, prob=recipe.mix_prob, box_rule=recipe.cutmix_box)
-    return ArrayParams.from_array(recipe, [top, left, h, w, int(flip) | mode << 1, *ops, *erase, 0, *mixed])
+    mode, mixed = mix_op.draw_mix(rng, S, **mix_kw, box_rule=recipe.cutmix_box)
+    return ArrayParams.from_array(recipe, [*crop, int(flip) | mode << 1, *ops, *erase, 0, *mixed])
 
 
 # ------------------------------------------------------------------ applying (the pixels the model sees)
-def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Recipe) -> torch.Tensor:
+def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Recipe,
+               key: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The view ``params`` of ``image`` (uint8 (3, H, W)) as a new uint8 (3, S, S) tensor, S = image_size.
 
     imagenet: crop the box, resize to S x S (bilinear, antialiased), flip. small: take the source-sized window
     at (top, left) of the zero-padded image, resize to S x S only if the source is not S x S, flip.
     deit / tv-v2: the imagenet steps with the recipe's filter, then RandAugment / TrivialAugment and erasing;
-    NOT the mix, which needs the partner view (`logitcache.views.mixing.UnitMixer` does it).
+    NOT the mix, which needs the partner view (`logitcache.views.mixing.UnitMixer` does it). Version 2 (coded)
+    recipes take the crop box from the stored codes and the image size, and ``key`` = the view's
+    ``(cache seed, epoch, sample index)`` for the erasing noise.
     Params that do not fit the image (a replay against the wrong image) raise `RecipeError`.
-    Like torchvision's ``PILToTensor``, the result's memory is usually channels-last (HWC): one copy fewer.
+    Resized views come out as contiguous planes (a batch stacks them with a plain copy).
     """
     _check_image(image)
     _, H, W = image.shape
-    t, l, h, w = params.top, params.left, params.height, params.width
+    if recipe.coded:
+        try:
+            t, l, h, w = crop_box_from_codes(params.get(*_CROP_CODES), H, W, recipe.scale, recipe.ratio)
+        except ValueError as e:
+            raise RecipeError(f"view {params}: {e}") from e
+    else:
+        t, l, h, w = params.top, params.left, params.height, params.width
     if recipe.name != "small":
         if not (0 <= t and 0 <= l and h >= 1 and w >= 1 and t + h <= H and l + w <= W):
             raise RecipeError(f"view {params} does not fit a {H}x{W} image")
@@ -341,16 +398,24 @@ def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Re
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if not recipe.augments:
         return _from_pil(im)
+    if recipe.coded and recipe.erasing_mode == "pixel" and key is None and params.get("erase_shape")[0]:
+        raise RecipeError(f"view {params}: recipe {recipe.name!r} v{recipe.version} erases with noise keyed by the "
+                          f"view's (seed, epoch, index); none was given")
     try:
         if recipe.randaugment:
-            im = ra_op.apply_randaugment(im, params.get("ra_op0", "ra_mag0", "ra_op1", "ra_mag1"),
-                                         fill=recipe.fill, resample=recipe.resample)
+            im = ra_op.apply_randaugment(im, params.get(*_RA_FIELDS), fill=recipe.fill, resample=recipe.resample,
+                                         center=recipe.randaugment_settings[0] if recipe.coded else None)
         else:
             im = ta_op.apply_trivialaugment(im, params.get("ta_op", "ta_bin"),
                                             interpolation=_TV_INTERP[recipe.interpolation])
         a = np.array(im)
-        erasing_op.apply_erasing(a, params.get(*_ERASE_FIELDS), mode=recipe.erasing_mode, mean=recipe.fill_mean,
-                                 std=recipe.fill_std)
+        if recipe.coded:
+            box = erasing_op.box_from_codes(params.get(*_ERASE_CODES), S)
+            erasing_op.apply_erasing(a, box, mode=recipe.erasing_mode, mean=recipe.fill_mean, std=recipe.fill_std,
+                                     key=key)
+        else:
+            erasing_op.apply_erasing(a, params.get(*_ERASE_FIELDS), mode=recipe.erasing_mode,
+                                     mean=recipe.fill_mean, std=recipe.fill_std)
     except ValueError as e:
         raise RecipeError(f"view {params}: {e}") from e
     return torch.from_numpy(a).permute(2, 0, 1)

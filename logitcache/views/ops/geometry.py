@@ -4,6 +4,7 @@ the pad-crop window, Pillow's antialiased bilinear resize (bit-identical on ever
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -25,7 +26,11 @@ def _random_resized_crop_box(rng, height, width, scale, ratio) -> tuple[int, int
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
             return top, left, h, w
-    # fallback: a central crop with the aspect ratio clamped into `ratio`
+    return _fallback_box(height, width, ratio)
+
+
+def _fallback_box(height, width, ratio) -> tuple[int, int, int, int]:
+    """torchvision's fallback: a central crop with the aspect ratio clamped into `ratio`."""
     in_ratio = width / height
     if in_ratio < min(ratio):
         w = width
@@ -36,6 +41,73 @@ def _random_resized_crop_box(rng, height, width, scale, ratio) -> tuple[int, int
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
+
+
+# ------------------------------------------------------------------ the coded RandomResizedCrop (recipe version 2)
+CROP_AREA_CODES = 64  # area fraction: midpoints of `scale` cut into 64
+CROP_RATIO_CODES = 16  # aspect ratio: midpoints of log `ratio` cut into 16
+CROP_POS_CODES = 64  # top / left: 0..63 spread over the free range [0, H - h] / [0, W - w]
+CROP_FALLBACK = CROP_AREA_CODES  # crop_area of torchvision's centre-crop fallback (the other codes 0)
+
+
+@lru_cache(maxsize=64)
+def log_grid(lo: float, hi: float, n: int) -> tuple[float, ...]:
+    """The ``n`` midpoints of [log lo, log hi] exponentiated, ``lo·(hi/lo)^((2j+1)/(2n))`` (``n`` a power of 2),
+    computed with multiplications and square roots only: IEEE 754 rounds those exactly, so every machine gets the
+    same floats (``math.exp``/``pow`` come from the C library and may differ in the last bit)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"log_grid needs a power of 2, got {n}")
+    root, m = hi / lo, 2 * n
+    while m > 1:
+        root, m = math.sqrt(root), m // 2
+    out, x = [], lo * root
+    for _ in range(n):
+        out.append(x)
+        x = x * root * root
+    return tuple(out)
+
+
+def lin_grid(lo: float, hi: float, n: int, k: int) -> float:
+    """Midpoint ``k`` of [lo, hi] cut into ``n``."""
+    return lo + (hi - lo) * (2 * k + 1) / (2 * n)
+
+
+def grid_position(code: int, free: int, n: int) -> int:
+    """Code 0..n-1 spread over 0..free (integers only): round(code · free / (n - 1))."""
+    return (2 * code * free + n - 1) // (2 * (n - 1))
+
+
+def _coded_size(area_code: int, ratio_code: int, height: int, width: int, scale, ratio) -> tuple[int, int]:
+    target_area = height * width * lin_grid(scale[0], scale[1], CROP_AREA_CODES, area_code)
+    r = log_grid(ratio[0], ratio[1], CROP_RATIO_CODES)[ratio_code]
+    return int(round(math.sqrt(target_area / r))), int(round(math.sqrt(target_area * r)))
+
+
+def draw_crop_codes(rng, height, width, scale, ratio) -> list[int]:
+    """torchvision's RandomResizedCrop on the grid: up to 10 attempts of an area code and an aspect code (uniform,
+    i.e. the continuous draws quantised to the grid's midpoints); the first box that fits gets a position code
+    for top and left. ``[crop_area, crop_ratio, crop_y, crop_x]``; none fits: ``[CROP_FALLBACK, 0, 0, 0]``."""
+    for _ in range(10):
+        a, r = int(rng.integers(CROP_AREA_CODES)), int(rng.integers(CROP_RATIO_CODES))
+        h, w = _coded_size(a, r, height, width, scale, ratio)
+        if 0 < w <= width and 0 < h <= height:
+            return [a, r, int(rng.integers(CROP_POS_CODES)), int(rng.integers(CROP_POS_CODES))]
+    return [CROP_FALLBACK, 0, 0, 0]
+
+
+def crop_box_from_codes(codes, height, width, scale, ratio) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the stored crop codes on a ``height`` x ``width`` image; ValueError when they do not
+    fit it (a replay against another image)."""
+    a, r, y, x = (int(v) for v in codes)
+    if a == CROP_FALLBACK and r == y == x == 0:
+        return _fallback_box(height, width, ratio)
+    if not (0 <= a < CROP_AREA_CODES and 0 <= r < CROP_RATIO_CODES and 0 <= y < CROP_POS_CODES
+            and 0 <= x < CROP_POS_CODES):
+        raise ValueError(f"crop codes {list(codes)} are not valid")
+    h, w = _coded_size(a, r, height, width, scale, ratio)
+    if not (0 < w <= width and 0 < h <= height):
+        raise ValueError(f"crop codes {list(codes)} give a {h}x{w} box, which does not fit a {height}x{width} image")
+    return grid_position(y, height - h, CROP_POS_CODES), grid_position(x, width - w, CROP_POS_CODES), h, w
 
 
 def _window(image: torch.Tensor, top: int, left: int) -> torch.Tensor:
@@ -53,12 +125,22 @@ def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def _to_pil(x: torch.Tensor) -> Image.Image:
-    # decoded images are channels-last already, so this is one copy of the (cropped) region at most
+    """uint8 (3, h, w) -> an RGB image, one copy of the region. A window of channels-last memory (decoded images
+    and crops of them) is unpacked by PIL row by row from where it lies, into an uninitialised image."""
+    _, h, w = x.shape
+    rows = x.stride(1)
+    if h and w and x.stride(0) == 1 and x.stride(2) == 3 and rows >= 3 * w:
+        flat = np.lib.stride_tricks.as_strided(x.permute(1, 2, 0).numpy(), ((h - 1) * rows + 3 * w,), (1,))
+        im = Image.new("RGB", (w, h), None)
+        im.frombytes(flat, "raw", ("RGB", rows, 1))
+        return im
     return Image.fromarray(x.permute(1, 2, 0).contiguous().numpy())
 
 
 def _from_pil(im: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (3, H, W) over HWC memory, as PILToTensor gives
+    """An RGB image -> uint8 (3, H, W) in contiguous planes (PIL packs each channel; batches stack with memcpy)."""
+    planes = bytearray(b"".join(im.tobytes("raw", c) for c in "RGB"))
+    return torch.frombuffer(planes, dtype=torch.uint8).view(3, im.height, im.width)
 
 
 def _check_image(image) -> None:

@@ -8,6 +8,9 @@ uniformly *with replacement* from the 15-op "increasing" set below; each is appl
 Stored per layer (two int16): ``ra_op{i}`` = 0 when the layer did nothing, else ``op + 1 + 16 * negated``;
 ``ra_mag{i}`` = the magnitude in tenths (0..100). The magnitude is quantised to 0.1 when drawn (the stored
 value is the truth; timm's continuous draw rounded to a tenth), which is what keeps the params compact.
+Version 2 stores ``ra_mag{i}`` = zigzag(tenths - 10·M) (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...; the same tenths, a
+code whose bits a bit-shuffling compressor packs tightly) and 0 for AutoContrast/Equalize/Invert (no magnitude),
+and puts the applied layers first (a skipped layer is a no-op, so the same ops apply in the same order).
 
 Level → argument mappings (``m`` = magnitude, L = m / 10; ``±`` = negated when stored so):
     AutoContrast, Equalize, Invert          no argument
@@ -33,15 +36,20 @@ RA_OPS = (
 )
 _SIGNED = frozenset({"Rotate", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
                      "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"})
+_ARG_FREE = frozenset({"AutoContrast", "Equalize", "Invert"})
 _LEVEL_DENOM = 10.0
 TRANSLATE_PCT = 0.45
 NEG_FLAG = 16
 
 
 def draw_randaugment(rng: np.random.Generator, *, num_layers: int = 2, magnitude: float = 9.0,
-                     magnitude_std: float = 0.5, prob: float = 0.5, magnitude_max: float = 10.0) -> list[int]:
-    """``[ra_op0, ra_mag0, ra_op1, ra_mag1, ...]`` for one view (see the module doc for the encoding)."""
+                     magnitude_std: float = 0.5, prob: float = 0.5, magnitude_max: float = 10.0,
+                     coded: bool = False) -> list[int]:
+    """``[ra_op0, ra_mag0, ra_op1, ra_mag1, ...]`` for one view (see the module doc for the encoding).
+    ``coded`` (recipe version 2): the magnitude is stored as zigzag(tenths - 10·M), 0 for ops without one, and
+    the applied layers come first (same ops in the same order; the skipped ones are the trailing zeros)."""
     out: list[int] = []
+    skipped = 0
     for _ in range(num_layers):
         op = int(rng.integers(len(RA_OPS)))
         applied = rng.random() <= prob  # timm skips when random() > prob
@@ -49,16 +57,28 @@ def draw_randaugment(rng: np.random.Generator, *, num_layers: int = 2, magnitude
         m_tenths = int(round(min(max(m, 0.0), magnitude_max) * 10))
         negate = rng.random() > 0.5  # timm's _randomly_negate
         if not applied:
-            out += [0, 0]
+            skipped += 1
             continue
+        if coded:
+            m_tenths = 0 if RA_OPS[op] in _ARG_FREE else _zigzag(m_tenths - int(round(magnitude * 10)))
+        if not coded:
+            out += [0, 0] * skipped  # version 1: each layer in its own slot
+            skipped = 0
         out += [op + 1 + (NEG_FLAG if negate and RA_OPS[op] in _SIGNED else 0), m_tenths]
-    return out
+    return out + [0, 0] * (num_layers - len(out) // 2)
 
 
-def decode_op(code: int, mag_tenths: int) -> tuple[str, float, bool] | None:
-    """(op name, magnitude, negated) of one stored layer, or None for a layer that did nothing."""
+def _zigzag(d: int) -> int:
+    return 2 * d if d >= 0 else -2 * d - 1
+
+
+def decode_op(code: int, mag_tenths: int, center: float | None = None) -> tuple[str, float, bool] | None:
+    """(op name, magnitude, negated) of one stored layer, or None for a layer that did nothing. ``center``
+    (version 2): the recipe's magnitude M; the stored value is zigzag(tenths - 10·M)."""
     if code == 0:
         return None
+    if center is not None:
+        mag_tenths = int(round(center * 10)) + (mag_tenths // 2 if mag_tenths % 2 == 0 else -(mag_tenths + 1) // 2)
     op = (code & (NEG_FLAG - 1)) - 1
     if not 0 <= op < len(RA_OPS) or not 0 <= mag_tenths <= 1000 or code & ~(2 * NEG_FLAG - 1):
         raise ValueError(f"RandAugment params ({code}, {mag_tenths}) are not a valid op")
@@ -132,10 +152,11 @@ def apply_op(img: Image.Image, name: str, args: tuple, *, fill: tuple[int, ...],
     return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=resample, fillcolor=fill)
 
 
-def apply_randaugment(img: Image.Image, params, *, fill: tuple[int, ...], resample: int) -> Image.Image:
-    """Apply the stored layers ``[ra_op0, ra_mag0, ra_op1, ra_mag1, ...]`` in order."""
+def apply_randaugment(img: Image.Image, params, *, fill: tuple[int, ...], resample: int,
+                      center: float | None = None) -> Image.Image:
+    """Apply the stored layers ``[ra_op0, ra_mag0, ra_op1, ra_mag1, ...]`` in order (``center``: `decode_op`)."""
     for code, mag in zip(params[0::2], params[1::2], strict=True):
-        op = decode_op(int(code), int(mag))
+        op = decode_op(int(code), int(mag), center)
         if op is not None:
             name, m, negate = op
             img = apply_op(img, name, level_args(name, m, negate), fill=fill, resample=resample)

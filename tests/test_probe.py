@@ -1,0 +1,131 @@
+"""`logitcache probe` (issue 16 item 4): the table's structure, exactness at k = C, the recommendation rule, the
+views it draws, and clear errors. A smallcnn teacher with weights made here, 24 views of 28 px, C = 10."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from logitcache.cache import fidelity
+from logitcache.cli import main
+from logitcache.models.zoo import build_model
+from logitcache.probe import ProbeConfig, ProbeError, collect_views, probe, recommend
+
+C = 10
+GRADS = ("grad_relerr_kd_T4", "grad_relerr_dkd_T1", "grad_relerr_nkd_T1")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A smallcnn made confident (classifier scaled), so k matters: its mean top-1 probability is ~0.9."""
+    torch.manual_seed(11)
+    model = build_model("smallcnn", C)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(20.0)
+    path = tmp_path_factory.mktemp("probe_teacher") / "smallcnn.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def _cfg(data, weights, **kw) -> ProbeConfig:
+    base = dict(data=str(data), teacher="smallcnn", weights=weights, recipe="small", image_size=28, views=24,
+                batch_size=8, ks=(1, 5, 20), temperatures=(1.0, 4.0))
+    return ProbeConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def report(small_shards, weights):
+    return probe(_cfg(small_shards, weights))
+
+
+def test_the_table_has_every_k_and_setting(report):
+    assert report["views"] == 24 and report["num_classes"] == C
+    ks = [1, 5, C]  # 20 is clipped to C
+    settings = ["format 1 (fp16)", "format 2", "format 2 prior", "format 2 sampled:8"]
+    assert [(r["k"], r["setting"]) for r in report["rows"]] == [(k, s) for k in ks for s in settings]
+    masses = [report["mean_topk_mass"][str(k)] for k in ks]
+    assert masses == sorted(masses) and masses[0] < 0.99 and masses[-1] == pytest.approx(1.0)
+    for r in report["rows"]:
+        assert r["dump_bytes_per_view"] > 0 and r["kl_T1"] >= 0
+        assert all(r[g] >= 0 for g in GRADS)
+        assert (r["prior_bytes"] > 0) == (r["tail"] == "prior")
+        assert r["dump_flags"].startswith(f"--topk {r['k']} --temperatures 1,4")
+    # k = 1 of a confident-but-not-certain teacher: the uniform tail is visibly wrong, more k helps
+    k1 = {r["setting"]: r for r in report["rows"] if r["k"] == 1}
+    k5 = {r["setting"]: r for r in report["rows"] if r["k"] == 5}
+    assert k5["format 2"]["grad_relerr_nkd_T1"] < k1["format 2"]["grad_relerr_nkd_T1"]
+    assert k1["format 2"]["dump_bytes_per_view"] < k5["format 2"]["dump_bytes_per_view"]
+
+
+def test_k_equal_to_c_is_exact_up_to_the_codec_step(report):
+    full = [r for r in report["rows"] if r["k"] == C]
+    for r in full:
+        assert r["kl_T1"] < 1e-3, r
+        # format 1 stores float16 values; format 2 steps of 2^-5 nats (top-1) / 2^-4 (others): ~1 % at most
+        bound = 1e-3 if r["format"] == 1 else 2.0 ** -5
+        assert all(r[g] < bound for g in GRADS), r
+
+
+def test_the_recommendation_is_the_cheapest_row_meeting_the_target(report):
+    rows = report["rows"]
+    errors = sorted(r["grad_relerr_nkd_T1"] for r in rows)
+    for target in (errors[len(errors) // 2], errors[-1], report["target_grad_error"]):
+        rec = recommend(rows, target)["recommendation"]
+        ok = [r for r in rows if r["grad_relerr_nkd_T1"] <= target]
+        cheapest = min(r["ranked_bytes_per_view"] for r in ok)
+        chosen = next(r for r in ok if (r["k"], r["setting"]) == (rec["k"], rec["setting"]))
+        assert rec["grad_relerr_nkd_T1"] <= target and chosen["ranked_bytes_per_view"] == cheapest
+    none = recommend(rows, errors[0] / 2)
+    assert none["recommendation"] is None and none["closest"]["grad_relerr_nkd_T1"] == errors[0]
+
+
+def test_the_probe_draws_the_first_views_in_shard_order(small_shards, weights):
+    """15 views = the first 15 of the 24 (all of shard 0, then shard 1's first 3), stopping early."""
+    a = collect_views(_cfg(small_shards, weights, views=15))
+    b = collect_views(_cfg(small_shards, weights, views=24))
+    assert a.logits.shape == (15, C) and torch.equal(a.logits, b.logits[:15])
+    assert torch.equal(a.target, b.target[:15]) and (a.params == b.params[:15]).all()
+
+
+def test_the_cli_prints_the_table_and_says_when_nothing_meets_the_target(small_shards, weights):
+    args = ["probe", "--teacher", "smallcnn", "--weights", weights, "--data", str(small_shards), "--recipe", "small",
+            "--image-size", "28", "--views", "16", "--ks", "1,3", "--workers", "0"]
+    res = CliRunner().invoke(main, [*args, "--target-grad-error", "1e-9"])
+    assert res.exit_code == 0, res.output
+    assert "NO setting measured meets --target-grad-error 1e-09" in res.output and "Closest: k = 3" in res.output
+    res = CliRunner().invoke(main, [*args, "--target-grad-error", "10", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["recommendation"]["k"] == 1 and out["closest"] is None  # anything meets 1000 %: the cheapest k
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--views", "2"], "--views must be >= 4"),
+    (["--ks", "1,x"], "--ks must be comma-separated integers"),
+    (["--ks", "0"], "--ks must be positive"),
+    (["--target-grad-error", "0"], "--target-grad-error must be > 0"),
+    (["--shards", "7"], "shard"),
+    (["--teacher", "nosuchnet"], "nosuchnet"),
+])
+def test_bad_input_is_a_clear_error(small_shards, weights, extra, message):
+    args = ["probe", "--teacher", "smallcnn", "--weights", weights, "--data", str(small_shards), "--recipe", "small",
+            "--image-size", "28", *extra]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0 and message in res.output, res.output
+    assert "Traceback" not in res.output and not isinstance(res.exception, (TypeError, AttributeError, KeyError))
+
+
+def test_a_missing_data_set_names_it(tmp_path, weights):
+    res = CliRunner().invoke(main, ["probe", "--teacher", "smallcnn", "--weights", weights, "--data",
+                                    str(tmp_path / "nothing"), "--recipe", "small"])
+    assert res.exit_code == 1 and "nothing" in res.output and "Traceback" not in res.output
+
+
+def test_probe_config_refuses_bad_settings_without_running(small_shards, weights):
+    with pytest.raises(ProbeError, match="tail-samples"):
+        _cfg(small_shards, weights, tail_samples=0)
+    assert fidelity.sampled(4).dump_flags == "--tail sampled:4" and fidelity.FORMAT_1.dump_flags == "--format 1"
