@@ -313,3 +313,29 @@ def test_pskd_refuses_a_mixing_recipe_naming_it(small_shards, tmp_path):
     # without mixing PS-KD runs as before
     train(TrainConfig(data=str(small_shards), out=str(tmp_path / "small"), student="smallcnn", loss="pskd",
                       recipe="small", epochs=1, batch_size=12, progress=False))
+
+
+def test_a_sample_the_dump_skips_leaves_its_partner_unmixed_and_replay_agrees(teacher_weights, tmp_path):
+    """deit v2 derives partners from the unit: a corrupt sample skipped by the dump is nobody's partner — the view
+    whose cycle partner it was is stored unmixed — and replay, fresh views and verify --recompute agree."""
+    from _data_helpers import make_png_gray
+
+    from logitcache.data.write import write_shards
+
+    rng = np.random.default_rng(3)
+    samples = [(f"s{i:03d}", {"png": make_png_gray(rng), "cls": str(i % 10).encode()}) for i in range(12)]
+    samples[4] = ("s004", {"png": b"not a png", "cls": b"4"})
+    write_shards(iter(samples), tmp_path / "data", class_names=[str(c) for c in range(10)], samples_per_shard=12)
+    out = tmp_path / "cache.zarr"
+    dump(_dump_cfg(tmp_path / "data", out, teacher_weights, skip_bad=True))
+    reader = CacheReader(str(out))
+    assert reader.markers()[(0, 0)].skipped == (4,)
+    cached = _views(CachedViews(tmp_path / "data", reader, epoch=0, skip_bad=True, return_items=True))
+    fresh = _views(FreshViews(tmp_path / "data", seed=SEED, epoch=0, recipe=get_recipe("deit", 28), skip_bad=True,
+                              return_items=True))
+    assert cached == fresh and sorted(cached) == [i for i in range(12) if i != 4]
+    orphan = next(o for o, p in mix_op.cycle_partners(SEED, 0, 0, 0, 16, 12).items() if p == 4)
+    assert cached[orphan][2] == 1.0 and cached[orphan][1] == orphan % 10  # not mixed: own label, λ 1
+    assert all(v[1] != 4 for v in cached.values())  # nobody mixes with the skipped sample
+    res = recompute_views(str(out), None, str(tmp_path / "data"), "smallcnn", teacher_weights, 11)
+    assert res["views"] == 11 and res["mismatches"] == []
