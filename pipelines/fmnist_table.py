@@ -49,6 +49,8 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--train-shards", default="0-29")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated method labels (default: all), e.g. 'KD (cached),NKD (cached),NKD (online)'")
     args = ap.parse_args(argv)
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -69,9 +71,16 @@ def main(argv=None) -> None:
     cli(["dump", "--teacher", "smallcnn_wide", "--weights", teacher, "--data", data, "--out", cache,
          "--epochs", str(args.epochs), "--topk", "5", "--batch-size", "256", "--shards", args.train_shards,
          "--seed", "0", *common])
-    results: dict[str, list[dict]] = {label: [] for label, _, _ in METHODS}
+    methods = METHODS
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",")]
+        unknown = sorted(set(wanted) - {label for label, _, _ in METHODS})
+        if unknown:
+            sys.exit(f"unknown method(s) {unknown}: choose from {[label for label, _, _ in METHODS]}")
+        methods = [m for m in METHODS if m[0] in wanted]
+    results: dict[str, list[dict]] = {label: [] for label, _, _ in methods}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for label, loss, source in METHODS:
+        for label, loss, source in methods:
             run_dir = out / f"{loss}-{source or 'free'}-seed{seed}"
             extra = {"cache": ["--cache", cache],
                      "online": ["--teacher", "smallcnn_wide", "--weights", teacher]}.get(source, [])
