@@ -4,7 +4,8 @@ optimizer steps, only the order differs (with N = 3 each image's three views sit
 
 The demo's student settings: `smallcnn`, SGD lr 0.1, warm-up 0.2 epochs, weight decay 5e-4, batch 128, cosine,
 3 epochs, one loader worker; each seed changes the initialisation and the data order. Top-1 on the test set
-after the last epoch; prints mean ± std per N, the difference of the means and the seeds' spread.
+after the last epoch; prints mean ± std per N, the difference of the means, the seeds' spread and the per-seed
+(paired: same initialisation) differences.
 
     .venv/bin/python pipelines/fmnist_views_per_decode.py --data runs/demo/data --cache runs/demo/cache.zarr \\
         [--shards 0-29] [--seeds 0,1,2] [--out runs/vpd]
@@ -62,13 +63,17 @@ def main(argv=None) -> dict:
     }
     diff = summary["mean"]["3"] - summary["mean"]["1"]
     noise = max(summary["std"]["1"], summary["std"]["3"])
-    summary.update({"difference_n3_minus_n1": diff, "seed_std_max": noise,
+    paired = [b - a for a, b in zip(top1[1], top1[3], strict=True)]  # same seed: same initialisation
+    summary.update({"difference_n3_minus_n1": diff, "seed_std_max": noise, "paired_differences": paired,
+                    "paired_difference_std": statistics.stdev(paired) if len(paired) > 1 else float("nan"),
                     "within_seed_noise": bool(abs(diff) <= 2 * noise) if noise == noise else None})
     for n in (1, 3):
         print(f"NKD N={n}: test top-1 {100 * summary['mean'][str(n)]:.2f} ± {100 * summary['std'][str(n)]:.2f} % "
               f"(seeds {seeds}: {', '.join(f'{100 * t:.2f}' for t in top1[n])})")
     print(f"difference N=3 - N=1: {100 * diff:+.2f} points; seed std (larger of the two) {100 * noise:.2f} points "
           f"-> {'within' if summary['within_seed_noise'] else 'outside'} 2 std of seed noise")
+    print(f"per seed (same initialisation), N=3 - N=1: {', '.join(f'{100 * d:+.2f}' for d in paired)} points; "
+          f"std of the paired differences {100 * summary['paired_difference_std']:.2f} points")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
