@@ -17,6 +17,12 @@ shard's pending units (epochs × shard length rows, ~150 bytes each at k = 10).
 
     .venv/bin/python pipelines/bench_dump.py --rss             # about 4 minutes on 2 busy cores
 
+On a loaded machine both arms' wall (and CPU) times wander by tens of percent between runs; ``--profile`` runs
+the dump once under cProfile and reports the time its own stages (labels, unit writes, cache open/close) take,
+as the estimate total / (total - own):
+
+    .venv/bin/python pipelines/bench_dump.py --profile
+
 The dump decodes each shard once for all its pending epochs (`UnitViews`); the views/s *per core* of that data
 path alone, for E = 1, 2, 4, 8 epochs per decode, is reported by `bench_views_per_decode.py`, next to the
 replay's views/s for the same numbers of views per decode (same images, same method).
@@ -123,6 +129,41 @@ def rss_vs_epochs(args) -> dict:
             "samples": args.rss_views, "workers": 0, "rows": rows, "largest_over_smallest": max(peaks) / min(peaks)}
 
 
+#: the dump's own stages (what bare inference does not do): labels, unit writes, cache open/close
+OWN_STAGES = ("soft_labels", "calibrate_prior", "open_writer", "start_run", "forget_damaged_units", "_write_unit",
+              "write_unit_indexes", "finish_run", "summarize")
+
+
+def profile_overhead(args) -> dict:
+    """The dump under cProfile: the share of its time spent in its own stages (`OWN_STAGES`), as the overhead
+    estimate total / (total - own). Steadier than wall or CPU time on a loaded machine (both arms of those
+    wander by tens of percent there); cProfile slows the Python-heavy own stages more than the teacher's
+    kernels, so the estimate errs high."""
+    import cProfile
+    import pstats
+
+    from logitcache.dump import DumpConfig, dump
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_shards(f"{tmp}/shards", args.views, args.per_shard)
+        cfg = DumpConfig(data=f"{tmp}/shards", out=f"{tmp}/cache.zarr", teacher=args.teacher, recipe="imagenet",
+                         image_size=args.image_size, epochs=1, topk=args.topk, batch_size=args.batch_size,
+                         workers=0, progress=False)
+        prof = cProfile.Profile()
+        prof.enable()
+        dump(cfg)
+        prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    own = {name: sum(v[3] for (f, _, n), v in stats.items() if n == name and "logitcache" in f)
+           for name in OWN_STAGES}  # top-level stages of `dump` (none calls another)
+    total = sum(v[3] for (f, _, n), v in stats.items() if n == "dump" and f.endswith("logitcache/dump.py"))
+    own_s = sum(own.values())
+    return {"benchmark": "dump_overhead_profile", "date": time.strftime("%Y-%m-%d"), "teacher": args.teacher,
+            "image_size": args.image_size, "views": args.views, "topk": args.topk, "workers": 0,
+            "total_seconds": total, "own_seconds": own_s, "own_by_stage": own,
+            "overhead_estimate": total / (total - own_s), "loadavg_1min": os.getloadavg()[0]}
+
+
 def summary_format(url: str) -> str:
     from logitcache.cache.reader import CacheReader
 
@@ -148,8 +189,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--rss-image-size", type=int, default=112)
     ap.add_argument("--rss-batch-size", type=int, default=128)
     ap.add_argument("--rss-teacher", default="smallcnn", help="the figure is memory, not compute: a cheap teacher")
+    ap.add_argument("--profile", action="store_true", help="only the profile-based overhead estimate (see above)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.profile:
+        result = profile_overhead(args)
+        if args.json:
+            print(json.dumps(result, indent=1))
+            return result
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in result["own_by_stage"].items() if v)
+        print(f"dump of {args.views} views, {args.teacher} at {args.image_size} px, k={args.topk}, 0 workers, under "
+              f"cProfile: {result['total_seconds']:.1f} s, of which its own stages {result['own_seconds']:.2f} s "
+              f"({stages})")
+        print(f"overhead estimate total / (total - own) = {result['overhead_estimate']:.3f} (target <= 1.05); load "
+              f"{result['loadavg_1min']:.1f}")
+        return result
     if args.rss:
         result = rss_vs_epochs(args)
         if args.json:
