@@ -65,7 +65,6 @@ def test_cache_holds_what_the_teacher_saw(imagenet_shards, reference_cache):
     from logitcache.data.manifest import load_manifest
     from logitcache.data.shards import iter_shard
     from logitcache.teacher import Teacher
-    from logitcache.views.params import ViewParams
     from logitcache.views.recipe import Recipe, apply_view, sample_view
     from logitcache.views.rng import view_rng
 
@@ -81,7 +80,7 @@ def test_cache_holds_what_the_teacher_saw(imagenet_shards, reference_cache):
         samples = list(iter_shard(manifest, 1))
         xs = []
         for smp in samples:
-            params = ViewParams.from_array(recipe, unit.view_params[smp.offset])
+            params = recipe.params_from_array(unit.view_params[smp.offset])
             # the cached params are the ones the dump sampled from (seed, epoch, index)
             _, h, w = smp.image.shape
             assert params == sample_view(view_rng(7, e, smp.index), h, w, recipe)
