@@ -1,7 +1,9 @@
 """Dump overhead: wall time of `logitcache dump` ÷ wall time of bare teacher inference over the same views
 with the same loader (target ≤ 1.05). Both runs build the teacher, read the same synthetic ImageNet-sized JPEG
 shards through the same `UnitViews` loader and run the same forward passes; the dump also keeps the top-k,
-compresses and writes units. Runs alternate (bare, dump, bare, dump, ...) and the best of each is compared.
+compresses and writes units (format 2, the default). Runs alternate (bare, dump, bare, dump, ...) and the best of
+each is compared, in wall time and in CPU time (this process and its loader workers: on a shared machine the
+CPU-time ratio is the steadier figure).
 
     .venv/bin/python pipelines/bench_dump.py [--teacher resnet34 --image-size 112 --views 1024] [--json]
 
@@ -58,6 +60,15 @@ def make_shards(out: str, n: int, per_shard: int, seed: int = 0) -> None:
     write_shards(samples(), out, class_names=[f"n{i:08d}" for i in range(1000)], samples_per_shard=per_shard)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its reaped children (the DataLoader workers, joined at the end
+    of each run): less disturbed than wall time by other processes on a shared machine."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def bare_inference(cfg) -> float:
     """The dump's loader and forward passes, nothing kept."""
     from logitcache.data.manifest import load_manifest
@@ -112,6 +123,13 @@ def rss_vs_epochs(args) -> dict:
             "samples": args.rss_views, "workers": 0, "rows": rows, "largest_over_smallest": max(peaks) / min(peaks)}
 
 
+def summary_format(url: str) -> str:
+    from logitcache.cache.reader import CacheReader
+
+    r = CacheReader(url)
+    return f"{'.'.join(map(str, r.root_meta.format_version))} ({r.codec_name})"
+
+
 def main(argv=None) -> dict:
     from logitcache.dump import DumpConfig, dump
 
@@ -148,14 +166,20 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         make_shards(f"{tmp}/shards", args.views, args.per_shard)
         times = {"bare": [], "dump": []}
+        cpu = {"bare": [], "dump": []}
         for r in range(args.repeats):
             cfg = DumpConfig(data=f"{tmp}/shards", out=f"{tmp}/cache{r}.zarr", teacher=args.teacher, recipe="imagenet",
                              image_size=args.image_size, epochs=1, topk=args.topk, batch_size=args.batch_size,
                              workers=args.workers, progress=False)
+            c0 = cpu_seconds()
             times["bare"].append(bare_inference(cfg))
+            c1 = cpu_seconds()
             t0 = time.perf_counter()
             summary = dump(cfg)
             times["dump"].append(time.perf_counter() - t0)
+            cpu["bare"].append(c1 - c0)
+            cpu["dump"].append(cpu_seconds() - c1)
+            fmt = summary_format(summary.cache)
     best_bare, best_dump = min(times["bare"]), min(times["dump"])
     result = {
         "benchmark": "dump_overhead", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
@@ -164,6 +188,9 @@ def main(argv=None) -> dict:
         "workers": args.workers, "bare_seconds": times["bare"], "dump_seconds": times["dump"],
         "bare_views_per_s": args.views / best_bare, "dump_views_per_s": args.views / best_dump,
         "overhead_ratio": best_dump / best_bare, "bytes_per_view": summary.bytes_per_view,
+        "bare_cpu_seconds": cpu["bare"], "dump_cpu_seconds": cpu["dump"],
+        "overhead_ratio_cpu": min(cpu["dump"]) / min(cpu["bare"]), "cache_format": fmt,
+        "loadavg_1min": os.getloadavg()[0],
     }
     if args.json:
         print(json.dumps(result, indent=1))
@@ -174,6 +201,9 @@ def main(argv=None) -> dict:
         print(f"logitcache dump:        {result['dump_views_per_s']:.1f} views/s  (runs {times['dump']})")
         print(f"dump / bare wall time:  {result['overhead_ratio']:.3f}  (target <= 1.05); "
               f"{result['bytes_per_view']:.1f} B/view (random teacher; see bench_storage for real figures)")
+        print(f"dump / bare CPU time:   {result['overhead_ratio_cpu']:.3f}  (runs: bare {cpu['bare']}, dump "
+              f"{cpu['dump']} CPU s; process + loader workers); cache format {result['cache_format']}; load "
+              f"{result['loadavg_1min']:.1f}")
     return result
 
 
