@@ -142,8 +142,25 @@ def test_dry_run_writes_nothing(imagenet_shards, tmp_path):
                                     "--json", *DUMP_ARGS])
     assert res.exit_code == 0, res.output
     plan = json.loads(res.output)
-    assert plan["units"] == 6 and plan["views"] == 48
+    assert plan["units"] == 6 and plan["views"] == 48 and plan["recipe"] == "imagenet@2"  # the newest version
     assert not out.exists()
+
+
+def test_recipe_name_at_version_picks_an_older_version_or_refuses_clearly(imagenet_shards, tmp_path):
+    out = tmp_path / "none.zarr"
+
+    def dry(recipe):
+        args = [a if a != "imagenet" else recipe for a in DUMP_ARGS]
+        return CliRunner().invoke(main, ["dump", "--data", str(imagenet_shards), "--out", str(out), "--dry-run",
+                                         "--json", *args])
+
+    res = dry("imagenet@1")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["recipe"] == "imagenet@1"
+    for bad, why in (("imagenet@9", "version 9 cannot be replayed"), ("imagenet@x", "must be a number"),
+                     ("nope@1", "unknown recipe")):
+        res = dry(bad)
+        assert res.exit_code != 0 and why in res.output and "Traceback" not in res.output, res.output
 
 
 def test_nan_teacher_is_an_error_naming_the_sample(imagenet_shards, tmp_path):
