@@ -40,6 +40,8 @@ from logitcache.teacher import Teacher
 from logitcache.views.recipe import resolve_recipe
 
 DEFAULT_KS = (1, 5, 10, 20)
+#: the dense logits the probe keeps (views x classes, float32, with float64 copies while measuring): bounded
+MAX_DENSE_VALUES = 50_000_000
 
 
 class ProbeError(LogitcacheError, ValueError):
@@ -111,6 +113,10 @@ def collect_views(cfg: ProbeConfig) -> ProbeViews:
     bad = [s for s in shards if not 0 <= s < len(manifest.shards)]
     if bad:
         raise ProbeError(f"--shards {bad} not in {cfg.data} (it has {len(manifest.shards)} shards)")
+    if cfg.views * manifest.num_classes > MAX_DENSE_VALUES:
+        raise ProbeError(f"--views {cfg.views} x {manifest.num_classes} classes of {cfg.data} is more dense "
+                         f"logits than the probe keeps ({MAX_DENSE_VALUES:,}): use --views <= "
+                         f"{MAX_DENSE_VALUES // manifest.num_classes}")
     recipe = resolve_recipe(cfg.recipe, cfg.image_size, default=manifest.default_recipe,
                             default_where=f"the manifest of {cfg.data}")
     teacher = Teacher.load(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, cfg.device, cfg.seed,

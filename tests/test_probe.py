@@ -127,6 +127,7 @@ def test_the_cli_prints_the_table_and_says_when_nothing_meets_the_target(small_s
     (["--target-grad-error", "0"], "--target-grad-error must be > 0"),
     (["--shards", "7"], "shard"),
     (["--teacher", "nosuchnet"], "nosuchnet"),
+    (["--views", "6000000"], "more dense logits than the probe keeps"),
 ])
 def test_bad_input_is_a_clear_error(small_shards, weights, extra, message):
     args = ["probe", "--teacher", "smallcnn", "--weights", weights, "--data", str(small_shards), "--recipe", "small",
