@@ -51,7 +51,7 @@ from logitcache.replay import CachedViews, collate
 from logitcache.train.config import TrainConfig
 from logitcache.train.loop import train
 from logitcache.views.ops.geometry import _from_pil, _to_pil
-from logitcache.views.recipe import Recipe, get_recipe
+from logitcache.views.recipe import Recipe, crop_box, get_recipe
 
 SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (333, 500), (500, 375), (400, 300))
 CACHED_EPOCHS = 8
@@ -141,7 +141,9 @@ def stage_costs(data: str, cache: str, batch_size: int, repeats: int) -> dict[st
                                                                          np.int16)))
                  for s, x in samples for e in range(CACHED_EPOCHS)]
         t0 = time.process_time()
-        ims = [_to_pil(x.image[:, p.top:p.top + p.height, p.left:p.left + p.width]) for x, _, p in views]
+        boxes = [crop_box(p, recipe, *x.image.shape[1:]) for x, _, p in views]  # v2: from the crop codes
+        ims = [_to_pil(x.image[:, t:t + h, left:left + w]) for (x, _, _), (t, left, h, w) in zip(views, boxes,
+                                                                                                strict=True)]
         clock("crop to PIL", len(views), t0)
         t0 = time.process_time()
         ims = [im.resize((recipe.image_size,) * 2, recipe.resample) for im in ims]

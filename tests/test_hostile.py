@@ -580,3 +580,112 @@ def test_chunks_are_fsynced_before_their_marker(tmp_path, monkeypatch):
         synced = {p for kind, p in events[:i] if kind == "fsync"}
         chunks = [p for p in synced if f"/c/{e}/{s}/" in p or p.endswith(f"/c/{e}/{s}")]
         assert len({p.split("/resnet34/")[1].split("/")[0] for p in chunks}) == 5, (e, s, sorted(synced))
+
+
+# ------------------------------------------------------------------ format 2 (the default): the same classes
+# A format-2 group holds one packed array, `rows` (one chunk per unit), and for tail 'prior' the (C, C) `tail_prior`.
+DUMP2 = ["--teacher", "smallcnn", "--recipe", "small", "--image-size", "28", "--topk", "3", "--epochs", "2",
+         "--batch-size", "8", "--tail", "prior", "--prior-views", "8"]
+
+
+@pytest.fixture(scope="module")
+def clean2(small_shards, tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("hostile2") / "cache.zarr"
+    rc, text = cli("dump", "--data", small_shards, "--out", out, *DUMP2)
+    assert rc == 0, text
+    assert json.loads((out / "zarr.json").read_text())["attributes"]["logitcache"]["format_version"][0] == 2
+    return out
+
+
+@pytest.fixture
+def cache2(clean2, tmp_path) -> pathlib.Path:
+    out = tmp_path / "cache.zarr"
+    shutil.copytree(clean2, out)
+    return out
+
+
+def test_format2_cache_trains_before_it_is_damaged(cache2, small_shards, tmp_path):
+    """The baseline of the cases below: the undamaged format-2 cache (prior tail) verifies and trains."""
+    assert cli("verify", cache2)[0] == 0
+    rc, out = cli(*train_args(small_shards, cache2, tmp_path / "run"))
+    assert rc == 0, out
+
+
+@pytest.mark.parametrize("array, what, index", [
+    ("rows", "shape", 0), ("rows", "shape", 1), ("rows", "shape", 3), ("rows", "chunk", 3),
+    ("tail_prior", "shape", 0), ("tail_prior", "chunk", 1),
+])
+def test_format2_array_declaring_1e12(cache2, small_shards, tmp_path, array, what, index):
+    def bomb(d):
+        target = d["shape"] if what == "shape" else d["chunk_grid"]["configuration"]["chunk_shape"]
+        target[index] = 10**12
+
+    edit_json(cache2 / GROUP / array / "zarr.json", bomb)
+    refused(cli_limited(*train_args(small_shards, cache2, tmp_path / "run")), f"{GROUP}/{array}", what)
+    out = refused(cli("verify", cache2, "--json"), f"{GROUP}/{array}", "metadata")
+    assert "do not decode" not in out and "unit (epoch" not in out
+    refused(cli("info", cache2), f"{GROUP}/{array}")
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"codec": {"name": "packed", "step_bits": "five", "knee": 0, "tail_samples": 0}}, "step_bits"),
+    ({"codec": {"name": "evil", "step_bits": 5}}, "codec name"),
+    ({"codec": {"name": "packed", "step_bits": 5, "knee": 0, "tail_samples": 10**12}}, "tail_samples"),
+    ({"codec": {"name": "packed", "step_bits": 5, "knee": "wide", "tail_samples": 0}}, "knee"),
+    ({"tail": {"name": "oracle"}}, "tail name"),
+    ({"tail": {"name": "sampled", "m": "many"}}, "'m'"),
+    ({"tail": {"name": "prior", "prior_views": -1}}, "prior_views"),
+])
+@pytest.mark.parametrize("command", ["info", "verify", "train"])
+def test_format2_mistyped_codec_or_tail(cache2, small_shards, tmp_path, change, named, command):
+    logitcache_attrs(cache2 / GROUP / "zarr.json", **change)
+    args = train_args(small_shards, cache2, tmp_path / "run") if command == "train" else [command, cache2]
+    refused(cli(*args), "zarr.json", named)
+
+
+def _rows_chunk(cache: pathlib.Path, e: int, s: int) -> pathlib.Path:
+    return cache / GROUP / "rows" / f"c.{e}.{s}.0.0"
+
+
+def test_format2_train_refuses_a_deleted_chunk(cache2, small_shards, tmp_path):
+    _rows_chunk(cache2, 0, 1).unlink()
+    out = refused(cli(*train_args(small_shards, cache2, tmp_path / "run")), "epoch 0, shard 1", "verify",
+                  "--repair")
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists(), out
+    refused(cli("verify", cache2), "epoch 0, shard 1")
+
+
+def test_format2_train_refuses_a_flipped_byte(cache2, small_shards, tmp_path):
+    victim = _rows_chunk(cache2, 1, 0)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    victim.write_bytes(bytes(data))
+    refused(cli(*train_args(small_shards, cache2, tmp_path / "run", "--epochs", "2")), "epoch 1, shard 0",
+            "verify", "--repair")
+
+
+def test_format2_train_refuses_a_damaged_prior(cache2, small_shards, tmp_path):
+    """The prior is checked against the digest in the group metadata before any view uses it."""
+    import zarr
+
+    arr = zarr.open_array(str(cache2 / GROUP / "tail_prior"), mode="r+").with_config({"write_empty_chunks": True})
+    prior = np.asarray(arr[...])
+    prior[0] = np.roll(prior[0], 1)
+    arr[...] = prior
+    refused(cli(*train_args(small_shards, cache2, tmp_path / "run")), "prior")
+
+
+def test_format2_train_refuses_insane_codes(cache2, small_shards, tmp_path):
+    """A consistent edit (valid codecs, the marker's sha256 updated): the top-1 class code of one row says 500 of
+    10 classes. Only the value checks can tell; they name the unit."""
+    import zarr
+
+    arr = zarr.open_array(str(cache2 / GROUP / "rows"), mode="r+").with_config({"write_empty_chunks": True})
+    codes = np.asarray(arr[0, 1])
+    codes[0, 0] = 500  # field 0 = the top-1 class (FORMAT.md, format 2.0)
+    arr[0, 1] = codes
+    marker = _marker(cache2, 0, 1)
+    sha = hashlib.sha256(_rows_chunk(cache2, 0, 1).read_bytes()).hexdigest()
+    edit_json(marker, lambda d: d["chunks"].update({"rows": sha}))
+    out = refused(cli(*train_args(small_shards, cache2, tmp_path / "run")), "epoch 0, shard 1", "[0, 10)", "verify")
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists(), out

@@ -29,7 +29,7 @@ from logitcache.replay import CachedViews, FreshViews, RowSource, cached_views_s
 from logitcache.train.config import TrainConfig, learning_rate
 from logitcache.train.lockstep import pass_epoch_ends, planned_steps
 from logitcache.train.loop import KILL_AFTER_STEPS_ENV, train
-from logitcache.views.recipe import apply_view, get_recipe, sample_view
+from logitcache.views.recipe import apply_view, crop_box, get_recipe, sample_view
 
 SEED, EPOCHS = 5, 4
 REPO = Path(__file__).resolve().parents[1]
@@ -311,14 +311,15 @@ def test_the_per_view_path_gives_pillows_own_pixels():
     for H, W in ((37, 53), (1, 9), (64, 20), (30, 1)):
         a = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
         for image in (torch.from_numpy(a).permute(2, 0, 1), torch.from_numpy(a.transpose(2, 0, 1).copy())):
-            for recipe in (get_recipe("imagenet", 24), get_recipe("small", 16)):
+            for recipe in (get_recipe("imagenet", 24), get_recipe("imagenet", 24, 1), get_recipe("small", 16)):
                 for _ in range(8):
                     p = sample_view(rng, H, W, recipe)
                     if recipe.name == "small":
                         q = recipe.pad
                         crop = np.pad(a, ((q, q), (q, q), (0, 0)))[p.top + q:p.top + q + H, p.left + q:p.left + q + W]
                     else:
-                        crop = a[p.top:p.top + p.height, p.left:p.left + p.width]
+                        t, lft, h, w = crop_box(p, recipe, H, W)
+                        crop = a[t:t + h, lft:lft + w]
                     im = Image.fromarray(np.ascontiguousarray(crop)).resize((recipe.image_size,) * 2, recipe.resample)
                     want = np.array(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else im)
                     got = apply_view(image, p, recipe)

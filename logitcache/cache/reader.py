@@ -84,29 +84,40 @@ def repair_hint(url: str, group: str) -> str:
             f"{url} --group {group} --repair` (the dump's own settings) to redo the damaged units")
 
 
-def unit_value_problems(rows: UnitRows, marker: UnitMarker, meta: GroupMeta) -> list[str]:
-    """Basic sanity of a unit's values (rows of skipped samples are padding and not checked): finite
-    log-probabilities and log-partitions, indices in [0, C) and distinct per row, top-k log-probs sorted
-    largest first and <= 0, top-k mass <= 1. Checked on every read and by `verify`."""
+def unit_value_problems(rows: UnitRows | PackedUnit, marker: UnitMarker, meta: GroupMeta) -> list[str]:
+    """Basic sanity of a unit's values, in either format (rows of skipped samples are padding and not checked):
+    finite log-probabilities and log-partitions, indices in [0, C) and distinct per row, top-k log-probs sorted
+    largest first and <= 0, top-k mass <= 1 (format 2: also its tail draws' classes in [0, C)). Checked on every
+    read and by `verify`."""
     valid = np.ones(len(rows), dtype=bool)
     valid[list(marker.skipped)] = False
-    idx, lp = rows.topk_indices[valid], rows.topk_logprobs[valid].astype(np.float32)
-    tlp, lse = rows.target_logprob[valid], rows.lse[valid]
+    if isinstance(rows, PackedUnit):  # decoded codes: the same quantities under format 2's names
+        f = {name: a[valid] for name, a in rows.fields.items()}
+        idx, lp, tlp = f["indices"], f["logits"].astype(np.float32), f["target_logprob"]
+        finite = {"lse": f["lse"], "log_rest": np.where(np.isneginf(f["log_rest"]), 0.0, f["log_rest"])}
+        extra_idx = {"tail_indices": f["tail_indices"]} if "tail_indices" in f else {}
+        # the codes round each log-prob by at most half a top-1 step plus one (companded) gap step
+        slack = LOGPROB_SLACK + 1.5 * meta.packed_codec().step
+    else:
+        slack = LOGPROB_SLACK
+        idx, lp = rows.topk_indices[valid], rows.topk_logprobs[valid].astype(np.float32)
+        tlp, finite, extra_idx = rows.target_logprob[valid], {"lse": rows.lse[valid]}, {}
     out = []
-    for name, a in (("topk_logprobs", lp), ("target_logprob", tlp), ("lse", lse)):
+    for name, a in (("topk_logprobs", lp), ("target_logprob", tlp), *finite.items()):
         if not np.isfinite(a).all():
             out.append(f"{name} has {int((~np.isfinite(a)).sum())} non-finite value(s)")
-    if idx.size and (idx.min() < 0 or idx.max() >= meta.num_classes):
-        out.append(f"topk_indices outside [0, {meta.num_classes})")
+    for name, a in (("topk_indices", idx), *extra_idx.items()):
+        if a.size and (a.min() < 0 or a.max() >= meta.num_classes):
+            out.append(f"{name} outside [0, {meta.num_classes})")
     if idx.size and meta.k > 1 and (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
         out.append("topk_indices repeat a class within a row")
     with np.errstate(invalid="ignore"):
         if lp.size and (np.diff(lp, axis=1) > LOGPROB_SLACK).any():
             out.append("topk_logprobs are not sorted largest first")
-        if lp.size and (lp.max() > LOGPROB_SLACK or tlp.max(initial=-np.inf) > LOGPROB_SLACK):
+        if lp.size and (lp.max() > LOGPROB_SLACK or tlp.max(initial=-np.inf) > slack):
             out.append("a log-probability is > 0")
         mass = np.exp(lp.astype(np.float64)).sum(axis=1)
-        if mass.size and mass.max() > 1 + meta.k * LOGPROB_SLACK:
+        if mass.size and mass.max() > np.exp(slack) + meta.k * LOGPROB_SLACK:
             out.append(f"top-k mass {mass.max():.6f} > 1")
     return out
 
@@ -316,15 +327,15 @@ class CacheReader:
                 problems.append(f"chunk {key} differs from its checksum in the marker")
         if problems:
             return None, problems
-        if meta.packed:  # format 2: its codec decodes the checked chunk (value sanity: format 1 only, for now)
-            codec = meta.packed_codec()
-            key = keys[schema.ROWS]
-            try:  # the very bytes checked above: one GET per unit, and no window for them to change
-                mat = decode_chunk(got[key], codec.dtype, (codec.n_fields, root.max_shard_len), f"chunk {key}")
+        L = root.max_shard_len
+        if meta.packed:  # format 2: its codec decodes the very bytes checked above, then the same value checks
+            codec, key = meta.packed_codec(), keys[schema.ROWS]
+            try:
+                mat = decode_chunk(got[key], codec.dtype, (codec.n_fields, L), f"chunk {key}")[:, :marker.length]
             except DamagedUnitError as e:
                 return None, [str(e)]
-            return PackedUnit(decode_unit(codec, mat[:, :marker.length], meta.temperatures)), []
-        L = root.max_shard_len
+            unit = PackedUnit(decode_unit(codec, mat, meta.temperatures))
+            return unit, unit_value_problems(unit, marker, meta)
         arrays = {}
         for spec in schema.ARRAYS:
             shape = (L, *meta.trailing_size(spec.trailing))

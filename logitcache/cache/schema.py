@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from logitcache.errors import CacheError, CacheMetadataError
-from logitcache.labels.codecs import PackedCodec
-from logitcache.labels.tails import UNIFORM, TailRule
+from logitcache.labels.codecs import MAX_STEP_BITS, PackedCodec
+from logitcache.labels.tails import TAIL_NAMES, UNIFORM, TailRule
 from logitcache.labels.topk import TopKLogits
 
 FORMAT_NAME = "logitcache-cache"
@@ -125,6 +125,7 @@ MAX_TEMPERATURES = 64
 MAX_PARAMS = 64
 MAX_CLASSES = (1 << 31) - 1
 MAX_CHUNK_BYTES = 1 << 31  # raw bytes of one unit's chunk of one array
+MAX_PRIOR_CLASSES = 1 << 14  # tail rule 'prior' stores C x C float32: 1 GiB at this limit (ImageNet-1k: 4 MB)
 
 
 def _int(d: dict, key: str, where: str, lo: int = 0, hi: int | None = None) -> int:
@@ -242,7 +243,7 @@ def array_metadata_problems(spec: ArraySpec, d: Any, meta: GroupMeta, root: Root
     if d.get("zarr_format") != 3 or d.get("node_type") != "array":
         out.append(f"not a zarr v3 array (zarr_format {d.get('zarr_format')!r}, node_type {d.get('node_type')!r})")
     if spec.name in (ROWS, TAIL_PRIOR):
-        out += _packed_problems(spec, d, meta)
+        out += _packed_problems(spec, d, meta, root)
     codecs = d.get("codecs")
     names = [c.get("name") if isinstance(c, dict) else c for c in codecs] if isinstance(codecs, list) else None
     if names is None or any(n not in ALLOWED_CODECS for n in names):
@@ -274,6 +275,9 @@ def array_metadata_problems(spec: ArraySpec, d: Any, meta: GroupMeta, root: Root
             lead is not None and chunks != [1, 1, lead[2], *trailing]):
         want = [1, 1, lead[2], *trailing] if lead is not None else "(1, 1, rows, ...)"
         out.append(f"chunk shape {_short(chunks)} != {want} (one chunk per unit)")
+    elif lead is not None and spec.name not in (ROWS, TAIL_PRIOR) and d.get("data_type") in allowed_dtypes and (
+            lead[2] * int(np.prod(trailing)) * np.dtype(d["data_type"]).itemsize > MAX_CHUNK_BYTES):
+        out.append(f"one unit's chunk ({lead[2]} rows x {trailing}) exceeds {MAX_CHUNK_BYTES} bytes")
     cke = d.get("chunk_key_encoding")
     default_cke = (None, {"name": "default", "configuration": {"separator": "/"}}, {"name": "default"})
     if spec.name not in (ROWS, TAIL_PRIOR) and cke not in default_cke:
@@ -284,27 +288,74 @@ def array_metadata_problems(spec: ArraySpec, d: Any, meta: GroupMeta, root: Root
     return out
 
 
-def _packed_problems(spec: ArraySpec, d: dict, meta: GroupMeta) -> list[str]:
-    """Format 2's arrays: the shape, one chunk per unit (or one for the prior), '.'-separated chunk keys."""
+def _packed_problems(spec: ArraySpec, d: dict, meta: GroupMeta, root: RootMeta | None) -> list[str]:
+    """Format 2's arrays: the shape and chunk shape exactly as the group and root metadata say (axis 0 may run
+    ahead of ``epochs`` while a dump grows them, up to `MAX_EPOCHS`), one chunk per unit (one for the prior),
+    '.'-separated chunk keys. A declared 10^12 rows or shards is refused here, never allocated."""
     out = []
     shape = d.get("shape")
     grid = d.get("chunk_grid")
-    chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
+    chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) and isinstance(
+        grid.get("configuration"), dict) else None
+    if not isinstance(grid, dict) or grid.get("name") != "regular":
+        out.append(f"chunk grid {_short(grid)} is not 'regular'")
     if spec.name == ROWS:
         fields = meta.packed_codec().n_fields
-        if not isinstance(shape, list) or len(shape) != 4 or shape[2] != fields:
-            out.append(f"shape {shape} is not (epochs, shards, {fields} fields, rows)")
+        rows = root.max_shard_len if root is not None else None
+        ok = (isinstance(shape, list) and len(shape) == 4 and all(type(n) is int for n in shape)
+              and meta.epochs <= shape[0] <= MAX_EPOCHS and shape[2] == fields
+              and (root is None or shape[1] == root.num_shards) and (rows is None or shape[3] == rows)
+              and 1 <= shape[1] <= MAX_SHARDS and 1 <= shape[3] <= MAX_SHARD_LEN)
+        if not ok:
+            want = (f"({meta.epochs}..{MAX_EPOCHS} epochs, {root.num_shards} shards, {fields} fields, {rows} rows)"
+                    if root is not None else f"(epochs, shards, {fields} fields, rows)")
+            out.append(f"shape {_short(shape)} is not {want} (from the group and root metadata)")
         elif chunks != [1, 1, fields, shape[3]]:
-            out.append(f"chunks {chunks} are not one unit ([1, 1, {fields}, {shape[3]}])")
+            out.append(f"chunks {_short(chunks)} are not one unit ([1, 1, {fields}, {shape[3]}])")
+        elif fields * shape[3] * np.dtype(meta.packed_codec().dtype).itemsize > MAX_CHUNK_BYTES:
+            out.append(f"one unit's chunk ({fields} fields x {shape[3]} rows) exceeds {MAX_CHUNK_BYTES} bytes")
     else:
         c = meta.num_classes
-        if shape != [c, c] or chunks != [c, c]:
-            out.append(f"shape {shape} / chunks {chunks} are not one ({c}, {c}) chunk")
+        if c > MAX_PRIOR_CLASSES:
+            out.append(f"a class prior of {c} x {c} exceeds the limit of {MAX_PRIOR_CLASSES} classes")
+        elif shape != [c, c] or chunks != [c, c]:
+            out.append(f"shape {_short(shape)} / chunks {_short(chunks)} are not one ({c}, {c}) chunk")
     enc = d.get("chunk_key_encoding")
     if not isinstance(enc, dict) or enc.get("name") != "default" or \
             enc.get("configuration", {}).get("separator") != CHUNK_SEPARATOR_2:
         out.append(f"chunk_key_encoding {enc} is not the default with separator '{CHUNK_SEPARATOR_2}'")
     return out
+
+
+def _check_codec_and_tail(codec: dict | None, tail: dict | None, num_classes: int, k: int, where: str) -> None:
+    """Format 2's ``codec`` and ``tail`` objects: known names, integer settings inside FORMAT.md's limits (they
+    decide the unit's field count, so the size of what a reader allocates), a class prior only up to
+    `MAX_PRIOR_CLASSES`."""
+    if codec is None:
+        if tail is not None and tail.get("name", "uniform") != "uniform":
+            raise CacheMetadataError(f"{where}: tail {_short(tail)} needs a format 2 codec")
+        return
+    if codec.get("name") != "packed":
+        raise CacheMetadataError(f"{where}: codec name {_short(codec.get('name'))} is not 'packed'")
+    step_bits = _int(codec, "step_bits", f"{where} codec", 0, MAX_STEP_BITS)
+    if "rest_bits" in codec:
+        _int(codec, "rest_bits", f"{where} codec", 0, step_bits)
+    m = _int(codec, "tail_samples", f"{where} codec", 0, MAX_K) if "tail_samples" in codec else 0
+    knee = codec.get("knee", 0.0)
+    if type(knee) not in (int, float) or not 0 <= knee <= 64:
+        raise CacheMetadataError(f"{where}: codec 'knee' must be a number in [0, 64] nats, got {_short(knee)}")
+    name = (tail or {}).get("name", "uniform")
+    if name not in TAIL_NAMES:
+        raise CacheMetadataError(f"{where}: tail name {_short(name)} is not one of {', '.join(TAIL_NAMES)}")
+    if name == "sampled" and _int(tail, "m", f"{where} tail", 1, MAX_K) != m:
+        raise CacheMetadataError(f"{where}: tail 'm' {tail['m']} != the codec's tail_samples {m}")
+    if name != "sampled" and m:
+        raise CacheMetadataError(f"{where}: codec tail_samples {m} but tail {name!r} draws none")
+    if name == "prior":
+        _int(tail, "prior_views", f"{where} tail", 0, 1 << 40) if "prior_views" in tail else None
+        if num_classes > MAX_PRIOR_CLASSES:
+            raise CacheMetadataError(f"{where}: tail 'prior' stores a {num_classes} x {num_classes} class prior; "
+                                     f"the limit is {MAX_PRIOR_CLASSES} classes")
 
 
 # ------------------------------------------------------------------ metadata
@@ -438,6 +489,7 @@ class GroupMeta:
         for key, v in (("codec", codec), ("tail", tail)):
             if v is not None and not isinstance(v, dict):
                 raise CacheMetadataError(f"{where}: {key!r} must be a JSON object or null, got {_short(v)}")
+        _check_codec_and_tail(codec, tail, num_classes, k, where)
         value_dtype = _str(d, "value_dtype", where, optional=True)
         index = _str(d, "index_dtype", where, optional=True)
         if codec is None:  # format 1: the five arrays' dtypes
@@ -494,7 +546,8 @@ class GroupMeta:
             raise CacheError(f"unknown codec {c.get('name')!r} (this logitcache knows 'packed')")
         return PackedCodec(self.k, self.num_classes, len(self.temperatures), len(self.param_fields),
                            step_bits=int(c["step_bits"]), tail_samples=int(c.get("tail_samples", 0)),
-                           knee=float(c.get("knee", 0.0)))
+                           knee=float(c.get("knee", 0.0)),
+                           rest_bits=int(c["rest_bits"]) if c.get("rest_bits") is not None else None)
 
     @property
     def codec_name(self) -> str:
