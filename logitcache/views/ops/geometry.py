@@ -117,7 +117,8 @@ def _window(image: torch.Tensor, top: int, left: int) -> torch.Tensor:
     _, H, W = image.shape
     out = torch.zeros((H, W, 3), dtype=torch.uint8).permute(2, 0, 1)  # channels-last, like decoded images
     y0, y1, x0, x1 = max(top, 0), min(top + H, H), max(left, 0), min(left + W, W)
-    out[:, y0 - top : y1 - top, x0 - left : x1 - left] = image[:, y0:y1, x0:x1]
+    if y1 > y0 and x1 > x0:  # else the window lies wholly in the padding (an image smaller than the pad)
+        out[:, y0 - top : y1 - top, x0 - left : x1 - left] = image[:, y0:y1, x0:x1]
     return out
 
 
