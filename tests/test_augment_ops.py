@@ -467,3 +467,21 @@ def test_v2_partner_comes_from_the_unit_and_a_skipped_partner_is_refused_or_unmi
     assert all(torch.equal(a.image, b.image) for a, b in zip(drawn, again, strict=True))
     with pytest.raises(ValueError, match="length"):
         UnitMixer(r, seed=0, epoch=0, shard=0)
+
+
+def test_grid_position_gives_a_narrow_range_uniform_weight():
+    """The 64 position codes spread over a free range of a few pixels give each position an equal share (±1 code),
+    as torchvision's uniform integer pick does; over a wide range they reach both ends' neighbourhood evenly."""
+    from collections import Counter
+
+    from logitcache.views.ops.geometry import grid_position
+
+    for free in range(0, 70):
+        counts = Counter(grid_position(c, free, 64) for c in range(64))
+        assert set(counts) <= set(range(free + 1))
+        if free < 64:
+            assert set(counts) == set(range(free + 1)), free
+            assert max(counts.values()) - min(counts.values()) <= 1, (free, counts)
+    wide = [grid_position(c, 500, 64) for c in range(64)]
+    assert wide == sorted(set(wide)) and wide[0] <= 500 / 64 and wide[-1] >= 500 - 500 / 64
+    assert abs(sum(wide) / 64 - 250) < 1  # centred: no drift towards either end

@@ -275,3 +275,16 @@ def test_views_do_not_depend_on_reading_order():
     digest = {hashlib.sha256(v.numpy().tobytes()).hexdigest() for v in forward}
     assert len(digest) == 6
     assert math.isclose(get_recipe("imagenet").eval_crop_fraction, 0.875)
+
+
+@pytest.mark.parametrize("top, left", [(3, 0), (-3, 0), (0, 4), (-4, -4), (2, 1)])
+def test_small_recipe_window_on_an_image_smaller_than_its_pad(top, left):
+    """A 2x3 image with pad 4: a window shifted past the image is all padding (zeros), never a torch error."""
+    from logitcache.views.params import ViewParams
+    from logitcache.views.recipe import apply_view, get_recipe
+
+    image = torch.full((3, 2, 3), 200, dtype=torch.uint8)
+    out = apply_view(image, ViewParams(top, left, 2, 3, False), get_recipe("small", 2))
+    assert out.shape == (3, 2, 2) and out.dtype == torch.uint8
+    if abs(top) >= 2 or abs(left) >= 3:
+        assert int(out.max()) == 0
