@@ -247,6 +247,7 @@ def plan(cfg: DumpConfig) -> dict[str, Any]:
         "shards": len(shards),
         "epochs": cfg.epochs,
         "views": views_per_epoch * cfg.epochs,
+        "recipe": f"{recipe.name}@{recipe.version}",
         "raw_bytes_per_view": raw,
         "uncompressed_bytes_upper_bound": int(views_per_epoch * cfg.epochs * raw),
     }

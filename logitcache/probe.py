@@ -6,7 +6,8 @@ logits, and for each k and each storage setting `dump` can write — format 1, f
 tail, format 2 + the `sampled:M` tail — writes the rows through the real cache writer and reader
 (`logitcache.cache.fidelity`, the measurement behind the README's storage frontier) and reports the mean top-k
 mass, KL(dense || cache), the relative errors of the KD (T = 4, when recorded), DKD and NKD gradients, and the
-bytes per view. It then recommends the cheapest setting whose NKD-gradient error meets ``target_grad_error``.
+bytes per view. It then recommends the cheapest setting whose NKD-gradient error meets ``target_grad_error``
+(within 2 % of the cheapest, the simplest: see `recommend`).
 
 Choices (README "logitcache probe"):
   * bytes per view = the stored chunk bytes per view + one unit marker per shard-length of views (what a dump of
@@ -39,6 +40,8 @@ from logitcache.teacher import Teacher
 from logitcache.views.recipe import resolve_recipe
 
 DEFAULT_KS = (1, 5, 10, 20)
+#: the dense logits the probe keeps (views x classes, float32, with float64 copies while measuring): bounded
+MAX_DENSE_VALUES = 50_000_000
 
 
 class ProbeError(LogitcacheError, ValueError):
@@ -110,6 +113,10 @@ def collect_views(cfg: ProbeConfig) -> ProbeViews:
     bad = [s for s in shards if not 0 <= s < len(manifest.shards)]
     if bad:
         raise ProbeError(f"--shards {bad} not in {cfg.data} (it has {len(manifest.shards)} shards)")
+    if cfg.views * manifest.num_classes > MAX_DENSE_VALUES:
+        raise ProbeError(f"--views {cfg.views} x {manifest.num_classes} classes of {cfg.data} is more dense "
+                         f"logits than the probe keeps ({MAX_DENSE_VALUES:,}): use --views <= "
+                         f"{MAX_DENSE_VALUES // manifest.num_classes}")
     recipe = resolve_recipe(cfg.recipe, cfg.image_size, default=manifest.default_recipe,
                             default_where=f"the manifest of {cfg.data}")
     teacher = Teacher.load(cfg.teacher, cfg.weights, manifest.num_classes, recipe.image_size, cfg.device, cfg.seed,
@@ -188,12 +195,24 @@ def probe(cfg: ProbeConfig) -> dict[str, Any]:
     return report
 
 
+#: within this fraction of the cheapest setting meeting the target, the simpler one is recommended
+NEAR_TIE = 0.02
+
+
+def _complexity(r: dict) -> int:
+    """Simpler first: format 2 uniform (nothing extra), prior (a calibration pass), sampled (draws), format 1."""
+    return 3 if r["format"] == 1 else {"uniform": 0, "prior": 1}.get(r["tail"].partition(":")[0], 2)
+
+
 def recommend(rows: list[dict], target: float, key: str = "grad_relerr_nkd_T1") -> dict[str, Any]:
-    """The cheapest row (ranked bytes per view; then smaller k) whose ``key`` error is <= ``target``; when none
-    is, ``recommendation`` is None and ``closest`` the row with the smallest error (then the cheapest)."""
+    """The cheapest row (ranked bytes per view) whose ``key`` error is <= ``target`` — where others meeting it
+    cost within `NEAR_TIE` of it, the simplest of them (`_complexity`), then the smallest k. When none meets it,
+    ``recommendation`` is None and ``closest`` the row with the smallest error (then the cheapest)."""
     ok = [r for r in rows if r[key] <= target]
     if ok:
-        best = min(ok, key=lambda r: (r["ranked_bytes_per_view"], r["k"]))
+        cheapest = min(r["ranked_bytes_per_view"] for r in ok)
+        near = [r for r in ok if r["ranked_bytes_per_view"] <= cheapest * (1 + NEAR_TIE)]
+        best = min(near, key=lambda r: (_complexity(r), r["k"], r["ranked_bytes_per_view"]))
         return {"recommendation": _brief(best), "closest": None}
     closest = min(rows, key=lambda r: (r[key], r["ranked_bytes_per_view"]))
     return {"recommendation": None, "closest": _brief(closest)}

@@ -1,7 +1,9 @@
 """Dump overhead: wall time of `logitcache dump` ÷ wall time of bare teacher inference over the same views
 with the same loader (target ≤ 1.05). Both runs build the teacher, read the same synthetic ImageNet-sized JPEG
 shards through the same `UnitViews` loader and run the same forward passes; the dump also keeps the top-k,
-compresses and writes units. Runs alternate (bare, dump, bare, dump, ...) and the best of each is compared.
+compresses and writes units (format 2, the default). Runs alternate (bare, dump, bare, dump, ...) and the best of
+each is compared, in wall time and in CPU time (this process and its loader workers: on a shared machine the
+CPU-time ratio is the steadier figure).
 
     .venv/bin/python pipelines/bench_dump.py [--teacher resnet34 --image-size 112 --views 1024] [--json]
 
@@ -14,6 +16,12 @@ decoded images and one batch of views whatever the number of epochs; what grows 
 shard's pending units (epochs × shard length rows, ~150 bytes each at k = 10).
 
     .venv/bin/python pipelines/bench_dump.py --rss             # about 4 minutes on 2 busy cores
+
+On a loaded machine both arms' wall (and CPU) times wander by tens of percent between runs; ``--profile`` runs
+the dump once under cProfile and reports the time its own stages (labels, unit writes, cache open/close) take,
+as the estimate total / (total - own):
+
+    .venv/bin/python pipelines/bench_dump.py --profile
 
 The dump decodes each shard once for all its pending epochs (`UnitViews`); the views/s *per core* of that data
 path alone, for E = 1, 2, 4, 8 epochs per decode, is reported by `bench_views_per_decode.py`, next to the
@@ -56,6 +64,15 @@ def make_shards(out: str, n: int, per_shard: int, seed: int = 0) -> None:
             yield f"img{i:06d}", {"jpg": buf.getvalue(), "cls": str(int(rng.integers(0, 1000))).encode()}
 
     write_shards(samples(), out, class_names=[f"n{i:08d}" for i in range(1000)], samples_per_shard=per_shard)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its reaped children (the DataLoader workers, joined at the end
+    of each run): less disturbed than wall time by other processes on a shared machine."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def bare_inference(cfg) -> float:
@@ -112,6 +129,48 @@ def rss_vs_epochs(args) -> dict:
             "samples": args.rss_views, "workers": 0, "rows": rows, "largest_over_smallest": max(peaks) / min(peaks)}
 
 
+#: the dump's own stages (what bare inference does not do): labels, unit writes, cache open/close
+OWN_STAGES = ("soft_labels", "calibrate_prior", "open_writer", "start_run", "forget_damaged_units", "_write_unit",
+              "write_unit_indexes", "finish_run", "summarize")
+
+
+def profile_overhead(args) -> dict:
+    """The dump under cProfile: the share of its time spent in its own stages (`OWN_STAGES`), as the overhead
+    estimate total / (total - own). Steadier than wall or CPU time on a loaded machine (both arms of those
+    wander by tens of percent there); cProfile slows the Python-heavy own stages more than the teacher's
+    kernels, so the estimate errs high."""
+    import cProfile
+    import pstats
+
+    from logitcache.dump import DumpConfig, dump
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_shards(f"{tmp}/shards", args.views, args.per_shard)
+        cfg = DumpConfig(data=f"{tmp}/shards", out=f"{tmp}/cache.zarr", teacher=args.teacher, recipe="imagenet",
+                         image_size=args.image_size, epochs=1, topk=args.topk, batch_size=args.batch_size,
+                         workers=0, progress=False)
+        prof = cProfile.Profile()
+        prof.enable()
+        dump(cfg)
+        prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    own = {name: sum(v[3] for (f, _, n), v in stats.items() if n == name and "logitcache" in f)
+           for name in OWN_STAGES}  # top-level stages of `dump` (none calls another)
+    total = sum(v[3] for (f, _, n), v in stats.items() if n == "dump" and f.endswith("logitcache/dump.py"))
+    own_s = sum(own.values())
+    return {"benchmark": "dump_overhead_profile", "date": time.strftime("%Y-%m-%d"), "teacher": args.teacher,
+            "image_size": args.image_size, "views": args.views, "topk": args.topk, "workers": 0,
+            "total_seconds": total, "own_seconds": own_s, "own_by_stage": own,
+            "overhead_estimate": total / (total - own_s), "loadavg_1min": os.getloadavg()[0]}
+
+
+def summary_format(url: str) -> str:
+    from logitcache.cache.reader import CacheReader
+
+    r = CacheReader(url)
+    return f"{'.'.join(map(str, r.root_meta.format_version))} ({r.codec_name})"
+
+
 def main(argv=None) -> dict:
     from logitcache.dump import DumpConfig, dump
 
@@ -130,8 +189,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--rss-image-size", type=int, default=112)
     ap.add_argument("--rss-batch-size", type=int, default=128)
     ap.add_argument("--rss-teacher", default="smallcnn", help="the figure is memory, not compute: a cheap teacher")
+    ap.add_argument("--profile", action="store_true", help="only the profile-based overhead estimate (see above)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.profile:
+        result = profile_overhead(args)
+        if args.json:
+            print(json.dumps(result, indent=1))
+            return result
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in result["own_by_stage"].items() if v)
+        print(f"dump of {args.views} views, {args.teacher} at {args.image_size} px, k={args.topk}, 0 workers, under "
+              f"cProfile: {result['total_seconds']:.1f} s, of which its own stages {result['own_seconds']:.2f} s "
+              f"({stages})")
+        print(f"overhead estimate total / (total - own) = {result['overhead_estimate']:.3f} (target <= 1.05); load "
+              f"{result['loadavg_1min']:.1f}")
+        return result
     if args.rss:
         result = rss_vs_epochs(args)
         if args.json:
@@ -148,14 +220,20 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         make_shards(f"{tmp}/shards", args.views, args.per_shard)
         times = {"bare": [], "dump": []}
+        cpu = {"bare": [], "dump": []}
         for r in range(args.repeats):
             cfg = DumpConfig(data=f"{tmp}/shards", out=f"{tmp}/cache{r}.zarr", teacher=args.teacher, recipe="imagenet",
                              image_size=args.image_size, epochs=1, topk=args.topk, batch_size=args.batch_size,
                              workers=args.workers, progress=False)
+            c0 = cpu_seconds()
             times["bare"].append(bare_inference(cfg))
+            c1 = cpu_seconds()
             t0 = time.perf_counter()
             summary = dump(cfg)
             times["dump"].append(time.perf_counter() - t0)
+            cpu["bare"].append(c1 - c0)
+            cpu["dump"].append(cpu_seconds() - c1)
+            fmt = summary_format(summary.cache)
     best_bare, best_dump = min(times["bare"]), min(times["dump"])
     result = {
         "benchmark": "dump_overhead", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
@@ -164,6 +242,9 @@ def main(argv=None) -> dict:
         "workers": args.workers, "bare_seconds": times["bare"], "dump_seconds": times["dump"],
         "bare_views_per_s": args.views / best_bare, "dump_views_per_s": args.views / best_dump,
         "overhead_ratio": best_dump / best_bare, "bytes_per_view": summary.bytes_per_view,
+        "bare_cpu_seconds": cpu["bare"], "dump_cpu_seconds": cpu["dump"],
+        "overhead_ratio_cpu": min(cpu["dump"]) / min(cpu["bare"]), "cache_format": fmt,
+        "loadavg_1min": os.getloadavg()[0],
     }
     if args.json:
         print(json.dumps(result, indent=1))
@@ -174,6 +255,9 @@ def main(argv=None) -> dict:
         print(f"logitcache dump:        {result['dump_views_per_s']:.1f} views/s  (runs {times['dump']})")
         print(f"dump / bare wall time:  {result['overhead_ratio']:.3f}  (target <= 1.05); "
               f"{result['bytes_per_view']:.1f} B/view (random teacher; see bench_storage for real figures)")
+        print(f"dump / bare CPU time:   {result['overhead_ratio_cpu']:.3f}  (runs: bare {cpu['bare']}, dump "
+              f"{cpu['dump']} CPU s; process + loader workers); cache format {result['cache_format']}; load "
+              f"{result['loadavg_1min']:.1f}")
     return result
 
 

@@ -40,12 +40,13 @@ from logitcache.cache.fidelity import SETTINGS, class_prior, measure  # noqa: E4
 C = 1000
 
 
-def view_params(n: int, seed: int) -> tuple[np.ndarray, tuple[str, ...]]:
-    """ImageNet-recipe view parameters for n images of typical ImageNet sizes."""
+def view_params(n: int, seed: int, version: int | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """ImageNet-recipe view parameters (its newest version unless ``version``) for n images of typical ImageNet
+    sizes."""
     from logitcache.views.recipe import get_recipe, sample_view
     from logitcache.views.rng import view_rng
 
-    recipe = get_recipe("imagenet", 224)
+    recipe = get_recipe("imagenet", 224, version)
     rng = np.random.default_rng(seed)
     hs, ws = rng.integers(300, 501, n), rng.integers(300, 501, n)
     rows = [sample_view(view_rng(seed, 0, i), int(h), int(w), recipe).to_array() for i, (h, w) in
@@ -63,6 +64,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--settings", default=None, help="comma-separated labels of SETTINGS to run (default: all)")
     ap.add_argument("--cache", default=None, help="also report an existing cache (bytes/view, format, codec)")
     ap.add_argument("--json", action="store_true", help="print only a JSON summary")
+    ap.add_argument("--recipe-version", type=int, default=None,
+                    help="version of the imagenet recipe whose view params are stored (default: the newest)")
     args = ap.parse_args(argv)
     temps = tuple(float(t) for t in args.temperatures.split(","))
     ks = [int(k) for k in args.ks.split(",")]
@@ -71,7 +74,8 @@ def main(argv=None) -> dict:
     result = {"benchmark": "storage", "machine": platform.machine(), "cpus": os.cpu_count(),
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "views": n, "num_classes": C,
               "temperatures": list(temps), "calibration_views": n_cal, "teachers": {}, "rows": []}
-    views, fields = view_params(n, seed=0)
+    views, fields = view_params(n, seed=0, version=args.recipe_version)
+    result["view_params"] = {"recipe": "imagenet", "fields": list(fields)}
     if not args.json:
         print(HEADER)
     for tname in args.teachers.split(","):
@@ -104,6 +108,7 @@ def main(argv=None) -> dict:
         for tname, t in result["teachers"].items():
             print(f"teacher {tname}: accuracy {t['accuracy']:.3f}, mean top-1 prob {t['mean_top1_prob']:.3f}, "
                   f"mean top-10 mass {t['mean_top10_mass']:.3f}")
+        print(f"view params: imagenet recipe, fields {list(fields)}")
         print(f"{n} views, temperatures {list(temps)}, {os.cpu_count()} CPUs (shared); prior from {n_cal} "
               f"calibration views")
     return result

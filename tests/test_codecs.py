@@ -237,3 +237,37 @@ def test_a_format_2_unit_is_decoded_from_the_bytes_its_checksum_checked(tmp_path
                            for s, n in enumerate(lengths)])
     assert torch.equal(rows.log_probs(1.0), expected.log_probs(1.0))
     assert torch.equal(rows.indices, z.topk(5, 1).indices)  # it is the teacher's top-5
+
+
+def test_a_coarser_rest_step_keeps_its_bound_and_is_recorded(tmp_path):
+    """``rest_bits``: the rest's log-odds within 2^-rest_bits / 2, everything else as before; the group records
+    it (codec name, metadata) and a reader decodes with it."""
+    from logitcache.cache import fidelity
+
+    z, y = _teacher(n=48, scale=2.0)
+    temps = (1.0, 4.0)
+    tk = TopKLogits.from_logits(z, y, 5, temps, keep_rest=True)
+    fine, coarse = (PackedCodec(5, 40, 2, 5, step_bits=4, rest_bits=r) for r in (None, 2))
+    with pytest.raises(ValueError, match="rest_bits"):
+        PackedCodec(5, 40, 2, 5, step_bits=4, rest_bits=5)
+    assert coarse.name.endswith("-r2") and coarse.to_json()["rest_bits"] == 2 and "rest_bits" not in fine.to_json()
+    assert coarse.logprob_bound == 2 * coarse.step + 0.125 and fine.logprob_bound == 2.5 * fine.step
+    params = _params(48)
+    odds = {}
+    for name, codec in (("fine", fine), ("coarse", coarse)):
+        m = encode_topk(codec, tk, params)
+        odds[name] = codec.decode(m)["log_odds_rest"]
+        rows, p = decoded_rows(codec, tk, params, y, temps)
+        assert (p == params).all() and torch.equal(rows.indices, tk.indices)
+    true = torch.stack([tk.log_rest[:, j].double() - torch.logsumexp(torch.cat(
+        [tk.topk_log_probs(t).double(), torch.where((tk.indices == y[:, None]).any(1), -torch.inf,
+                                                    tk.target_log_probs(t).double())[:, None]], 1), 1)
+        for j, t in enumerate(temps)], 1).numpy()
+    err = {n: np.abs(o - true).max() for n, o in odds.items()}
+    assert err["fine"] <= fine.rest_step / 2 + 1e-6 < err["coarse"] <= coarse.rest_step / 2 + 1e-6
+    url = str(tmp_path / "c.zarr")  # through the real writer/reader, with its metadata
+    setting = fidelity.Setting("t", 2, codec={"step_bits": 4, "rest_bits": 2})
+    lengths = fidelity.write_cache(url, z, y, params, tuple(f"p{i}" for i in range(5)), 5, temps, setting, None, 24)
+    back, reader = fidelity.read_back(url, y, lengths)
+    assert reader.codec_name == "packed-q4-r2" and reader.meta.packed_codec() == coarse
+    assert torch.allclose(back.log_rest, decoded_rows(coarse, tk, params, y, temps)[0].log_rest)

@@ -65,7 +65,6 @@ def test_cache_holds_what_the_teacher_saw(imagenet_shards, reference_cache):
     from logitcache.data.manifest import load_manifest
     from logitcache.data.shards import iter_shard
     from logitcache.teacher import Teacher
-    from logitcache.views.params import ViewParams
     from logitcache.views.recipe import Recipe, apply_view, sample_view
     from logitcache.views.rng import view_rng
 
@@ -81,7 +80,7 @@ def test_cache_holds_what_the_teacher_saw(imagenet_shards, reference_cache):
         samples = list(iter_shard(manifest, 1))
         xs = []
         for smp in samples:
-            params = ViewParams.from_array(recipe, unit.view_params[smp.offset])
+            params = recipe.params_from_array(unit.view_params[smp.offset])
             # the cached params are the ones the dump sampled from (seed, epoch, index)
             _, h, w = smp.image.shape
             assert params == sample_view(view_rng(7, e, smp.index), h, w, recipe)
@@ -143,8 +142,25 @@ def test_dry_run_writes_nothing(imagenet_shards, tmp_path):
                                     "--json", *DUMP_ARGS])
     assert res.exit_code == 0, res.output
     plan = json.loads(res.output)
-    assert plan["units"] == 6 and plan["views"] == 48
+    assert plan["units"] == 6 and plan["views"] == 48 and plan["recipe"] == "imagenet@2"  # the newest version
     assert not out.exists()
+
+
+def test_recipe_name_at_version_picks_an_older_version_or_refuses_clearly(imagenet_shards, tmp_path):
+    out = tmp_path / "none.zarr"
+
+    def dry(recipe):
+        args = [a if a != "imagenet" else recipe for a in DUMP_ARGS]
+        return CliRunner().invoke(main, ["dump", "--data", str(imagenet_shards), "--out", str(out), "--dry-run",
+                                         "--json", *args])
+
+    res = dry("imagenet@1")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["recipe"] == "imagenet@1"
+    for bad, why in (("imagenet@9", "version 9 cannot be replayed"), ("imagenet@x", "must be a number"),
+                     ("nope@1", "unknown recipe")):
+        res = dry(bad)
+        assert res.exit_code != 0 and why in res.output and "Traceback" not in res.output, res.output
 
 
 def test_nan_teacher_is_an_error_naming_the_sample(imagenet_shards, tmp_path):

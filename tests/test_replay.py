@@ -9,6 +9,7 @@ import torch
 from _data_helpers import IMAGENET_NUM_CLASSES, imagenet_like_samples, make_png_gray
 
 from logitcache.cache.reader import CacheReader
+from logitcache.cache.verify import verify_cache
 from logitcache.data.shards import iter_shard
 from logitcache.data.write import write_shards
 from logitcache.dump import DumpConfig, dump
@@ -16,7 +17,9 @@ from logitcache.errors import BadSampleError, CacheMismatchError
 from logitcache.labels.topk import TopKLogits
 from logitcache.replay import CachedViews, FreshViews, ReplayItem, check_cache_matches, collate
 from logitcache.teacher import Teacher
-from logitcache.views.recipe import apply_view, get_recipe, sample_view
+from logitcache.train.config import TrainConfig
+from logitcache.train.loop import train
+from logitcache.views.recipe import apply_view, get_recipe, resolve_recipe, sample_view
 from logitcache.views.rng import view_rng
 
 SEED, EPOCHS, K = 7, 2, 5
@@ -96,6 +99,43 @@ def test_other_recipe_is_refused_naming_the_settings(imagenet_shards, cache):
     with pytest.raises(CacheMismatchError, match=r"name: cache has 'imagenet', requested 'small'"):
         check_cache_matches(CacheReader(str(cache)), imagenet_shards, get_recipe("small", 32))
     assert check_cache_matches(CacheReader(str(cache)), imagenet_shards) == get_recipe("imagenet", 32)
+    assert get_recipe("imagenet", 32).version == 2  # what a dump makes now; version 1 is another recipe
+    with pytest.raises(CacheMismatchError, match=r"version: cache has 2, requested 1"):
+        CachedViews(imagenet_shards, cache, epoch=0, recipe=get_recipe("imagenet@1", 32))
+
+
+def test_an_imagenet_v1_cache_still_replays_trains_and_verifies(imagenet_shards, tmp_path):
+    """A cache of ``imagenet`` v1 (source-pixel boxes: what every dump made before v2, and ``--recipe imagenet@1``
+    now) replays v1's views byte-exactly in workers, verifies, trains with ``--recipe imagenet`` (the cache's
+    version decides), and refuses a v2 request."""
+    out = tmp_path / "v1.zarr"
+    dump(DumpConfig(data=str(imagenet_shards), out=str(out), teacher="resnet18", recipe="imagenet@1", image_size=32,
+                    epochs=1, topk=K, temperatures=(1.0,), seed=SEED, batch_size=8, progress=False))
+    meta = CacheReader(str(out)).meta
+    assert meta.recipe["version"] == 1 and meta.recipe["param_fields"] == ["top", "left", "height", "width", "flip"]
+    v1, v2, source = get_recipe("imagenet", 32, 1), get_recipe("imagenet", 32), originals(imagenet_shards)
+    loader = torch.utils.data.DataLoader(CachedViews(imagenet_shards, out, epoch=0, return_index=True),
+                                         batch_size=5, num_workers=2, collate_fn=collate)
+    seen, same_as_v2 = 0, 0
+    for images, _, _, index in loader:
+        for x, i in zip(images, index.tolist(), strict=True):
+            _, h, w = source[i].shape
+            assert torch.equal(x, apply_view(source[i], sample_view(view_rng(SEED, 0, i), h, w, v1), v1)), i
+            same_as_v2 += torch.equal(x, apply_view(source[i], sample_view(view_rng(SEED, 0, i), h, w, v2), v2))
+            seen += 1
+    assert seen == 24 and same_as_v2 < 12  # the v1 views, not v2's
+    assert verify_cache(str(out), data=str(imagenet_shards)).ok
+    assert resolve_recipe("imagenet", None, cached=meta.recipe) == v1
+    with pytest.raises(CacheMismatchError, match="version 1"):
+        resolve_recipe("imagenet@2", None, cached=meta.recipe)
+    with pytest.raises(CacheMismatchError, match=r"version: cache has 1, requested 2"):
+        CachedViews(imagenet_shards, out, epoch=0, recipe=v2)
+    common = dict(data=str(imagenet_shards), student="smallcnn", loss="nkd", cache=str(out), epochs=1,
+                  batch_size=8, progress=False)
+    train(TrainConfig(out=str(tmp_path / "run"), recipe="imagenet", **common))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 1
+    with pytest.raises(CacheMismatchError, match="version 1"):
+        train(TrainConfig(out=str(tmp_path / "run2"), recipe="imagenet@2", **common))
 
 
 def test_changed_shard_is_refused_naming_it(cache, tmp_path):

@@ -16,9 +16,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from logitcache.errors import RecipeError
-from logitcache.views.ops.geometry import normalize
+from logitcache.views.ops.geometry import crop_box_from_codes, normalize
 from logitcache.views.params import ViewParams
-from logitcache.views.recipe import Recipe, apply_view, eval_view, get_recipe, sample_view
+from logitcache.views.recipe import Recipe, apply_view, crop_box, eval_view, get_recipe, sample_view
 from logitcache.views.rng import view_rng
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -49,30 +49,37 @@ def test_view_rng_is_a_pure_function_of_seed_epoch_index():
         view_rng(0, 0, -1)
 
 
-def test_imagenet_boxes_follow_random_resized_crop_bounds():
-    r = get_recipe("imagenet", 64)
+@pytest.mark.parametrize("version", [1, 2])
+def test_imagenet_boxes_follow_random_resized_crop_bounds(version):
+    r = get_recipe("imagenet", 64, version=version)
     H, W = 375, 500
     flips = 0
     for i in range(300):
         p = sample_view(view_rng(0, 0, i), H, W, r)
-        assert 0 <= p.top and 0 <= p.left and p.top + p.height <= H and p.left + p.width <= W
+        top, left, h, w = crop_box(p, r, H, W)  # v1: the stored box; v2: the box of the stored codes
+        assert 0 <= top and 0 <= left and top + h <= H and left + w <= W
         # rounding of w and h moves area and ratio a little off the drawn values
-        area = p.height * p.width / (H * W)
+        area = h * w / (H * W)
         assert 0.08 * 0.9 <= area <= 1.0
-        assert 3 / 4 * 0.9 <= p.width / p.height <= 4 / 3 * 1.1
+        assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
         flips += p.flip
     assert 100 < flips < 200  # p = 0.5 over 300 draws (a 6-sigma band)
 
 
-def test_imagenet_fallback_is_torchvisions_center_crop():
-    r = get_recipe("imagenet", 32)
+@pytest.mark.parametrize("version", [1, 2])
+def test_imagenet_fallback_is_torchvisions_center_crop(version):
+    r = get_recipe("imagenet", 32, version=version)
     # height 10, width 400: no attempt can fit (h >= sqrt(0.08*4000*3/4) > 10), so the fallback runs
     p = sample_view(view_rng(0, 0, 0), 10, 400, r)
     w = int(round(10 * 4 / 3))
-    assert (p.top, p.left, p.height, p.width) == (0, (400 - w) // 2, 10, w)
+    assert crop_box(p, r, 10, 400) == (0, (400 - w) // 2, 10, w)
     p = sample_view(view_rng(0, 0, 0), 400, 10, r)
     h = int(round(10 / (3 / 4)))
-    assert (p.top, p.left, p.height, p.width) == ((400 - h) // 2, 0, h, 10)
+    assert crop_box(p, r, 400, 10) == ((400 - h) // 2, 0, h, 10)
+    if version == 1:
+        assert (p.top, p.left, p.height, p.width) == ((400 - h) // 2, 0, h, 10)
+    else:  # the fallback's code: crop_area 64, the other codes 0
+        assert p.to_array().tolist() == [64, 0, 0, 0, int(p.flip)]
 
 
 def test_small_params_are_pad_crop_offsets():
@@ -86,12 +93,18 @@ def test_small_params_are_pad_crop_offsets():
 
 
 # ------------------------------------------------------------------ applying
-def test_imagenet_view_equals_torchvision_on_pil_images():
-    r = get_recipe("imagenet", 48)
+@pytest.mark.parametrize("version", [1, 2])
+def test_imagenet_view_equals_torchvision_on_pil_images(version):
+    r = get_recipe("imagenet", 48, version=version)
     for i in range(12):
         x = _image(40 + 3 * i, 90 - 2 * i, seed=i)
         p = sample_view(view_rng(7, 2, i), x.shape[1], x.shape[2], r)
-        ref = TF.resized_crop(_pil(x), p.top, p.left, p.height, p.width, [48, 48],
+        if version == 1:  # torchvision's RandomResizedCrop box, stored as is
+            box = (p.top, p.left, p.height, p.width)
+        else:  # the box of the codes: our one function of codes + image size
+            box = crop_box_from_codes(p.get("crop_area", "crop_ratio", "crop_y", "crop_x"), *x.shape[1:],
+                                      r.scale, r.ratio)
+        ref = TF.resized_crop(_pil(x), *box, [48, 48],
                               interpolation=TF.InterpolationMode.BILINEAR)
         if p.flip:
             ref = TF.hflip(ref)
@@ -101,10 +114,14 @@ def test_imagenet_view_equals_torchvision_on_pil_images():
 
 
 def test_flip_mirrors_the_view():
-    r = get_recipe("imagenet", 32)
+    r = get_recipe("imagenet", 32, version=1)
     x = _image(50, 60)
     p = ViewParams(3, 4, 40, 50, False)
     assert torch.equal(apply_view(x, ViewParams(3, 4, 40, 50, True), r), apply_view(x, p, r).flip(-1))
+    r2 = get_recipe("imagenet", 32)
+    codes = [20, 5, 10, 50]
+    assert torch.equal(apply_view(x, r2.params_from_array([*codes, 1]), r2),
+                       apply_view(x, r2.params_from_array([*codes, 0]), r2).flip(-1))
 
 
 def test_small_view_is_pad_then_crop():
@@ -130,13 +147,20 @@ def test_small_view_resizes_only_when_the_source_differs():
 def test_params_that_do_not_fit_the_image_are_refused():
     x = _image(40, 50)
     with pytest.raises(RecipeError, match="does not fit a 40x50"):
-        apply_view(x, ViewParams(10, 0, 40, 20, False), get_recipe("imagenet", 32))
+        apply_view(x, ViewParams(10, 0, 40, 20, False), get_recipe("imagenet", 32, version=1))
+    r2 = get_recipe("imagenet", 32)
+    with pytest.raises(RecipeError, match="does not fit a 5x400"):  # area code 63 ~ 99 % of 2000 px: 40 px high
+        apply_view(_image(5, 400), r2.params_from_array([63, 8, 0, 0, 0]), r2)
+    with pytest.raises(RecipeError, match="not valid"):
+        apply_view(x, r2.params_from_array([0, 16, 0, 0, 0]), r2)
+    with pytest.raises(RecipeError, match="crop codes"):  # a v1 box given to v2
+        apply_view(x, ViewParams(0, 0, 28, 28, False), r2)
     with pytest.raises(RecipeError, match="does not fit"):
         apply_view(x, ViewParams(0, 0, 28, 28, False), get_recipe("small"))
     with pytest.raises(RecipeError, match="does not fit"):
         apply_view(_image(28, 28), ViewParams(5, 0, 28, 28, False), get_recipe("small"))
     with pytest.raises(RecipeError, match="uint8"):
-        apply_view(x.float(), ViewParams(0, 0, 10, 10, False), get_recipe("imagenet", 32))
+        apply_view(x.float(), ViewParams(0, 0, 10, 10, False), get_recipe("imagenet", 32, version=1))
 
 
 def test_eval_view_is_resize_then_center_crop():
@@ -160,7 +184,7 @@ def test_normalize():
 
 # ------------------------------------------------------------------ serialisation
 def test_view_params_array_round_trip():
-    r = get_recipe("imagenet")
+    r = get_recipe("imagenet", version=1)
     p = ViewParams(-3, 17, 300, 250, True)
     a = p.to_array()
     assert a.dtype == np.int16 and a.tolist() == [-3, 17, 300, 250, 1]
@@ -173,15 +197,26 @@ def test_view_params_array_round_trip():
 
 
 def test_recipe_json_round_trip_and_refusals():
-    for name in ("imagenet", "small"):
+    for name in ("imagenet", "imagenet@1", "small"):
         r = get_recipe(name, 40)
         d = json.loads(json.dumps(r.to_json()))
         assert Recipe.from_json(d) == r
     assert "pad" not in get_recipe("imagenet").to_json() and "scale" not in get_recipe("small").to_json()
     assert get_recipe("imagenet").image_size == 224 and get_recipe("small").image_size == 28
-    d = get_recipe("imagenet").to_json()
-    with pytest.raises(RecipeError, match="version 2"):
+    assert get_recipe("imagenet").version == 2 and get_recipe("imagenet@1").version == 1
+    d = get_recipe("imagenet", version=1).to_json()
+    with pytest.raises(RecipeError, match="version 3"):
+        Recipe.from_json({**d, "version": 3})
+    with pytest.raises(RecipeError, match="param fields"):  # v1's fields under v2's number: not replayed as v2
         Recipe.from_json({**d, "version": 2})
+    with pytest.raises(RecipeError, match="param fields"):
+        Recipe.from_json({**get_recipe("imagenet").to_json(), "version": 1})
+    with pytest.raises(RecipeError, match="must be a number"):
+        get_recipe("imagenet@two")
+    with pytest.raises(RecipeError, match="version 3"):
+        get_recipe("imagenet@3")
+    with pytest.raises(RecipeError, match="disagree"):
+        get_recipe("imagenet@1", version=2)
     with pytest.raises(RecipeError, match="does not know"):
         Recipe.from_json({**d, "color_jitter": 0.4})
     with pytest.raises(RecipeError, match="unknown recipe"):
@@ -202,7 +237,7 @@ from logitcache.views import apply_view, get_recipe, sample_view, view_rng
 def replay(path):
     m = load_manifest(path)
     out = {}
-    for name, size in (("imagenet", 32), ("small", 24)):
+    for name, size in (("imagenet", 32), ("imagenet@1", 32), ("small", 24)):
         r = get_recipe(name, size)
         for s in range(len(m.shards)):
             for sample in iter_shard(m, s):
@@ -227,7 +262,7 @@ def test_same_seed_epoch_index_give_the_same_view_in_another_process(imagenet_sh
                          env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     there = json.loads(res.stdout)
-    assert len(mine) == 2 * 2 * 24 and mine == there
+    assert len(mine) == 3 * 2 * 24 and mine == there
     assert mine["imagenet/0/3"] != mine["imagenet/5/3"]  # and the views really vary with the epoch
 
 
@@ -240,3 +275,16 @@ def test_views_do_not_depend_on_reading_order():
     digest = {hashlib.sha256(v.numpy().tobytes()).hexdigest() for v in forward}
     assert len(digest) == 6
     assert math.isclose(get_recipe("imagenet").eval_crop_fraction, 0.875)
+
+
+@pytest.mark.parametrize("top, left", [(3, 0), (-3, 0), (0, 4), (-4, -4), (2, 1)])
+def test_small_recipe_window_on_an_image_smaller_than_its_pad(top, left):
+    """A 2x3 image with pad 4: a window shifted past the image is all padding (zeros), never a torch error."""
+    from logitcache.views.params import ViewParams
+    from logitcache.views.recipe import apply_view, get_recipe
+
+    image = torch.full((3, 2, 3), 200, dtype=torch.uint8)
+    out = apply_view(image, ViewParams(top, left, 2, 3, False), get_recipe("small", 2))
+    assert out.shape == (3, 2, 2) and out.dtype == torch.uint8
+    if abs(top) >= 2 or abs(left) >= 3:
+        assert int(out.max()) == 0

@@ -29,7 +29,7 @@ from logitcache.replay import CachedViews, FreshViews, RowSource, cached_views_s
 from logitcache.train.config import TrainConfig, learning_rate
 from logitcache.train.lockstep import pass_epoch_ends, planned_steps
 from logitcache.train.loop import KILL_AFTER_STEPS_ENV, train
-from logitcache.views.recipe import apply_view, get_recipe, sample_view
+from logitcache.views.recipe import apply_view, crop_box, get_recipe, sample_view
 
 SEED, EPOCHS = 5, 4
 REPO = Path(__file__).resolve().parents[1]
@@ -311,16 +311,52 @@ def test_the_per_view_path_gives_pillows_own_pixels():
     for H, W in ((37, 53), (1, 9), (64, 20), (30, 1)):
         a = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
         for image in (torch.from_numpy(a).permute(2, 0, 1), torch.from_numpy(a.transpose(2, 0, 1).copy())):
-            for recipe in (get_recipe("imagenet", 24), get_recipe("small", 16)):
+            for recipe in (get_recipe("imagenet", 24), get_recipe("imagenet", 24, 1), get_recipe("small", 16)):
                 for _ in range(8):
                     p = sample_view(rng, H, W, recipe)
                     if recipe.name == "small":
                         q = recipe.pad
                         crop = np.pad(a, ((q, q), (q, q), (0, 0)))[p.top + q:p.top + q + H, p.left + q:p.left + q + W]
                     else:
-                        crop = a[p.top:p.top + p.height, p.left:p.left + p.width]
+                        t, lft, h, w = crop_box(p, recipe, H, W)
+                        crop = a[t:t + h, lft:lft + w]
                     im = Image.fromarray(np.ascontiguousarray(crop)).resize((recipe.image_size,) * 2, recipe.resample)
                     want = np.array(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else im)
                     got = apply_view(image, p, recipe)
                     assert np.array_equal(got.permute(1, 2, 0).numpy(), want), (H, W, recipe.name, p)
     assert collate([(got,), (got,)])[0].is_contiguous()
+
+
+def test_mixed_views_of_a_pass_are_the_n1_views_in_the_loader_and_the_webdataset_stage(small_shards, tmp_path):
+    """A mixing recipe (deit: each view mixed with its stored partner of the unit): with N = 2 every (image, epoch)
+    view is the N = 1 one — pixels, mixed target, partner and λ, teacher row — through CachedViews and the stage."""
+    cache = tmp_path / "deit.zarr"
+    dump(DumpConfig(data=str(small_shards), out=str(cache), teacher="smallcnn", recipe="deit", image_size=28,
+                    epochs=2, topk=10, seed=SEED, batch_size=8, progress=False))
+    reference = {}
+    for e in (0, 1):
+        for item in CachedViews(small_shards, cache, epoch=e, return_items=True):
+            reference[(item.index, e)] = item
+    assert any(item.lam < 1.0 for item in reference.values())  # the recipe mixed some views
+    got = [x for b in items(CachedViews(small_shards, cache, epoch=0, shuffle_seed=2, views_per_decode=2,
+                                        batch_size=4, return_items=True), 4, 0)
+           for x in zip(b.index.tolist(), b.epoch.tolist(), b.image, b.partner_target, b.lam, b.soft.logits,
+                        strict=True)]
+    assert sorted((i, e) for i, e, *_ in got) == sorted(reference)
+    for i, e, image, partner, lam, logits in got:
+        ref = reference[(i, e)]
+        assert torch.equal(image, ref.image) and partner == ref.partner_target and lam == pytest.approx(ref.lam)
+        assert torch.equal(logits, ref.soft.logits[0])
+    m = load_manifest(small_shards)
+    stage = cached_views_stage(small_shards, cache, epoch=0, views_per_decode=2, batch_size=4)
+    pipeline = wds.DataPipeline(wds.SimpleShardList([m.shard_url(i) for i in range(len(m.shards))]), tarfile_samples,
+                                stage, wds.to_tuple("image", "soft", "target", "index", "epoch"))
+    seen = set()
+    for image, soft, target, i, e in pipeline:
+        ref = reference[(i, e)]
+        want = ref.lam * torch.nn.functional.one_hot(torch.tensor(ref.target), 10) + (1 - ref.lam) * \
+            torch.nn.functional.one_hot(torch.tensor(ref.partner_target), 10)
+        assert torch.equal(image, ref.image) and torch.allclose(target, want.float())
+        assert torch.equal(soft.logits, ref.soft.logits)
+        seen.add((i, e))
+    assert seen == set(reference)

@@ -337,7 +337,9 @@ def _check_codec_and_tail(codec: dict | None, tail: dict | None, num_classes: in
         return
     if codec.get("name") != "packed":
         raise CacheMetadataError(f"{where}: codec name {_short(codec.get('name'))} is not 'packed'")
-    _int(codec, "step_bits", f"{where} codec", 0, MAX_STEP_BITS)
+    step_bits = _int(codec, "step_bits", f"{where} codec", 0, MAX_STEP_BITS)
+    if "rest_bits" in codec:
+        _int(codec, "rest_bits", f"{where} codec", 0, step_bits)
     m = _int(codec, "tail_samples", f"{where} codec", 0, MAX_K) if "tail_samples" in codec else 0
     knee = codec.get("knee", 0.0)
     if type(knee) not in (int, float) or not 0 <= knee <= 64:
@@ -544,7 +546,8 @@ class GroupMeta:
             raise CacheError(f"unknown codec {c.get('name')!r} (this logitcache knows 'packed')")
         return PackedCodec(self.k, self.num_classes, len(self.temperatures), len(self.param_fields),
                            step_bits=int(c["step_bits"]), tail_samples=int(c.get("tail_samples", 0)),
-                           knee=float(c.get("knee", 0.0)))
+                           knee=float(c.get("knee", 0.0)),
+                           rest_bits=int(c["rest_bits"]) if c.get("rest_bits") is not None else None)
 
     @property
     def codec_name(self) -> str:

@@ -309,7 +309,7 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
                 d_topk, d_target = (lp[j, idx] - cached).abs(), (lp[j, labels[i + j]] - cached_target).abs()
                 diff = max(float(d_topk.max()), float(d_target.max()))
                 if meta.packed:  # format 2: the codec's stated bound after normalising (FORMAT.md), not a mismatch
-                    bound = 2.5 * meta.packed_codec().step
+                    bound = meta.packed_codec().logprob_bound
                     excess = max(float((d_topk - bound).max()), float((d_target - bound).max()))
                 else:
                     excess = max(float((d_topk - precision.storage_rounding(cached, meta.value_dtype)).max()),
@@ -319,7 +319,7 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
                     mismatches.append({"epoch": e, "shard": s, "offset": o, "sample": keys[i + j],
                                        "max_abs_logprob_diff": diff})
     if meta.packed:  # format 2's rounding is one constant: report the difference a view may show
-        tolerance += 2.5 * meta.packed_codec().step
+        tolerance += meta.packed_codec().logprob_bound
     return {"views": len(views), "tolerance": tolerance, "max_abs_logprob_diff": worst,
             "cache_teacher_precision": meta.teacher_precision, "teacher_precision": teacher_precision,
             "mismatches": mismatches, "weights_digest_cache": meta.weights_digest,

@@ -34,7 +34,8 @@ from logitcache.cli.options import (
 @click.option("--temperatures", default="1", show_default=True, help="temperatures to record, e.g. 1,4 (1 always)")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--recipe", default=None,
-              help="view recipe: imagenet | small | deit | tv-v2 (default: the group's when it exists, else the "
+              help="view recipe: imagenet | small | deit | tv-v2, newest version; NAME@V an older one, e.g. imagenet@1 "
+                   "(default: the group's when it exists, else the "
                    "data's default_recipe)")
 @click.option("--image-size", default=None, type=int, help="model input size in px (default: the recipe's)")
 @click.option("--batch-size", default=64, show_default=True, type=int)

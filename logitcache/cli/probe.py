@@ -98,7 +98,7 @@ def format_report(r: dict) -> list[str]:
     if rec is not None:
         lines.append(f"recommended: k = {rec['k']}, {rec['setting']}: NKD gradient error "
                      f"{100 * rec['grad_relerr_nkd_T1']:.2f} % <= {target:g} % at {rec['dump_bytes_per_view']:.1f} "
-                     f"B/view" + (f" + {rec['prior_bytes'] / 1e3:.0f} kB per group" if rec["prior_bytes"] else ""))
+                     f"B/view" + (f" + {rec['prior_bytes'] / 1e3:.1f} kB per group" if rec["prior_bytes"] else ""))
         lines.append(f"  logitcache dump ... {rec['dump_flags']}")
     else:
         lines.append(f"NO setting measured meets --target-grad-error {r['target_grad_error']:g} (NKD gradient "

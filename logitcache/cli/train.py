@@ -50,7 +50,8 @@ from logitcache.cli.options import (
 @click.option("--clip-grad", default=None, type=float, help="clip the gradient norm to this value")
 @click.option("--label-smoothing", default=0.0, show_default=True, type=float, help="smooth the CE term's labels")
 @click.option("--recipe", default=None,
-              help="view recipe: imagenet | small | deit | tv-v2 (default: the cache's with --cache, else the "
+              help="view recipe: imagenet | small | deit | tv-v2, newest version; NAME@V an older one, e.g. imagenet@1 "
+                   "(default: the cache's with --cache, else the "
                    "data's default_recipe)")
 @click.option("--image-size", default=None, type=int, help="model input size in px (default: the recipe's)")
 @workers_option("DataLoader workers per process (the data order depends on it: give it to reproduce a run "

@@ -20,10 +20,11 @@ Fields, in order (k = top-k, R = temperatures, P = view params, m = sampled tail
                                                    the top-1's precision is what the NKD/DKD gradients feel.
     [2k]             the target's position j (0 = top-1) when it is one of the top-k, else k + zigzag(Q_t - Q_k),
                      Q_t coded like the others from its log-probability
-    [2k+1, 2k+1+R)   0 when no mass is left outside the known classes, else 1 + zigzag(round((ℓ_T - log p̂_k) / step))
+    [2k+1, 2k+1+R)   0 when no mass is left outside the known classes, else 1 + zigzag(round((ℓ_T - log p̂_k) / rstep))
                      (coded from the decoded k-th log-prob, which it follows) with
                      ℓ_T = log(rest_T / (1 - rest_T)), rest_T = the teacher mass at temperature T outside
-                     top-k ∪ {target} (log-odds: relative precision on the rest AND on the known mass)
+                     top-k ∪ {target} (log-odds: relative precision on the rest AND on the known mass);
+                     rstep = 2^-rest_bits (default: step)
     next P           the view params (int16, two's complement)
     next m           sampled tail classes (c - c_1) mod C       (tail "sampled" only)
     next m           their log p at T = 1 as gaps from q_k      (tail "sampled" only; sorted largest first)
@@ -35,10 +36,10 @@ with an 8-bit log step and no explicit rest vs 7.3 % with it; README design note
 
 zigzag(x) = 2x for x >= 0, -2x - 1 for x < 0.
 
-Error bound: the top-1 log-probability and the rest's log-odds are within step / 2 of the teacher's float32
-values (step = 2^-step_bits); every other stored log-probability (top-k, target, sampled classes) within step / 2
-when it is within ``knee`` nats of the top-1, within step beyond. Codes are clipped to the dtype's range (at the
-defaults a log-probability below -2047, p < e^-2047, is stored as that bound).
+Error bound: the top-1 log-probability is within step / 2 of the teacher's float32 value (step = 2^-step_bits),
+the rest's log-odds within rstep / 2; every other stored log-probability (top-k, target, sampled classes)
+within step / 2 when it is within ``knee`` nats of the top-1, within step beyond. Codes are clipped to the
+dtype's range (at the defaults a log-probability below -2047, p < e^-2047, is stored as that bound).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class PackedCodec:
     step_bits: int = DEFAULT_STEP_BITS
     tail_samples: int = 0  # m, for the sampled tail
     knee: float = DEFAULT_KNEE
+    #: the rest field's step is 2^-rest_bits nats (None: the value step, 2^-step_bits)
+    rest_bits: int | None = None
 
     def __post_init__(self):
         if not 1 <= self.k <= self.num_classes:
@@ -76,18 +79,34 @@ class PackedCodec:
             raise ValueError("tail_samples must be >= 0")
         if not (self.knee >= 0 and np.isfinite(self.knee)):
             raise ValueError(f"knee must be >= 0 nats, got {self.knee}")
+        if self.rest_bits is not None and not 0 <= self.rest_bits <= self.step_bits:
+            raise ValueError(f"rest_bits must be in [0, step_bits={self.step_bits}], got {self.rest_bits}")
 
     @property
     def name(self) -> str:
-        return f"packed-q{self.step_bits}" + (f"-knee{self.knee:g}" if self.knee else "")
+        return (f"packed-q{self.step_bits}" + (f"-knee{self.knee:g}" if self.knee else "")
+                + (f"-r{self.rest_bits}" if self.rest_bits is not None else ""))
 
     def to_json(self) -> dict:
         return {"name": "packed", "step_bits": self.step_bits, "knee": self.knee, "tail_samples": self.tail_samples,
-                "dtype": self.dtype, "fields": self.n_fields}
+                "dtype": self.dtype, "fields": self.n_fields,
+                **({"rest_bits": self.rest_bits} if self.rest_bits is not None else {})}
 
     @property
     def step(self) -> float:
         return 2.0 ** -self.step_bits
+
+    @property
+    def rest_step(self) -> float:
+        """The rest field's step (nats of log-odds)."""
+        return self.step if self.rest_bits is None else 2.0 ** -self.rest_bits
+
+    @property
+    def logprob_bound(self) -> float:
+        """How far a reconstructed known log-probability may be from the teacher's, at any recorded temperature
+        (FORMAT.md's error bound): its own code (<= step), plus the normalisation c_T: <= step from the known
+        values and <= rest_step / 2 from the rest's log-odds (2.5 steps when the rest has the value step)."""
+        return 2 * self.step + self.rest_step / 2
 
     @property
     def dtype(self) -> str:
@@ -163,7 +182,7 @@ class PackedCodec:
         none = np.isneginf(lo)
         anchor = (top - self._vq(qk))[:, None]  # the decoded k-th log-probability: the rest is coded from it
         with np.errstate(invalid="ignore"):
-            r = np.clip(np.round((np.where(none, 0.0, lo) - anchor) / self.step), -(self.max_code // 2 - 1),
+            r = np.clip(np.round((np.where(none, 0.0, lo) - anchor) / self.rest_step), -(self.max_code // 2 - 1),
                         self.max_code // 2 - 1)
         out[s["rest"]] = np.where(none, 0, 1 + zigzag(r.astype(np.int64))).T
         out[s["params"]] = np.asarray(params, dtype=np.int16).astype(np.int64).T & 0xFFFF
@@ -206,7 +225,7 @@ class PackedCodec:
             "logprobs": lp.astype(np.float32),
             "target_logprob": tlp.astype(np.float32),
             "log_odds_rest": np.where(rcode == 0, -np.inf,
-                                      lp[:, -1:] + unzigzag(np.maximum(rcode - 1, 0)) * step),
+                                      lp[:, -1:] + unzigzag(np.maximum(rcode - 1, 0)) * self.rest_step),
             "params": (m[s["params"]].T.astype(np.uint16)).view(np.int16),
         }
         if self.tail_samples:

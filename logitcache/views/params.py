@@ -1,5 +1,5 @@
-"""What a cache stores per view to replay it exactly: `ViewParams` (imagenet, small: a crop box in source pixels
-and a flip) and `ArrayParams` (deit, tv-v2: one int16 per `Recipe.param_fields`)."""
+"""What a cache stores per view to replay it exactly: `ViewParams` (imagenet v1, small: a crop box in source pixels
+and a flip) and `ArrayParams` (imagenet v2, deit, tv-v2: one int16 per `Recipe.param_fields`)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ class ViewParams:
 
 @dataclass(frozen=True)
 class ArrayParams:
-    """The params of an augmenting recipe's view (``deit``, ``tv-v2``): one int16 per ``recipe.param_fields``.
+    """The params of a view of ``imagenet`` v2 (four crop codes + ``flip``) or of an augmenting recipe (``deit``,
+    ``tv-v2``): one int16 per ``recipe.param_fields``.
 
     Version 1: the crop box (``top``, ``left``, ``height``, ``width``, source pixels) and ``flags`` (bit 0: flip,
     bits 1-2: mix mode) come first; version 2: four crop codes, then ``flags`` (bit 0 flip, bit 1 CutMix, bit 2
@@ -90,6 +91,8 @@ class ArrayParams:
 
     @property
     def flip(self) -> bool:
+        if "flip" in self.fields:  # imagenet v2: crop codes + flip
+            return bool(self.values[self.fields.index("flip")])
         return bool(self.values[self.fields.index("flags")] & 1)
 
     def to_array(self) -> np.ndarray:

@@ -19,17 +19,19 @@ torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` on PIL images, gi
 Recipes are named and versioned; a recipe's settings are serialised into every cache (``Recipe.to_json``) and a
 cache made by a different version of a recipe is refused rather than replayed approximately.
 
-    imagenet v1  RandomResizedCrop 0.08-1 bilinear, flip                      eval: resize 256, center 224
+    imagenet v2  RandomResizedCrop 0.08-1 bilinear, flip                      eval: resize 256, center 224
     small v1     pad 4 + crop, flip                                            eval: resize
     deit v2      RRC 0.08-1 bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25 (pixel noise),
                  Mixup 0.8 / CutMix 1.0 switch 0.5                            eval: bicubic resize 256, center 224
     tv-v2 v2     RRC 0.08-1 bilinear, flip, TrivialAugmentWide, RandomErasing 0.1 (mean colour),
                  Mixup 0.2 / CutMix 1.0 switch 0.5                            eval: resize 232, center 224
 
-deit / tv-v2 v1 (still replayed) store source-pixel boxes, an erasing seed and the partner offset; v2 (what
-`get_recipe` makes) stores grid codes instead (`Recipe.coded`): the crop box is a pure function of the codes
-and the image size, the erasing noise is keyed by the view's (seed, epoch, index) and the partner comes from the
-unit (see the ops' modules and README "Augmentation recipes").
+imagenet / deit / tv-v2 v1 (still replayed) store source-pixel boxes (deit / tv-v2 also an erasing seed and the
+partner offset); v2 (what `get_recipe` makes; ``name@1`` the older one) stores grid codes instead
+(`Recipe.coded`): the crop box is a pure function of the codes and the image size (`crop_box`), the erasing
+noise is keyed by the view's (seed, epoch, index) and the partner comes from the unit (see the ops' modules and
+README "Augmentation recipes"). imagenet v1 views equal torchvision's RandomResizedCrop exactly given its box;
+v2 draws the same distribution on the crop grid.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ _TV2 = dict(interpolation=_BILINEAR, trivialaugment=31, erasing_p=0.1, erasing_m
 #: every (name, version) this logitcache can replay; `get_recipe` makes the newest of each name
 _RECIPES: dict[tuple[str, int], _Spec] = {
     ("imagenet", 1): _Spec(1, 224, _CROP, {}, (*_BOX_FIELDS, "flip")),
+    ("imagenet", 2): _Spec(2, 224, _CROP, {}, (*_CROP_CODES, "flip")),
     ("small", 1): _Spec(1, 28, ("pad", "flip_p", "interpolation"), {}, (*_BOX_FIELDS, "flip")),
     ("deit", 1): _Spec(1, 224, (*_CROP, "randaugment", *_AUG), _DEIT,
                        (*_BOX_FIELDS, "flags", *_RA_FIELDS, *_ERASE_FIELDS, *_MIX_FIELDS)),
@@ -119,6 +122,16 @@ _RECIPES: dict[tuple[str, int], _Spec] = {
 }
 _NAMES = sorted({n for n, _ in _RECIPES})
 _NEWEST = {n: max(v for m, v in _RECIPES if m == n) for n in _NAMES}
+
+
+def split_recipe_name(name: str) -> tuple[str, int | None]:
+    """``"imagenet@1"`` -> ``("imagenet", 1)``; ``"imagenet"`` -> ``("imagenet", None)`` (the newest version)."""
+    base, at, version = name.partition("@")
+    if not at:
+        return name, None
+    if not version.isdigit():
+        raise RecipeError(f"recipe {name!r}: the version after '@' must be a number (e.g. {base}@1)")
+    return base, int(version)
 
 
 def _spec(name: str, version: int | None = None) -> _Spec:
@@ -137,8 +150,8 @@ class Recipe:
     """A named, versioned view recipe and its settings.
 
     ``imagenet``: RandomResizedCrop (``scale``, ``ratio``; torchvision's 10-attempt algorithm and its
-    center-crop fallback) to ``image_size`` + horizontal flip with probability ``flip_p``; eval = resize the
-    shorter side to ``floor(image_size / eval_crop_fraction)`` + center crop.
+    center-crop fallback; version 2 on the crop-code grid) to ``image_size`` + horizontal flip with probability
+    ``flip_p``; eval = resize the shorter side to ``floor(image_size / eval_crop_fraction)`` + center crop.
     ``small`` (Fashion-MNIST/CIFAR style): zero-pad ``pad`` px, random crop of the source size, flip; resized to
     ``image_size`` only when the source differs; eval = resize only.
     ``deit`` / ``tv-v2``: the ``imagenet`` crop and flip with the recipe's filter, then RandAugment
@@ -212,9 +225,10 @@ class Recipe:
 
     @property
     def coded(self) -> bool:
-        """Version 2 of an augmenting recipe: crop, erasing and mix stored as grid codes, the erasing noise keyed
-        by the view's identity and the mix partner derived from the unit (no stored seed or partner)."""
-        return self.augments and self.version >= 2
+        """Version 2 of a RandomResizedCrop recipe (imagenet, deit, tv-v2): the crop stored as grid codes (the box
+        is a function of the codes and the image size); for the augmenting ones also erasing and mix as codes,
+        the erasing noise keyed by the view's identity and the mix partner derived from the unit."""
+        return self.name != "small" and self.version >= 2
 
     @property
     def mixes(self) -> bool:
@@ -241,7 +255,7 @@ class Recipe:
 
     def params_from_array(self, arr) -> ViewParams | ArrayParams:
         """The stored int16 row of one view as this recipe's params object."""
-        if self.augments:
+        if self.augments or self.coded:
             return ArrayParams.from_array(self, arr)
         return ViewParams.from_array(self, arr)
 
@@ -284,9 +298,12 @@ class Recipe:
 
 
 def get_recipe(name: str, image_size: int | None = None, version: int | None = None) -> Recipe:
-    """Recipe ``name`` (its newest version unless ``version``) at ``image_size`` px (default: small 28, the others
-    224)."""
-    spec = _spec(name, version)
+    """Recipe ``name`` (its newest version unless ``version``, or ``name@version`` as ``--recipe`` takes it) at
+    ``image_size`` px (default: small 28, the others 224)."""
+    name, at = split_recipe_name(name)
+    if at is not None and version is not None and at != version:
+        raise RecipeError(f"recipe {name!r}: version {at} (from '@') and version {version} disagree")
+    spec = _spec(name, version if version is not None else at)
     return Recipe(name=name, version=spec.version, image_size=int(image_size or spec.image_size), **spec.defaults)
 
 
@@ -303,15 +320,18 @@ def resolve_recipe(
 
     1. a cache (``cached``: its recorded recipe) decides; ``--recipe``/``--image-size`` given with it must agree
        with it (accepted when they do, refused naming both values when they do not);
-    2. else ``--recipe`` (at ``--image-size`` or the recipe's default size);
+    2. else ``--recipe`` (at ``--image-size`` or the recipe's default size; ``name@version`` picks an older
+       version, e.g. ``imagenet@1``, else the newest);
     3. else the data's ``default_recipe`` (recorded by converters that know it, e.g. Fashion-MNIST: small, 28);
     4. else a clear error — never a silent guess (imagenet at 224 px on 28 px images).
     """
     if cached is not None:
         recipe = Recipe.from_json(cached)
         diff = []
-        if name is not None and name != recipe.name:
-            diff.append(f"--recipe {name}, but {cached_where} holds views of recipe {recipe.name!r}")
+        base, version = split_recipe_name(name) if name is not None else (None, None)
+        if base is not None and (base != recipe.name or version not in (None, recipe.version)):
+            diff.append(f"--recipe {name}, but {cached_where} holds views of recipe {recipe.name!r} version "
+                        f"{recipe.version}")
         if image_size is not None and image_size != recipe.image_size:
             diff.append(f"--image-size {image_size}, but {cached_where} holds views of {recipe.image_size} px")
         if diff:
@@ -339,7 +359,7 @@ def sample_view(rng: np.random.Generator, height: int, width: int, recipe: Recip
         crop = list(_random_resized_crop_box(rng, height, width, recipe.scale, recipe.ratio))
     flip = bool(rng.random() < recipe.flip_p)
     if not recipe.augments:
-        return ViewParams(*crop, flip)
+        return ArrayParams.from_array(recipe, [*crop, int(flip)]) if recipe.coded else ViewParams(*crop, flip)
     S = recipe.image_size
     if recipe.randaugment:
         m, mstd = recipe.randaugment_settings
@@ -358,6 +378,20 @@ def sample_view(rng: np.random.Generator, height: int, width: int, recipe: Recip
 
 
 # ------------------------------------------------------------------ applying (the pixels the model sees)
+def crop_box(params: ViewParams | ArrayParams, recipe: Recipe, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) in source pixels of view ``params`` on a ``height`` x ``width`` image: the stored
+    box (version 1, small) or the box of the stored crop codes (version 2, `crop_box_from_codes`)."""
+    if not recipe.coded:
+        return params.top, params.left, params.height, params.width
+    if not isinstance(params, ArrayParams):
+        raise RecipeError(f"view {params}: recipe {recipe.name!r} v{recipe.version} stores crop codes "
+                          f"{_CROP_CODES}, not a box")
+    try:
+        return crop_box_from_codes(params.get(*_CROP_CODES), height, width, recipe.scale, recipe.ratio)
+    except ValueError as e:
+        raise RecipeError(f"view {params}: {e}") from e
+
+
 def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Recipe,
                key: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The view ``params`` of ``image`` (uint8 (3, H, W)) as a new uint8 (3, S, S) tensor, S = image_size.
@@ -373,13 +407,7 @@ def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Re
     """
     _check_image(image)
     _, H, W = image.shape
-    if recipe.coded:
-        try:
-            t, l, h, w = crop_box_from_codes(params.get(*_CROP_CODES), H, W, recipe.scale, recipe.ratio)
-        except ValueError as e:
-            raise RecipeError(f"view {params}: {e}") from e
-    else:
-        t, l, h, w = params.top, params.left, params.height, params.width
+    t, l, h, w = crop_box(params, recipe, H, W)
     if recipe.name != "small":
         if not (0 <= t and 0 <= l and h >= 1 and w >= 1 and t + h <= H and l + w <= W):
             raise RecipeError(f"view {params} does not fit a {H}x{W} image")

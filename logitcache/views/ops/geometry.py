@@ -73,8 +73,10 @@ def lin_grid(lo: float, hi: float, n: int, k: int) -> float:
 
 
 def grid_position(code: int, free: int, n: int) -> int:
-    """Code 0..n-1 spread over 0..free (integers only): round(code · free / (n - 1))."""
-    return (2 * code * free + n - 1) // (2 * (n - 1))
+    """Code 0..n-1 -> a position in 0..free (integers only): the midpoint of the code's n-th of [0, free + 1),
+    floor((2 code + 1)(free + 1) / 2n). Uniform codes give the free + 1 positions equal weight (±1 code of n)
+    on a narrow range, where rounding onto the ends would halve theirs; on a wide one, n evenly spread positions."""
+    return (2 * code + 1) * (free + 1) // (2 * n)
 
 
 def _coded_size(area_code: int, ratio_code: int, height: int, width: int, scale, ratio) -> tuple[int, int]:
@@ -115,7 +117,8 @@ def _window(image: torch.Tensor, top: int, left: int) -> torch.Tensor:
     _, H, W = image.shape
     out = torch.zeros((H, W, 3), dtype=torch.uint8).permute(2, 0, 1)  # channels-last, like decoded images
     y0, y1, x0, x1 = max(top, 0), min(top + H, H), max(left, 0), min(left + W, W)
-    out[:, y0 - top : y1 - top, x0 - left : x1 - left] = image[:, y0:y1, x0:x1]
+    if y1 > y0 and x1 > x0:  # else the window lies wholly in the padding (an image smaller than the pad)
+        out[:, y0 - top : y1 - top, x0 - left : x1 - left] = image[:, y0:y1, x0:x1]
     return out
 
 
