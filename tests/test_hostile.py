@@ -80,19 +80,28 @@ DUMP = ["--format", "1", "--teacher", "smallcnn", "--recipe", "small", "--image-
         "--epochs", "2", "--batch-size", "8"]
 
 
-@pytest.fixture(scope="module")
-def clean(small_shards, tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("hostile") / "cache.zarr"
-    rc, text = cli("dump", "--data", small_shards, "--out", out, *DUMP)
+def dumped(small_shards, tmp_path_factory, name: str, args: list) -> pathlib.Path:
+    """A cache dumped once per module; the tests damage copies of it (`copied`)."""
+    out = tmp_path_factory.mktemp(name) / "cache.zarr"
+    rc, text = cli("dump", "--data", small_shards, "--out", out, *args)
     assert rc == 0, text
     return out
 
 
-@pytest.fixture
-def cache(clean, tmp_path) -> pathlib.Path:
+def copied(clean: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
     out = tmp_path / "cache.zarr"
     shutil.copytree(clean, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def clean(small_shards, tmp_path_factory) -> pathlib.Path:
+    return dumped(small_shards, tmp_path_factory, "hostile", DUMP)
+
+
+@pytest.fixture
+def cache(clean, tmp_path) -> pathlib.Path:
+    return copied(clean, tmp_path)
 
 
 def train_args(data, cache, out, *extra):
@@ -590,18 +599,14 @@ DUMP2 = ["--teacher", "smallcnn", "--recipe", "small", "--image-size", "28", "--
 
 @pytest.fixture(scope="module")
 def clean2(small_shards, tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("hostile2") / "cache.zarr"
-    rc, text = cli("dump", "--data", small_shards, "--out", out, *DUMP2)
-    assert rc == 0, text
+    out = dumped(small_shards, tmp_path_factory, "hostile2", DUMP2)
     assert json.loads((out / "zarr.json").read_text())["attributes"]["logitcache"]["format_version"][0] == 2
     return out
 
 
 @pytest.fixture
 def cache2(clean2, tmp_path) -> pathlib.Path:
-    out = tmp_path / "cache.zarr"
-    shutil.copytree(clean2, out)
-    return out
+    return copied(clean2, tmp_path)
 
 
 def test_format2_cache_trains_before_it_is_damaged(cache2, small_shards, tmp_path):

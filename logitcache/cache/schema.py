@@ -140,12 +140,15 @@ def _int(d: dict, key: str, where: str, lo: int = 0, hi: int | None = None) -> i
     return v
 
 
-def _str(d: dict, key: str, where: str, *, optional: bool = False) -> str | None:
-    if key not in d:
-        if optional:
-            return None
+def _value(d: dict, key: str, where: str, optional: bool) -> Any:
+    """``d[key]``; None when the key is optional and absent or null; `CacheMetadataError` when it is missing."""
+    if key not in d and not optional:
         raise CacheMetadataError(f"{where}: key {key!r} is missing")
-    v = d[key]
+    return d.get(key)
+
+
+def _str(d: dict, key: str, where: str, *, optional: bool = False) -> str | None:
+    v = _value(d, key, where, optional)
     if v is None and optional:
         return None
     if not isinstance(v, str):
@@ -154,11 +157,7 @@ def _str(d: dict, key: str, where: str, *, optional: bool = False) -> str | None
 
 
 def _list(d: dict, key: str, where: str, item: type, *, max_len: int, optional: bool = False) -> list | None:
-    if key not in d:
-        if optional:
-            return None
-        raise CacheMetadataError(f"{where}: key {key!r} is missing")
-    v = d[key]
+    v = _value(d, key, where, optional)
     if v is None and optional:
         return None
     ok = (int, float) if item is float else item
@@ -352,7 +351,8 @@ def _check_codec_and_tail(codec: dict | None, tail: dict | None, num_classes: in
     if name != "sampled" and m:
         raise CacheMetadataError(f"{where}: codec tail_samples {m} but tail {name!r} draws none")
     if name == "prior":
-        _int(tail, "prior_views", f"{where} tail", 0, 1 << 40) if "prior_views" in tail else None
+        if "prior_views" in tail:
+            _int(tail, "prior_views", f"{where} tail", 0, 1 << 40)
         if num_classes > MAX_PRIOR_CLASSES:
             raise CacheMetadataError(f"{where}: tail 'prior' stores a {num_classes} x {num_classes} class prior; "
                                      f"the limit is {MAX_PRIOR_CLASSES} classes")

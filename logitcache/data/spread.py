@@ -100,12 +100,31 @@ def place_window(groups: Sequence[Sequence[Any]], start: int, batch_size: int,
     return out, ok
 
 
+class _WindowPlacer:
+    """Places successive windows of a stream (`place_window`), counting the stream's position, and warns once
+    when a window cannot keep an image's views in different batches."""
+
+    def __init__(self, batch_size: int, rng: random.Random | None, where: str, which: str, cause: str):
+        self.batch_size, self.rng, self.where, self.which, self.cause = batch_size, rng, where, which, cause
+        self.pos, self.warned = 0, False
+
+    def place(self, window: list[Sequence[Any]]) -> list[Any]:
+        out, ok = place_window(window, self.pos, self.batch_size, self.rng)
+        if not ok and not self.warned:
+            self.warned = True
+            warnings.warn(f"{self.where}: {len(window)} image(s) {self.which} cannot put their views into different "
+                          f"batches of {self.batch_size} ({self.cause}); some batches hold two views of one image",
+                          SpreadWarning, stacklevel=3)
+        self.pos += len(out)
+        return out
+
+
 def spread_views(groups: Iterable[Sequence[Any]], plan: Sequence[int], batch_size: int,
                  rng: random.Random | None, where: str = "") -> Iterator[Any]:
     """Stage: the views of each group (image) spread over distinct batches of this stream; windows of
     ``plan[j]`` non-empty groups (the last window takes all that remain)."""
     it = (g for g in groups if len(g))
-    pos, warned = 0, False
+    placer = _WindowPlacer(batch_size, rng, where, "left in the last window", "samples failed to decode")
     plan = list(plan) or [0]
     for j, size in enumerate(plan):
         window: list[Sequence[Any]] = []
@@ -113,14 +132,7 @@ def spread_views(groups: Iterable[Sequence[Any]], plan: Sequence[int], batch_siz
             window.append(g)
             if j < len(plan) - 1 and len(window) == size:
                 break
-        out, ok = place_window(window, pos, batch_size, rng)
-        if not ok and not warned:
-            warned = True
-            warnings.warn(f"{where}: {len(window)} image(s) left in the last window cannot put their views into "
-                          f"different batches of {batch_size} (samples failed to decode); some batches hold two "
-                          f"views of one image", SpreadWarning, stacklevel=2)
-        pos += len(out)
-        yield from out
+        yield from placer.place(window)
 
 
 def spread_stream(groups: Iterable[Sequence[Any]], views_per_decode: int, batch_size: int,
@@ -129,25 +141,13 @@ def spread_stream(groups: Iterable[Sequence[Any]], views_per_decode: int, batch_
     w), except the last, which takes the w .. 2w-1 that remain (all of them when the stream holds fewer than 2w).
     Holds at most 2w images' views."""
     w = window_images(views_per_decode, batch_size)
+    placer = _WindowPlacer(batch_size, rng, where, "in a window", "fewer than one batch of images in this stream")
     buf: list[Sequence[Any]] = []
-    pos, warned = 0, False
-
-    def place(window: list[Sequence[Any]]) -> Iterator[Any]:
-        nonlocal pos, warned
-        out, ok = place_window(window, pos, batch_size, rng)
-        if not ok and not warned:
-            warned = True
-            warnings.warn(f"{where}: {len(window)} image(s) in a window cannot put their views into different "
-                          f"batches of {batch_size} (fewer than one batch of images in this stream); some batches "
-                          f"hold two views of one image", SpreadWarning, stacklevel=3)
-        pos += len(out)
-        yield from out
-
     for g in groups:
         if len(g):
             buf.append(g)
         if len(buf) == 2 * w:
-            yield from place(buf[:w])
+            yield from placer.place(buf[:w])
             buf = buf[w:]
     if buf:
-        yield from place(buf)
+        yield from placer.place(buf)
