@@ -34,6 +34,7 @@ from logitcache.cache import fidelity
 from logitcache.data.manifest import load_manifest
 from logitcache.dump import UnitViews, shards_covering
 from logitcache.errors import LogitcacheError
+from logitcache.labels.tails import parse_tail
 from logitcache.labels.topk import _normalise_temperatures
 from logitcache.runtime.precision import check_teacher_precision
 from logitcache.teacher import Teacher
@@ -66,6 +67,8 @@ class ProbeConfig:
     temperatures: tuple[float, ...] = (1.0, 4.0)
     target_grad_error: float = 0.02
     tail_samples: int = 8
+    #: the tail rules measured in format 2 (`--tail`, as `dump --tail` names them); format 1 is always the reference
+    tails: tuple[str, ...] = ("uniform", "prior", "sampled")
     skip_bad: bool = False
     progress: bool = False
     settings: tuple[fidelity.Setting, ...] = field(default=(), compare=False)
@@ -88,8 +91,18 @@ class ProbeConfig:
         if self.teacher_precision is not None:
             check_teacher_precision(self.teacher_precision)
         if not self.settings:
-            object.__setattr__(self, "settings", (fidelity.FORMAT_1, fidelity.FORMAT_2, fidelity.FORMAT_2_PRIOR,
-                                                  fidelity.sampled(self.tail_samples)))
+            object.__setattr__(self, "settings", (fidelity.FORMAT_1, *map(self._format2_setting, self.tails)))
+
+    def _format2_setting(self, spec: str) -> fidelity.Setting:
+        """Format 2 with the tail rule ``spec`` (`labels.tails.parse_tail`'s names; bare ``sampled`` takes
+        --tail-samples)."""
+        try:
+            name, m = parse_tail(spec)
+        except ValueError as e:
+            raise ProbeError(f"--tail: {e}") from None
+        if name == "sampled":
+            return fidelity.sampled(m if ":" in spec else self.tail_samples)
+        return fidelity.FORMAT_2_PRIOR if name == "prior" else fidelity.FORMAT_2
 
 
 @dataclass

@@ -128,6 +128,7 @@ def test_the_cli_prints_the_table_and_says_when_nothing_meets_the_target(small_s
     (["--shards", "7"], "shard"),
     (["--teacher", "nosuchnet"], "nosuchnet"),
     (["--views", "6000000"], "more dense logits than the probe keeps"),
+    (["--tail", "oracle"], "--tail: unknown tail 'oracle'"),
 ])
 def test_bad_input_is_a_clear_error(small_shards, weights, extra, message):
     args = ["probe", "--teacher", "smallcnn", "--weights", weights, "--data", str(small_shards), "--recipe", "small",
@@ -147,3 +148,18 @@ def test_probe_config_refuses_bad_settings_without_running(small_shards, weights
     with pytest.raises(ProbeError, match="tail-samples"):
         _cfg(small_shards, weights, tail_samples=0)
     assert fidelity.sampled(4).dump_flags == "--tail sampled:4" and fidelity.FORMAT_1.dump_flags == "--format 1"
+
+
+def test_tail_selects_the_format_2_rules_measured(small_shards, weights):
+    """`--tail` names the rules as `dump --tail` does; format 1 stays as the reference; bare `sampled` takes M from
+    --tail-samples."""
+    cfg = _cfg(small_shards, weights, tails=("prior", "sampled:3"))
+    assert [s.label for s in cfg.settings] == [fidelity.FORMAT_1.label, fidelity.FORMAT_2_PRIOR.label,
+                                             fidelity.sampled(3).label]
+    assert _cfg(small_shards, weights, tails=("sampled",), tail_samples=5).settings[-1] == fidelity.sampled(5)
+    args = ["probe", "--teacher", "smallcnn", "--weights", weights, "--data", str(small_shards), "--recipe", "small",
+            "--image-size", "28", "--views", "16", "--ks", "3", "--workers", "0", "--tail", "uniform", "--json"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert {row["setting"] for row in json.loads(res.output)["rows"]} == {fidelity.FORMAT_1.label,
+                                                                         fidelity.FORMAT_2.label}

@@ -28,6 +28,9 @@ from logitcache.cli.options import (
               help="temperatures the dump would record (4 gives the KD T=4 gradient error)")
 @click.option("--target-grad-error", default=0.02, show_default=True, type=float,
               help="recommend the cheapest setting whose NKD-gradient relative error is at most this")
+@click.option("--tail", "tails", default="uniform,prior,sampled", show_default=True,
+              help="the tail rules to measure in format 2, comma-separated, named as for `dump --tail` "
+                   "(format 1 is always measured as the reference)")
 @click.option("--tail-samples", default=8, show_default=True, type=int, help="M of the sampled:M tail measured")
 @click.option("--seed", default=0, show_default=True, type=int, help="the dump's seed (which views are drawn)")
 @click.option("--recipe", default=None, help="view recipe (default: the data's default_recipe)")
@@ -40,7 +43,7 @@ from logitcache.cli.options import (
 @click.option("--skip-bad", is_flag=True, help="skip corrupt samples instead of stopping")
 @json_option()
 @reports_errors
-def probe(teacher, weights, data, views, ks, temperatures, target_grad_error, tail_samples, seed, recipe,
+def probe(teacher, weights, data, views, ks, temperatures, target_grad_error, tails, tail_samples, seed, recipe,
           image_size, batch_size, workers, device, teacher_precision, shard_selection, skip_bad, as_json):
     """Run the teacher over --views views of --data and print, per k and cache setting, the top-k mass,
     KL(dense || cache), the KD/DKD/NKD gradient errors and the bytes per view; then recommend the cheapest
@@ -62,7 +65,8 @@ def probe(teacher, weights, data, views, ks, temperatures, target_grad_error, ta
                           shards=shards, batch_size=batch_size, workers=resolve_workers(workers), seed=seed,
                           device=device, teacher_precision=teacher_precision, views=views, ks=k_list,
                           temperatures=parse_temperatures(temperatures), target_grad_error=target_grad_error,
-                          tail_samples=tail_samples, skip_bad=skip_bad)
+                          tail_samples=tail_samples, skip_bad=skip_bad,
+                          tails=tuple(t.strip() for t in tails.split(",") if t.strip()))
     except ProbeError as e:
         raise click.UsageError(str(e)) from None
     report = run_probe(cfg)
