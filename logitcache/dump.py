@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
-from logitcache.cache.store import ObjectStore, load_group_meta, write_unit_indexes
+from logitcache.cache.store import ObjectStore, load_group_meta, unfinish_units, write_unit_indexes
 from logitcache.cache.verify import verify_cache
 from logitcache.cache.writer import CacheWriter
 from logitcache.data.manifest import ShardCheck, file_size, load_manifest
@@ -300,7 +300,8 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     bar.close()
     env.barrier()
     if env.is_main:
-        write_unit_indexes(writer.objects, writer.group)  # readers then read one object per epoch, not its markers
+        # readers then read one object per epoch, not its markers; format 2 seals the units (one object each)
+        write_unit_indexes(writer.objects, writer.group, seal=writer.meta.packed)
         writer.finish_run(run_key, end_time=utc_now(), units_written=units.written,
                           samples_skipped=units.samples_skipped)
     env.barrier()
@@ -536,16 +537,14 @@ def check_shard_sizes(manifest, shards: list[int]) -> None:
 
 
 def forget_damaged_units(url: str, group: str) -> list[tuple[int, int]]:
-    """For ``--repair``: verify the group and delete the markers of damaged units, so the dump redoes exactly
-    those (a unit without a marker is unfinished). Units that are merely unfinished are redone anyway."""
+    """For ``--repair``: verify the group and make its damaged units unfinished (out of their epochs' unit
+    indexes, then their markers deleted), so the dump redoes exactly those. Units that are merely unfinished are
+    redone anyway."""
 
     reader = CacheReader(url, group)
     report = verify_cache(url, group)  # invalid metadata raises CacheMetadataError: nothing is deleted
     damaged = [u for u in report.bad_units() if u in reader.markers(refresh=True)]
-    for e in sorted({e for e, _ in damaged}):  # an index must never list a unit being redone
-        reader.objects.delete(schema.unit_index_key(group, e))
-    for e, s in damaged:
-        reader.objects.delete(schema.unit_marker_key(group, e, s))
+    unfinish_units(reader.objects, group, damaged)
     return damaged
 
 

@@ -21,6 +21,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from _cache_edit import unseal
 from click.testing import CliRunner
 
 from logitcache.cli import main
@@ -338,10 +339,11 @@ def test_root_declaring_1e12_shard_length(cache, small_shards, tmp_path):
 
 # ------------------------------------------------------------------ class 3: damaged caches read by train
 def _marker(cache, e, s) -> pathlib.Path:
-    """The marker these tests edit. Its epoch's unit index (a copy of the epoch's markers that readers use instead,
-    issue 14) is removed, so that readers see the edited marker; an index edited the same way goes through the
-    same checks (`UnitMarker.from_json`), and `verify` reports an index that disagrees with a marker."""
-    (cache / GROUP / "unit_index" / f"e{e:05d}.json").unlink(missing_ok=True)
+    """The marker these tests edit. The group is unsealed first (format 2 dumps keep a unit's marker only in its
+    epoch's unit index, which readers use instead of markers): one marker object per unit and no index, so readers
+    see the edited marker; an index edited the same way goes through the same checks (`UnitMarker.from_json`),
+    and `verify` reports an index that disagrees with a marker."""
+    unseal(cache, GROUP)
     return cache / GROUP / "units" / f"e{e:05d}-s{s:06d}.json"
 
 

@@ -245,7 +245,8 @@ def test_markers_are_read_once_by_the_reader_and_handed_to_its_workers(small_sha
     markers once (one unit index object, or the epoch's markers when there is no index) and the workers read
     no marker, no index and no metadata object at all."""
     import os
-    import shutil
+
+    from _cache_edit import unseal
 
     from logitcache.cache import schema
     from logitcache.cache.reader import CacheReader
@@ -256,8 +257,9 @@ def test_markers_are_read_once_by_the_reader_and_handed_to_its_workers(small_sha
                     seed=SEED, batch_size=8, progress=False))
     group = CacheReader(str(cache)).group
     assert sorted(os.listdir(cache / group / schema.UNIT_INDEX_DIR)) == ["e00000.json", "e00001.json"]
+    assert not (cache / group / schema.UNITS_DIR).exists()  # format 2: sealed, the indexes are the records
     if not index:
-        shutil.rmtree(cache / group / schema.UNIT_INDEX_DIR)
+        unseal(cache, group)  # a cache with markers and no index (format 1, or dumped before sealing)
     reads = _count_object_reads(monkeypatch, tmp_path / "reads.log")
     reader = CacheReader(str(cache))
     n = 0
@@ -312,29 +314,54 @@ def test_pskd_store_errors_reach_the_training_thread(imagenet_shards, tmp_path):
 
 
 def test_the_dump_writes_a_unit_index_that_verify_checks(small_shards, tmp_path):
+    """Format 2: the dump ends by writing each epoch's unit index and sealing its units (their marker objects
+    deleted: the index is their record, one object per unit remains); readers, verify and a rerun see the same
+    finished units. An index entry that disagrees with a marker, or a doctored sealed entry, is caught."""
+    import os
+
+    from _cache_edit import unseal
+
     from logitcache.cache import schema
     from logitcache.cache.reader import CacheReader
-    from logitcache.cache.store import read_epoch_markers
-    from logitcache.cache.verify import verify_cache
+    from logitcache.cache.store import read_epoch_markers, read_marker
+    from logitcache.cache.verify import cache_info, verify_cache
 
     cache = str(tmp_path / "cache.zarr")
     cfg = DumpConfig(data=str(small_shards), out=cache, teacher="smallcnn", recipe="small", epochs=2, topk=3,
                      seed=SEED, batch_size=8, progress=False)
     dump(cfg)
     reader = CacheReader(cache)
+    group = reader.group
     markers = reader.markers(refresh=True)
+    assert sorted(markers) == [(e, s) for e in range(2) for s in range(2)]
+    assert not os.path.exists(os.path.join(cache, group, schema.UNITS_DIR))  # sealed: no marker objects
+    info = cache_info(cache)["groups"][group]
+    assert info["objects_per_unit"] == 1.0
     for e in range(2):
-        assert read_epoch_markers(reader.objects, reader.group, e) == {s: m for (ue, s), m in markers.items()
-                                                                      if ue == e}
+        assert read_epoch_markers(reader.objects, group, e) == {s: m for (ue, s), m in markers.items() if ue == e}
+        assert read_marker(reader.objects, group, e, 1) == markers[(e, 1)]  # a fresh read finds the sealed unit
     assert verify_cache(cache).ok
-    key = schema.unit_index_key(reader.group, 1)
-    doctored = reader.objects.get(key).replace(b'"length":12', b'"length":11', 1)
-    reader.objects.put(key, doctored)
+    assert dump(cfg).units_written == 0  # a rerun finds every unit finished
+
+    key = schema.unit_index_key(group, 1)
+    clean = reader.objects.get(key)
+    reader.objects.put(key, clean.replace(b'"length":12', b'"length":11', 1))  # a sealed entry, doctored
+    report = verify_cache(cache)
+    assert not report.ok and any("(epoch 1, shard 0)" in p["where"] for p in report.problems), report.problems
+
+    reader.objects.put(key, clean)
+    unseal(cache, group)  # markers and no index, as format 1 and caches dumped before sealing
+    dump(cfg)  # nothing to do but the indexes: written from the markers, which are then deleted
+    assert not os.path.exists(os.path.join(cache, group, schema.UNITS_DIR)) and verify_cache(cache).ok
+    unseal(cache, group)
+    dump(cfg)
+    reader.objects.put(schema.unit_marker_key(group, 1, 0), markers[(1, 0)].to_bytes())  # a marker next to the index
+    reader.objects.put(key, clean.replace(b'"length":12', b'"length":11', 1))
     report = verify_cache(cache)
     assert not report.ok and any("unit index" in p["where"] and "differs from its marker" in p["what"]
                                  for p in report.problems)
-    dump(cfg)  # nothing left to do but the index: rewritten from the markers
-    assert verify_cache(cache).ok
+    dump(cfg)  # the marker wins: the index is rewritten from it, and the unit sealed again
+    assert verify_cache(cache).ok and not os.path.exists(os.path.join(cache, group, schema.UNITS_DIR))
 
 
 _COUNT_SYNCS_UNDER_TORCHRUN = """

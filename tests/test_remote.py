@@ -114,7 +114,8 @@ def s3_cache(s3_data):
 
 
 def _unit_objects(url: str) -> dict[str, bytes]:
-    """Every chunk and marker object of a cache (the bytes that must not depend on where the cache lives)."""
+    """Every chunk, marker and unit index object of a cache (the bytes that must not depend on where the cache
+    lives)."""
     objects = ObjectStore(url)
     meta = CacheReader(url).meta
     out = {}
@@ -122,7 +123,7 @@ def _unit_objects(url: str) -> dict[str, bytes]:
         for s in range(2):
             for key in schema.unit_chunk_keys("smallcnn", meta, e, s).values():
                 out[key] = objects.get(key)
-    for key in objects.list(f"smallcnn/{schema.UNITS_DIR}"):
+    for key in objects.list(f"smallcnn/{schema.UNITS_DIR}") + objects.list(f"smallcnn/{schema.UNIT_INDEX_DIR}"):
         out[key] = objects.get(key)
     return out
 
@@ -158,7 +159,8 @@ def test_shards_scan_writes_the_manifest_on_s3(s3_prefix, small_shards, tmp_path
 # ------------------------------------------------------------------ dump / info / verify
 def test_cli_dump_to_s3_equals_local_dump_byte_for_byte(s3_cache, local_cache):
     remote, local = _unit_objects(s3_cache), _unit_objects(local_cache)
-    assert len(remote) == 1 * 4 + 4 and all(v is not None for v in remote.values())  # format 2: 1 chunk/unit
+    # format 2, sealed: 1 chunk per unit and one unit index per epoch, no marker objects left
+    assert len(remote) == 4 + 2 and all(v is not None for v in remote.values())
     assert remote == local
 
 
@@ -304,7 +306,8 @@ def test_local_copy_of_s3_cache_verifies(s3_cache, tmp_path):
     dest = tmp_path / "copy.zarr"
     _s3fs().get(s3_cache[len("s3://"):], str(dest), recursive=True)
     assert verify_cache(str(dest)).ok
-    shutil.rmtree(dest / "smallcnn" / "units")
+    shutil.rmtree(dest / "smallcnn" / "unit_index")  # the sealed units' only records
+    assert not (dest / "smallcnn" / "units").exists()
     assert len(verify_cache(str(dest)).bad_units()) == 4
 
 

@@ -30,6 +30,7 @@ import torch
 
 from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
+from logitcache.cache.store import write_unit_indexes
 from logitcache.cache.writer import CacheWriter
 from logitcache.labels.codecs import PackedCodec
 from logitcache.labels.tails import PriorAccumulator, PriorTail, parse_tail, tail_from_settings, tail_settings
@@ -110,6 +111,7 @@ def write_cache(url: str, logits: torch.Tensor, target: torch.Tensor, views: np.
         tk = TopKLogits.from_logits(logits[sl], target[sl], k, temps, keep_rest=setting.format == 2,
                                     **({"tail": rule, "generator": g} if rule is not None else {}))
         w.write_unit(0, s, np.arange(length), w.encode_rows(tk, views[sl]), length, {"views": length})
+    write_unit_indexes(w.objects, w.group, seal=w.meta.packed)  # as `dump` ends
     return lengths
 
 
@@ -125,7 +127,8 @@ def read_back(url: str, target: torch.Tensor, lengths: tuple[int, ...]) -> tuple
 def store_sizes(url: str, units: int) -> dict[str, float]:
     """Logical bytes by kind (chunks, prior, markers, metadata), allocated bytes (st_blocks, directories
     included) and objects, of a local cache directory."""
-    out = {"chunks": 0, "prior": 0, "markers": 0, "metadata": 0, "allocated": 0, "objects": 0, "chunk_objects": 0}
+    out = {"chunks": 0, "prior": 0, "markers": 0, "metadata": 0, "allocated": 0, "objects": 0, "chunk_objects": 0,
+           "marker_objects": 0}
     for dirpath, _dirs, files in os.walk(url):
         out["allocated"] += os.stat(dirpath).st_blocks * 512
         for f in files:
@@ -134,8 +137,9 @@ def store_sizes(url: str, units: int) -> dict[str, float]:
             out["allocated"] += st.st_blocks * 512
             out["objects"] += 1
             rel = os.path.relpath(p, url).split(os.sep)
-            if len(rel) >= 3 and rel[1] == schema.UNITS_DIR:
+            if len(rel) >= 3 and rel[1] in (schema.UNITS_DIR, schema.UNIT_INDEX_DIR):  # completion records
                 out["markers"] += st.st_size
+                out["marker_objects"] += rel[1] == schema.UNITS_DIR
             elif len(rel) >= 3 and rel[1] == schema.TAIL_PRIOR and rel[-1] != "zarr.json":
                 out["prior"] += st.st_size
             elif rel[-1] != "zarr.json" and rel[-1] != schema.DATASET_MANIFEST_KEY and len(rel) >= 3:
@@ -229,5 +233,5 @@ def measure(setting: Setting, k: int, logits: torch.Tensor, target: torch.Tensor
             "overhead_bytes_per_view": (sz["markers"] + sz["metadata"]) / n,
             "prior_bytes": sz["prior"] / len(folds),
             "allocated_over_logical": sz["allocated"] / (logical + sz["prior"]),
-            "objects_per_unit": (sz["chunk_objects"] + sz["units"]) / sz["units"],
+            "objects_per_unit": (sz["chunk_objects"] + sz["marker_objects"]) / sz["units"],
             **fidelity(parts, temps)}

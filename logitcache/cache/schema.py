@@ -667,9 +667,18 @@ def _replay_record(d: Any) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------ unit index (one object per cached epoch)
 def unit_index_key(group: str, epoch: int) -> str:
-    """The epoch's unit index: a copy of all its finished units' markers in one object, written by the dump so a
-    reader needs one GET for an epoch instead of one per unit. Optional: without it, readers list the markers."""
+    """The epoch's unit index: all its finished units' markers in one object, written by the dump so a reader
+    needs one GET for an epoch instead of one per unit. Format 2 dumps then seal the units it lists (their
+    marker objects are deleted: the index is their only record); without an index, readers list the markers."""
     return f"{group}/{UNIT_INDEX_DIR}/e{epoch:05d}.json"
+
+
+def unit_index_epoch(key: str) -> int | None:
+    """The epoch of a unit index key (``…/unit_index/e<EEEEE>.json``), None for any other name."""
+    name = key.rsplit("/", 1)[-1]
+    if name.startswith("e") and name.endswith(".json") and name[1:-5].isdigit() and len(name) == 11:
+        return int(name[1:-5])
+    return None
 
 
 def unit_index_bytes(epoch: int, markers: list[UnitMarker]) -> bytes:

@@ -74,6 +74,26 @@ class ObjectStore:
         except FileNotFoundError:
             pass
 
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete the objects that exist among ``keys`` (object stores: batched requests)."""
+        paths = [self.path(k) for k in keys]
+        if not paths:
+            return
+        if self.is_local:
+            for p in paths:
+                try:
+                    os.remove(p)
+                except FileNotFoundError:
+                    pass
+            return
+        try:
+            self.fs.rm(paths)
+        except FileNotFoundError:  # some were gone already: one by one
+            for k in keys:
+                self.delete(k)
+        for p in paths:
+            self.fs.invalidate_cache(p)
+
     def list(self, prefix: str) -> list[str]:
         """Keys (relative to the root) of the objects directly under ``prefix``, listed afresh (object-store
         filesystems cache listings, and another process may have finished a unit since)."""
@@ -319,7 +339,8 @@ def list_groups(objects: ObjectStore) -> list[str]:
     return sorted(out)
 
 
-def read_markers(objects: ObjectStore, group: str) -> dict[tuple[int, int], UnitMarker]:
+def read_marker_objects(objects: ObjectStore, group: str) -> dict[tuple[int, int], UnitMarker]:
+    """The units that have a marker object (not those a sealed unit index certifies: `read_markers`)."""
     out = {}
     # temp files of an interrupted atomic write do not end in .json; a marker deleted since the listing is absent
     keys = [k for k in objects.list(f"{group}/{schema.UNITS_DIR}") if k.endswith(".json")]
@@ -332,12 +353,44 @@ def read_markers(objects: ObjectStore, group: str) -> dict[tuple[int, int], Unit
     return out
 
 
+def read_unit_indexes(objects: ObjectStore, group: str) -> dict[tuple[int, int], UnitMarker]:
+    """Every entry of the group's unit indexes (objects named otherwise in the folder are not indexes)."""
+    out = {}
+    for key in objects.list(f"{group}/{schema.UNIT_INDEX_DIR}"):
+        epoch = schema.unit_index_epoch(key)
+        data = None if epoch is None else objects.get(key)
+        if data is not None:
+            out.update({(epoch, s): m for s, m in _parse_index(data, epoch, key).items()})
+    return out
+
+
+def _parse_index(data: bytes, epoch: int, key: str) -> dict[int, UnitMarker]:
+    try:
+        return schema.parse_unit_index(data, epoch, where=key)
+    except CacheError as e:
+        # a sealed index is the only record of its units: it is metadata, and a repair must not guess around it
+        raise CacheMetadataError(f"{e}. Delete that object to have `dump` redo the units it listed "
+                                 "(their chunks cannot be trusted without it)") from e
+
+
+def read_markers(objects: ObjectStore, group: str) -> dict[tuple[int, int], UnitMarker]:
+    """The finished units: those with a marker object and those a unit index lists (a sealed unit's marker is
+    deleted once its index certifies it, FORMAT.md "Sealed units"). The markers are listed before the indexes
+    are read: sealing writes an index before it deletes the markers it lists, so a marker gone since the
+    listing is in an index read after it. Where both exist the marker wins (it is never older)."""
+    markers = read_marker_objects(objects, group)
+    return {**read_unit_indexes(objects, group), **markers}
+
+
 def read_marker(objects: ObjectStore, group: str, epoch: int, shard: int) -> UnitMarker | None:
-    """One unit's marker (one GET), None when the unit is unfinished."""
+    """One unit's marker (one GET; a second, of the epoch's index, when the unit has no marker object: sealed or
+    unfinished), None when the unit is unfinished."""
     key = schema.unit_marker_key(group, epoch, shard)
     data = objects.get(key, fresh=True)
     if data is None:
-        return None
+        index = schema.unit_index_key(group, epoch)
+        found = objects.get(index, fresh=True)
+        return None if found is None else _parse_index(found, epoch, index).get(shard)
     m = UnitMarker.from_bytes(data, where=key)
     if (m.epoch, m.shard) != (epoch, shard):
         raise CacheError(f"unit marker {key} says it is unit (epoch {m.epoch}, shard {m.shard}); refusing it")
@@ -346,11 +399,12 @@ def read_marker(objects: ObjectStore, group: str, epoch: int, shard: int) -> Uni
 
 def read_epoch_markers(objects: ObjectStore, group: str, epoch: int) -> dict[int, UnitMarker]:
     """shard -> marker of the finished units of cached epoch ``epoch``: from the epoch's unit index when the dump
-    wrote one (one GET), else from the markers themselves (a listing and one GET per unit of the epoch)."""
+    wrote one (one GET; units finished since are found by `read_marker`), else from the markers themselves (a
+    listing and one GET per unit of the epoch)."""
     key = schema.unit_index_key(group, epoch)
     data = objects.get(key)
     if data is not None:
-        return schema.parse_unit_index(data, epoch, where=key)
+        return _parse_index(data, epoch, key)
     prefix = f"e{epoch:05d}-"
     keys = [k for k in objects.list(f"{group}/{schema.UNITS_DIR}")
             if k.rsplit("/", 1)[-1].startswith(prefix) and k.endswith(".json")]
@@ -363,36 +417,60 @@ def read_epoch_markers(objects: ObjectStore, group: str, epoch: int) -> dict[int
     return out
 
 
-def write_unit_indexes(objects: ObjectStore, group: str) -> list[int]:
-    """Write (or rewrite when stale) every epoch's unit index from the markers, reading each back to check it;
-    returns the epochs written. One process calls this once all units it waited for are finished."""
+def write_unit_indexes(objects: ObjectStore, group: str, *, seal: bool = False) -> list[int]:
+    """Write (or rewrite when stale) every epoch's unit index from the finished units, reading each back to check
+    it; returns the epochs written. ``seal`` (format 2): then delete the marker objects the index now certifies,
+    so a unit is one stored object (its chunk) — FORMAT.md "Sealed units". One process calls this once all
+    units it waited for are finished (no other writer of the indexes runs then)."""
+    markers = read_marker_objects(objects, group)
     by_epoch: dict[int, list[UnitMarker]] = {}
-    for (e, _), m in read_markers(objects, group).items():
+    for (e, _), m in {**read_unit_indexes(objects, group), **markers}.items():
         by_epoch.setdefault(e, []).append(m)
     written = []
-    for e, markers in sorted(by_epoch.items()):
-        key, data = schema.unit_index_key(group, e), schema.unit_index_bytes(e, markers)
-        if objects.get(key) == data:
-            continue
-        objects.put(key, data)
-        back = objects.get(key)
-        if back is None or schema.parse_unit_index(back, e, where=key) != {m.shard: m for m in markers}:
-            raise CacheError(f"{objects.url}: unit index {key} did not read back as written")
-        written.append(e)
+    for e, units in sorted(by_epoch.items()):
+        key, data = schema.unit_index_key(group, e), schema.unit_index_bytes(e, units)
+        if objects.get(key) != data:
+            objects.put(key, data)
+            back = objects.get(key)
+            if back is None or schema.parse_unit_index(back, e, where=key) != {m.shard: m for m in units}:
+                raise CacheError(f"{objects.url}: unit index {key} did not read back as written")
+            written.append(e)
+        if seal:
+            objects.fsync([key])  # the index is durable before the markers it replaces go
+            objects.delete_many([schema.unit_marker_key(group, e, m.shard) for m in units
+                                 if (e, m.shard) in markers])
+    if seal and objects.is_local:  # an empty folder still takes a block; the next marker written makes it again
+        try:
+            os.rmdir(objects.path(f"{group}/{schema.UNITS_DIR}"))
+        except OSError:
+            pass  # not empty (units finished by another process since) or already gone
     return written
 
 
-def unit_index_problems(objects: ObjectStore, group: str,
-                        markers: dict[tuple[int, int], UnitMarker]) -> list[str]:
-    """Where the unit indexes disagree with the markers (`verify`): an entry for a unit without that marker,
-    or an entry that differs from its marker. An index may lack units finished after it was written."""
-    problems = []
-    for key in objects.list(f"{group}/{schema.UNIT_INDEX_DIR}"):
-        name = key.rsplit("/", 1)[-1]
-        if not (name.startswith("e") and name.endswith(".json") and name[1:-5].isdigit()):
+def unfinish_units(objects: ObjectStore, group: str, units: list[tuple[int, int]]) -> None:
+    """Make ``units`` unfinished, so a dump redoes them (`dump --repair`): first their entries leave their epochs'
+    unit indexes (rewritten without them), then their markers go. Run by one process, no dump running."""
+    for e in sorted({e for e, _ in units}):
+        key = schema.unit_index_key(group, e)
+        data = objects.get(key, fresh=True)
+        if data is None:
             continue
-        epoch = int(name[1:-5])
-        data = objects.get(key)
+        gone = {s for ue, s in units if ue == e}
+        keep = [m for s, m in _parse_index(data, e, key).items() if s not in gone]
+        objects.put(key, schema.unit_index_bytes(e, keep))
+        objects.fsync([key])
+    objects.delete_many([schema.unit_marker_key(group, e, s) for e, s in units])
+
+
+def unit_index_problems(objects: ObjectStore, group: str) -> list[str]:
+    """Where the unit indexes disagree with the marker objects (`verify`): an entry that differs from its unit's
+    marker, or an index that does not parse. An entry without a marker is a sealed unit; an index may lack units
+    finished after it was written."""
+    problems = []
+    markers = read_marker_objects(objects, group)
+    for key in objects.list(f"{group}/{schema.UNIT_INDEX_DIR}"):
+        epoch = schema.unit_index_epoch(key)
+        data = None if epoch is None else objects.get(key)
         if data is None:
             continue
         try:
@@ -401,7 +479,6 @@ def unit_index_problems(objects: ObjectStore, group: str,
             problems.append(str(e))
             continue
         for shard, m in sorted(entries.items()):
-            if markers.get((epoch, shard)) != m:
-                what = "has no marker" if (epoch, shard) not in markers else "differs from its marker"
-                problems.append(f"unit index {key}: unit (epoch {epoch}, shard {shard}) {what}")
+            if (epoch, shard) in markers and markers[(epoch, shard)] != m:
+                problems.append(f"unit index {key}: unit (epoch {epoch}, shard {shard}) differs from its marker")
     return problems

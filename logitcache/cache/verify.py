@@ -153,7 +153,7 @@ def verify_cache(url: str, group: str | None = None, *, data: str | None = None,
             problems = problems + _value_problems(rows.topk(meta), marker, meta)
         for what in problems if check_values else [p for p in problems if "chunk" in p]:
             report.add(f"unit (epoch {e}, shard {s})", what, epoch=e, shard=s)
-    for what in unit_index_problems(reader.objects, reader.group, markers):  # readers trust the index: it must agree
+    for what in unit_index_problems(reader.objects, reader.group):  # readers trust the index: it must agree
         report.add("unit index", f"{what} (a dump of this group rewrites the index)")
     if data is not None:
         data_problems = _data_problems(reader, root, data)
