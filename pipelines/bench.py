@@ -60,9 +60,15 @@ def rows_storage(r):
             continue
         target = {"format 2": "≤ 24 B, KL/NKD ≤ format 1",
                   "format 2 prior": "NKD ≤ 2% at ≤ 32 B"}.get(row["setting"], "")
+        expected = ""
+        if "expected_relerr_nkd_T1" in row:  # a sampled tail: its mean gradient over draws (bench_storage.py)
+            target = "NKD ≤ 2% at ≤ 32 B (expected)"
+            expected = (f"expected NKD grad err {row['expected_relerr_nkd_T1']:.1e} over {row['draws']} draws "
+                        f"(MC floor {row['mc_floor_nkd_T1']:.1e}); ")
         out.append(("storage", f"{row['setting']} ({row['codec']}, tail {row['tail']}), k=10, C=1000, "
                     f"{len(r['temperatures'])} temperature(s)",
                     f"KL(dense‖cache) {row['kl_T1']:.3f} nats; NKD grad err {row['grad_relerr_nkd_T1']:.1e}; "
+                    f"{expected}"
                     f"{row['objects_per_unit']:.0f} objects/unit, du/logical {row['allocated_over_logical']:.2f}",
                     f"{row['bytes_per_view']:.1f} B", target))
     for name, t in r["teachers"].items():

@@ -271,3 +271,35 @@ def test_a_coarser_rest_step_keeps_its_bound_and_is_recorded(tmp_path):
     back, reader = fidelity.read_back(url, y, lengths)
     assert reader.codec_name == "packed-q4-r2" and reader.meta.packed_codec() == coarse
     assert torch.allclose(back.log_rest, decoded_rows(coarse, tk, params, y, temps)[0].log_rest)
+
+
+
+def test_expected_gradient_separates_the_sampled_tails_noise_from_a_bias(tmp_path):
+    """`fidelity.expected_gradient` (bench_storage's expected-gradient columns): over many draws through the codec
+    the sampled tail's mean gradient approaches the dense one (error -> its Monte-Carlo floor ~ one draw /
+    sqrt(R)); the uniform tail's does not move (no noise, all bias: its one-draw error)."""
+    from logitcache.cache import fidelity
+
+    z, y = _teacher(n=16, c=30, seed=11, scale=2.5)
+    student = torch.randn(16, 30, generator=torch.Generator().manual_seed(12))
+    params, fields = _params(16), tuple(f"p{i}" for i in range(5))
+    small, big = (fidelity.measure(fidelity.sampled(4), 3, z, y, student, params, fields, (1.0,), shard_size=16,
+                                   draws=r, draw_views=16) for r in (16, 1024))
+    for name in ("nkd_T1", "dkd_T1"):
+        one = big[f"draw_relerr_{name}"]
+        assert one > 0.05  # a draw is noisy ...
+        assert big[f"mc_floor_{name}"] == pytest.approx(one / 1024**0.5, rel=0.5)
+        assert small[f"mc_floor_{name}"] > 4 * big[f"mc_floor_{name}"]
+        # ... its mean is not: the error of the mean falls with R, down to the codec's rounding (a small bias)
+        assert big[f"expected_relerr_{name}"] < 0.15 * one < small[f"expected_relerr_{name}"]
+        assert big[f"bias_relerr_{name}"] < 0.1 * one
+    uni = fidelity.measure(fidelity.FORMAT_2, 3, z, y, student, params, fields, (1.0,), shard_size=16, draws=64)
+    assert "expected_relerr_nkd_T1" not in uni  # a deterministic tail: expected error = one-draw error
+    url = str(tmp_path / "c.zarr")
+    lengths = fidelity.write_cache(url, z, y, params, fields, 3, (1.0,), fidelity.FORMAT_2, None, 16)
+    _, reader = fidelity.read_back(url, y, lengths)
+    exp = fidelity.expected_gradient(reader.meta, reader.tail, z, y, student, params, 8)
+    for name in ("nkd_T1", "dkd_T1"):  # the same codec path as the cache: the same error, no spread
+        assert exp[f"expected_relerr_{name}"] == pytest.approx(uni[f"grad_relerr_{name}"], rel=1e-6)
+        assert exp[f"draw_relerr_{name}"] == pytest.approx(uni[f"grad_relerr_{name}"], rel=1e-6)
+        assert exp[f"mc_floor_{name}"] < 1e-6 * exp[f"expected_relerr_{name}"]

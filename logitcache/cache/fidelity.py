@@ -11,7 +11,11 @@ reads them back through `CacheReader` (so every byte and every rounding is the c
   * fidelity against the dense logits: KL(dense || cache) at T = 1 (mean per view, nats), and the relative error
     ``||g_cache - g_dense|| / ||g_dense||`` of the gradient w.r.t. the student logits of KD (T = 4, when 4 is
     recorded), DKD (alpha 1, beta 0.5, T = 1) and NKD (gamma 1.5, T = 1), over all rows at once. For `sampled`
-    (unbiased but random) the error is that of ONE draw (its expectation is checked in tests/test_codecs.py).
+    (random) that is the error of ONE draw (the cache's); with ``draws`` R > 0, `expected_gradient` also
+    reports, on the first ``draw_views`` rows, the error of the MEAN gradient over R fresh draws (its bias: what
+    SGD sees when each view's draw is independent), the RMS one-draw error on those rows, and the Monte-Carlo
+    floor of the mean (its standard error, ~ one-draw noise / sqrt(R)). Deterministic tails need none of it:
+    their expected error is the one-draw error.
 
 Rows can be measured in *folds*, each written to its own cache with its own class prior: `logitcache probe`
 cross-fits the `prior` tail (the prior of each half of the views comes from the other half), so the prior is
@@ -32,8 +36,15 @@ from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
 from logitcache.cache.store import write_unit_indexes
 from logitcache.cache.writer import CacheWriter
-from logitcache.labels.codecs import PackedCodec
-from logitcache.labels.tails import PriorAccumulator, PriorTail, parse_tail, tail_from_settings, tail_settings
+from logitcache.labels.codecs import PackedCodec, decode_unit, encode_topk
+from logitcache.labels.tails import (
+    PriorAccumulator,
+    PriorTail,
+    TailRule,
+    parse_tail,
+    tail_from_settings,
+    tail_settings,
+)
 from logitcache.labels.topk import TopKLogits
 from logitcache.losses import dkd, kd, nkd
 
@@ -78,7 +89,8 @@ def sampled(m: int = 8) -> Setting:
 
 
 #: the benchmark's frontier, in order of the README table
-SETTINGS = (FORMAT_1, FORMAT_2, FORMAT_2_SMALL, FORMAT_2_PRIOR, FORMAT_2_COMPACT_PRIOR, sampled(8))
+SETTINGS = (FORMAT_1, FORMAT_2, FORMAT_2_SMALL, FORMAT_2_PRIOR, FORMAT_2_COMPACT_PRIOR, sampled(2), sampled(4),
+            sampled(8))
 
 
 # ------------------------------------------------------------------ one cache per (setting, k, fold)
@@ -176,15 +188,92 @@ def fidelity(parts: list[tuple[TopKLogits, torch.Tensor, torch.Tensor, torch.Ten
         kl_sum += float((p.exp() * (p - tk.log_probs(1.0).double())).sum(1).sum())
         n += len(dense)
     out = {"kl_T1": kl_sum / n}
-    for name in GRADIENTS:
-        if name == "kd_T4" and 4.0 not in temps:
-            continue
+    for name in _gradient_names(temps):
         err = ref = 0.0
         for tk, dense, student, target in parts:
             g_ref = _grad(name, dense.double(), student, target)
             err += float((_grad(name, tk, student, target) - g_ref).pow(2).sum())
             ref += float(g_ref.pow(2).sum())
         out[f"grad_relerr_{name}"] = (err / ref) ** 0.5 if ref > 0 else 0.0
+    return out
+
+
+def _gradient_names(temps: tuple[float, ...]) -> list[str]:
+    return [name for name in GRADIENTS if name != "kd_T4" or 4.0 in temps]
+
+
+def redrawn_rows(meta: schema.GroupMeta, rule: TailRule, logits: torch.Tensor, target: torch.Tensor,
+                 params: np.ndarray, generator: torch.Generator) -> TopKLogits:
+    """Rows of ``logits`` with fresh tail draws from ``generator``, through the path a cache takes: the writer's
+    `TopKLogits.from_logits` + `encode_topk`, the reader's `decode_unit` + `PackedUnit.topk` (only the lossless
+    chunk compression is left out)."""
+    codec = meta.packed_codec()
+    tk = TopKLogits.from_logits(logits, target, meta.k, meta.temperatures, keep_rest=True, tail=rule,
+                                generator=generator)
+    decoded = decode_unit(codec, encode_topk(codec, tk, np.asarray(params, dtype=np.int16)), meta.temperatures)
+    return schema.PackedUnit(decoded).topk(meta, target, tail=rule)
+
+
+def expected_gradient(meta: schema.GroupMeta, rule: TailRule, logits: torch.Tensor, target: torch.Tensor,
+                      student: torch.Tensor, params: np.ndarray, draws: int, *, block_rows: int = 8192,
+                      seed: int = 1) -> dict[str, float]:
+    """Per loss, over ``draws`` R independent encodings of the rows (`redrawn_rows`, seeded by ``seed``):
+    ``expected_relerr_*`` = ||mean_r g_r - g_dense|| / ||g_dense|| (bias + Monte-Carlo noise), ``draw_relerr_*``
+    = the RMS over r of ||g_r - g_dense|| / ||g_dense||, ``mc_floor_*`` = the standard error of the mean,
+    sqrt(sum_r ||g_r - mean g||^2 / (R (R - 1))) / ||g_dense||, and ``bias_relerr_*`` = sqrt(max(0,
+    expected^2 - floor^2)), the bias with the noise taken out. Draws go as many at a time as fit in
+    ``block_rows`` rows."""
+    if draws < 2:
+        raise ValueError(f"the expected gradient needs at least 2 draws, got {draws}")
+    n = len(logits)
+    names = _gradient_names(meta.temperatures)
+    ref = {name: _grad(name, logits.double(), student, target) for name in names}
+    total = {name: torch.zeros_like(ref[name]) for name in names}
+    sq = dict.fromkeys(names, 0.0)  # sum over draws of ||g_r - g_dense||^2
+    g = torch.Generator().manual_seed(seed)
+    block = max(1, block_rows // max(n, 1))
+    for start in range(0, draws, block):
+        b = min(block, draws - start)
+        rows = redrawn_rows(meta, rule, logits.repeat(b, 1), target.repeat(b), np.tile(params, (b, 1)), g)
+        for name in names:
+            # _grad sums the per-row gradients: each draw's block of n rows is one draw's gradient
+            gr = _grad(name, rows, student.repeat(b, 1), target.repeat(b)).view(b, n, -1)
+            total[name] += gr.sum(0)
+            sq[name] += float((gr - ref[name]).pow(2).sum())
+    out = {}
+    for name in names:
+        norm = float(ref[name].norm())
+        mean_err2 = float((total[name] / draws - ref[name]).pow(2).sum())
+        spread = max(sq[name] - draws * mean_err2, 0.0) / (draws - 1)  # sum_r ||g_r - mean||^2 / (R - 1)
+        floor2 = spread / draws
+        out[f"expected_relerr_{name}"] = mean_err2**0.5 / norm
+        out[f"draw_relerr_{name}"] = (sq[name] / draws) ** 0.5 / norm
+        out[f"mc_floor_{name}"] = floor2**0.5 / norm
+        out[f"bias_relerr_{name}"] = max(mean_err2 - floor2, 0.0) ** 0.5 / norm
+    return out
+
+
+def oracle_uniform(logits: torch.Tensor, target: torch.Tensor, student: torch.Tensor, k: int) -> dict[str, float]:
+    """KL and the KD (T = 4), DKD and NKD gradient errors of a cache that would store the top-k and the target
+    EXACTLY (float64, no rounding, no bytes counted) with the uniform tail: what any deterministic cache naming
+    these k classes can reach at best with this tail, whatever its codec (`bench_storage.py --oracle`)."""
+    z = logits.double()
+    known = torch.zeros_like(z, dtype=torch.bool).scatter_(1, z.topk(k, 1).indices, True)
+    known.scatter_(1, target[:, None], True)
+    n_tail = (~known).sum(1, keepdim=True).clamp(min=1)
+
+    def rebuilt(t: float) -> torch.Tensor:  # log-probabilities at t: the known ones exact, the rest uniform
+        p = torch.softmax(z / t, 1)
+        rest = p.masked_fill(known, 0.0).sum(1, keepdim=True)
+        return torch.log(torch.where(known, p, rest / n_tail).clamp(min=1e-300))
+
+    lp = torch.log_softmax(z, 1)
+    out = {"k": k, "kl_T1": float((lp.exp() * (lp - rebuilt(1.0))).sum(1).mean())}
+    for name in GRADIENTS:
+        t = 4.0 if name == "kd_T4" else 1.0
+        ref = _grad(name, z, student, target)
+        # t * log p_t: logits whose softmax at t is the rebuilt distribution
+        out[f"grad_relerr_{name}"] = float((_grad(name, t * rebuilt(t), student, target) - ref).norm() / ref.norm())
     return out
 
 
@@ -209,9 +298,11 @@ def weaker_student(dense: torch.Tensor, seed: int = 0) -> torch.Tensor:
 def measure(setting: Setting, k: int, logits: torch.Tensor, target: torch.Tensor, student: torch.Tensor,
             views: np.ndarray, fields: tuple[str, ...], temps: tuple[float, ...], *,
             folds: list[tuple[np.ndarray, PriorTail | None]] | None = None, shard_size: int = 1000,
-            **cache_kw) -> dict:
+            draws: int = 0, draw_views: int = 500, **cache_kw) -> dict:
     """One row of the frontier: ``setting`` at ``k`` over the given rows (``folds``: row subsets, each written to
-    its own cache with its own class prior; default all rows, no prior). Sizes are summed over the folds."""
+    its own cache with its own class prior; default all rows, no prior). Sizes are summed over the folds.
+    ``draws`` > 0 and a `sampled` tail: also `expected_gradient` over R = ``draws`` on the first ``draw_views``
+    rows (keys prefixed as there, plus ``draws`` and ``draw_views``)."""
     n = len(logits)
     folds = folds or [(np.arange(n), None)]
     parts, sz, codec = [], {}, ""
@@ -224,9 +315,14 @@ def measure(setting: Setting, k: int, logits: torch.Tensor, target: torch.Tensor
             tk, reader = read_back(url, target[idx], lengths)
             for key, v in store_sizes(url, len(lengths)).items():
                 sz[key] = sz.get(key, 0) + v
-            codec = reader.codec_name
+            codec, meta, rule = reader.codec_name, reader.meta, reader.tail
         parts.append((tk, logits[idx], student[idx], target[idx]))
     logical = sz["chunks"] + sz["markers"] + sz["metadata"]
+    extra = {}
+    if draws and parse_tail(setting.tail)[0] == "sampled":
+        m = min(draw_views, n)
+        extra = {"draws": draws, "draw_views": m,
+                 **expected_gradient(meta, rule, logits[:m], target[:m], student[:m], views[:m], draws)}
     return {"k": k, "setting": setting.label, "format": setting.format, "codec": codec, "tail": setting.tail,
             "views": n, "bytes_per_view": logical / n, "chunk_bytes_per_view": sz["chunks"] / n,
             "marker_bytes_per_unit": sz["markers"] / sz["units"],
@@ -234,4 +330,4 @@ def measure(setting: Setting, k: int, logits: torch.Tensor, target: torch.Tensor
             "prior_bytes": sz["prior"] / len(folds),
             "allocated_over_logical": sz["allocated"] / (logical + sz["prior"]),
             "objects_per_unit": (sz["chunk_objects"] + sz["marker_objects"]) / sz["units"],
-            **fidelity(parts, temps)}
+            **fidelity(parts, temps), **extra}
