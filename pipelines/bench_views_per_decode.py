@@ -12,7 +12,7 @@ classes, imagenet recipe at 224 px) — the teacher does not enter any figure be
    views/s and the ratio to N = 1 (target: N = 4 >= 2.0). The dump's data path (`UnitViews`, which decodes a
    shard once for all its pending epochs) is reported the same way: views/s for E = 1, 2, 4, 8 epochs per decode.
    ``--stages``: where the time goes, in CPU milliseconds: read + decode per image; per view the crop to PIL, the
-   antialiased resize, the flip, PIL to tensor, the soft-label row, and the collation of a batch.
+   antialiased resize, PIL to tensor, the flip, the soft-label row, and the collation of a batch.
 2. End to end (``--e2e``): `train` in a data-bound setting — a student far cheaper than decoding (`tiny224`: one
    8x8/8 patchify conv to 8 channels, global pool, linear; registered by this script), 224 px, batch 32, the same
    ``--workers`` for both: cached NKD with N = 4 vs plain CE with N = 1, images (views) per second of training
@@ -149,12 +149,11 @@ def stage_costs(data: str, cache: str, batch_size: int, repeats: int) -> dict[st
         ims = [im.resize((recipe.image_size,) * 2, recipe.resample) for im in ims]
         clock("resize (Pillow, antialiased)", len(views), t0)
         t0 = time.process_time()
-        ims = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else im
-               for im, (_, _, p) in zip(ims, views, strict=True)]
-        clock("flip", len(views), t0)
-        t0 = time.process_time()
         tensors = [_from_pil(im) for im in ims]
         clock("PIL to tensor", len(views), t0)
+        t0 = time.process_time()
+        tensors = [torch.flip(x, dims=(-1,)) if p.flip else x for x, (_, _, p) in zip(tensors, views, strict=True)]
+        clock("flip (tensor)", len(views), t0)
         t0 = time.process_time()
         rows = [table.row(x.offset, x.label) for x, table, _ in views]
         clock("soft-label row", len(views), t0)
