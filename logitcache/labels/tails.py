@@ -18,6 +18,10 @@ here, so the rule has one home. Selected per dump (``dump --tail NAME``) and rec
              temperature and the KD/DKD/NKD
              gradients (linear in the teacher probabilities once the target's and the known mass are fixed) are
              unbiased (Anshumann et al., ACL 2025, "Sparse Logit Sampling"). Classes not drawn get TAIL_FLOOR.
+             NKD and DKD renormalise the non-target mass of the row: with ONE recorded temperature every draw
+             weighs rest / m, the drawn mass equals the recorded rest and they stay unbiased; with several, the
+             T = 1 weights vary and the renormalisation makes them ratio estimators with an O(1/m) bias
+             (measured: `fidelity.expected_gradient`, README "Storage frontier").
 """
 
 from __future__ import annotations
