@@ -63,7 +63,7 @@ from logitcache.data.spread import spread_possible, spread_stream, spread_views,
 from logitcache.errors import BadSampleError, CacheError, CacheMismatchError, DataError
 from logitcache.labels.topk import TopKLogits
 from logitcache.views.mixing import UnitMixer, mixed_targets
-from logitcache.views.recipe import Recipe, get_recipe
+from logitcache.views.recipe import Recipe, get_recipe, view_source
 
 #: samples a worker holds back to shuffle across shard boundaries (pass shuffle_buffer= to change it)
 DEFAULT_SHUFFLE_BUFFER = 1000
@@ -470,8 +470,9 @@ class CachedViews(_Views):
 
         for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
             # skipped by the dump: no teacher row exists, and padding must never become a label
-            yield from by_sample(items(e, table, mixer.push(sample)) for e, table, mixer in units
-                                 if sample.offset not in table.skipped)
+            live = [u for u in units if sample.offset not in u[1].skipped]
+            source = view_source(sample.image, self.recipe, len(live))  # one conversion for N views
+            yield from by_sample(items(e, table, mixer.push(sample, source)) for e, table, mixer in live)
         yield from by_sample(items(e, table, mixer.finish()) for e, table, mixer in units)
 
     def _public(self, item: ReplayItem) -> tuple:
@@ -533,7 +534,8 @@ class FreshViews(_Views):
                 yield ReplayItem(v.image, soft, s.label, s.index, v.params, v.partner_label, v.lam, e)
 
         for sample in iter_shard(self.manifest, shard, skip_bad=self.skip_bad):
-            yield from by_sample(items(e, mixer.push(sample)) for e, mixer in mixers)
+            source = view_source(sample.image, self.recipe, len(mixers))  # one conversion for N views
+            yield from by_sample(items(e, mixer.push(sample, source)) for e, mixer in mixers)
         yield from by_sample(items(e, mixer.finish()) for e, mixer in mixers)
 
     def _public(self, item: ReplayItem) -> tuple:
@@ -672,7 +674,8 @@ class CachedViewsStage:
                     continue
                 raise
             s = _StageSample(offset, self.manifest.shards[shard].first_index + offset, image, label, url, sample)
-            yield from self._by_sample([(e, t, m.push(s)) for e, t, m in live])
+            source = view_source(image, self.recipe, len(live))  # one conversion for N views
+            yield from self._by_sample([(e, t, m.push(s, source)) for e, t, m in live])
         yield from self._by_sample([(e, t, m.finish()) for e, t, m in units])
         if check is not None:
             check.finish()

@@ -7,7 +7,9 @@ the uniform tail, and format 2 with the `prior` and `sampled` tails — it write
 with ImageNet-recipe view parameters and reports
   * bytes per view, everything included (chunks, markers, metadata; the `prior` tail's once-per-group matrix is
     shown separately, as it amortises over the whole dataset), the allocated bytes a local filesystem uses for
-    them (`du`), and stored objects per unit;
+    them (`du`) over the logical bytes — for the whole small cache ("alloc/log") and for the unit objects alone
+    ("units": chunks and their records, without the fixed metadata files and folders, i.e. the ratio at
+    ImageNet scale) — and stored objects per unit;
   * fidelity against the dense teacher: KL(dense || cache) at T = 1, and the relative error of the gradient
     (w.r.t. the student logits) of KD (T = 4, when recorded), DKD and NKD computed from the cache vs the dense
     logits. For `sampled` (random) the table's error is that of ONE draw (the cache's); a second line gives,
@@ -177,14 +179,16 @@ def _log2_binom(n: int, j: int) -> float:
 
 
 HEADER = (f"{'teacher':>8} {'k':>3} {'setting':<20} {'B/view':>7} {'chunks':>6} {'ovh':>5} {'prior kB':>8} "
-          f"{'alloc/log':>9} {'obj/unit':>8} {'KL T=1':>7} {'KD4 grad':>8} {'DKD grad':>8} {'NKD grad':>8}")
+          f"{'alloc/log':>9} {'units':>5} {'obj/unit':>8} {'KL T=1':>7} {'KD4 grad':>8} {'DKD grad':>8} "
+          f"{'NKD grad':>8}")
 
 
 def _fmt(r) -> str:
     nan = float("nan")
     return (f"{r['teacher']:>8} {r['k']:>3} {r['setting']:<20} {r['bytes_per_view']:7.2f} "
             f"{r['chunk_bytes_per_view']:6.2f} {r['overhead_bytes_per_view']:5.2f} {r['prior_bytes'] / 1e3:8.0f} "
-            f"{r['allocated_over_logical']:9.2f} {r['objects_per_unit']:8.1f} {r['kl_T1']:7.4f} "
+            f"{r['allocated_over_logical']:9.2f} {r['units_allocated_over_logical']:5.2f} "
+            f"{r['objects_per_unit']:8.1f} {r['kl_T1']:7.4f} "
             f"{r.get('grad_relerr_kd_T4', nan):8.4f} {r['grad_relerr_dkd_T1']:8.4f} {r['grad_relerr_nkd_T1']:8.4f}")
 
 

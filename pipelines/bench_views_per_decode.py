@@ -11,7 +11,8 @@ classes, imagenet recipe at 224 px) — the teacher does not enter any figure be
    views/s alongside. Replay: `CachedViews(views_per_decode=N)` over all 8 cached epochs (8/N passes), N = 1, 2, 4, 8;
    views/s and the ratio to N = 1 (target: N = 4 >= 2.0). The dump's data path (`UnitViews`, which decodes a
    shard once for all its pending epochs) is reported the same way: views/s for E = 1, 2, 4, 8 epochs per decode.
-   ``--stages``: where the time goes, in CPU milliseconds: read + decode per image; per view the crop to PIL, the
+   ``--stages``: where the time goes, in CPU milliseconds: read + decode per image; per view the crop to PIL (or,
+   with N >= 3 views per decode, the image to PIL once per image and a crop of it per view), the
    antialiased resize, PIL to tensor, the flip, the soft-label row, and the collation of a batch.
 2. End to end (``--e2e``): `train` in a data-bound setting — a student far cheaper than decoding (`tiny224`: one
    8x8/8 patchify conv to 8 channels, global pool, linear; registered by this script), 224 px, batch 32, the same
@@ -51,7 +52,7 @@ from logitcache.replay import CachedViews, collate
 from logitcache.train.config import TrainConfig
 from logitcache.train.loop import train
 from logitcache.views.ops.geometry import _from_pil, _to_pil
-from logitcache.views.recipe import Recipe, crop_box, get_recipe
+from logitcache.views.recipe import Recipe, crop_box, get_recipe, view_source
 
 SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (333, 500), (500, 375), (400, 300))
 CACHED_EPOCHS = 8
@@ -145,6 +146,13 @@ def stage_costs(data: str, cache: str, batch_size: int, repeats: int) -> dict[st
         ims = [_to_pil(x.image[:, t:t + h, left:left + w]) for (x, _, _), (t, left, h, w) in zip(views, boxes,
                                                                                                 strict=True)]
         clock("crop to PIL", len(views), t0)
+        t0 = time.process_time()
+        sources = {id(x): view_source(x.image, recipe, CACHED_EPOCHS) for _, x in samples}
+        clock("image to PIL once (N >= 3, per image)", len(samples), t0)
+        t0 = time.process_time()
+        for (x, _, _), (t, left, h, w) in zip(views, boxes, strict=True):
+            sources[id(x)].crop((left, t, left + w, t + h))
+        clock("crop of it (N >= 3, per view)", len(views), t0)
         t0 = time.process_time()
         ims = [im.resize((recipe.image_size,) * 2, recipe.resample) for im in ims]
         clock("resize (Pillow, antialiased)", len(views), t0)

@@ -18,7 +18,7 @@ from PIL import Image
 from logitcache.errors import RecipeError
 from logitcache.views.ops.geometry import crop_box_from_codes, normalize
 from logitcache.views.params import ViewParams
-from logitcache.views.recipe import Recipe, apply_view, crop_box, eval_view, get_recipe, sample_view
+from logitcache.views.recipe import Recipe, apply_view, crop_box, eval_view, get_recipe, sample_view, view_source
 from logitcache.views.rng import view_rng
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -288,3 +288,29 @@ def test_small_recipe_window_on_an_image_smaller_than_its_pad(top, left):
     assert out.shape == (3, 2, 2) and out.dtype == torch.uint8
     if abs(top) >= 2 or abs(left) >= 3:
         assert int(out.max()) == 0
+
+
+@pytest.mark.parametrize("name", ["imagenet@1", "imagenet@2", "deit@2", "tv-v2@2"])
+def test_views_cut_from_a_shared_source_are_the_same_bytes(name):
+    """Several views of one image (`--views-per-decode`) cut their crops from one PIL conversion of it
+    (`view_source`): every view, flipped or not, augmented or not, is byte-identical to the per-crop path."""
+    base, _, version = name.partition("@")
+    r = get_recipe(base, 32, int(version))
+    for seed, (h, w) in enumerate([(37, 53), (64, 40), (33, 33)]):
+        x = _image(h, w, seed)
+        if seed % 2:  # channels-last memory, as decoded images come
+            x = x.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        source = view_source(x, r, 4)
+        assert source is not None and source.size == (w, h)
+        for i in range(24):
+            p = sample_view(view_rng(seed, i % 4, i), h, w, r)
+            key = (seed, i % 4, i)
+            assert torch.equal(apply_view(x, p, r, key, source=source), apply_view(x, p, r, key)), (name, seed, i)
+
+
+def test_a_shared_source_only_where_it_saves_time():
+    x = _image(40, 50)
+    assert view_source(x, get_recipe("imagenet", 32), 2) is None  # two views: converting each crop is cheaper
+    assert view_source(x, get_recipe("small", 28), 8) is None  # pad + crop windows are cut from the tensor
+    with pytest.raises(RecipeError, match="uint8"):
+        view_source(x.float(), get_recipe("imagenet", 32), 4)

@@ -138,9 +138,11 @@ def read_back(url: str, target: torch.Tensor, lengths: tuple[int, ...]) -> tuple
 
 def store_sizes(url: str, units: int) -> dict[str, float]:
     """Logical bytes by kind (chunks, prior, markers, metadata), allocated bytes (st_blocks, directories
-    included) and objects, of a local cache directory."""
+    included) and objects, of a local cache directory; ``units_allocated`` / ``units_logical``: the same for the
+    objects that grow with the data (unit chunks and their records: markers, unit indexes), without the cache's
+    fixed metadata and folders — what allocated ÷ logical tends to at ImageNet scale."""
     out = {"chunks": 0, "prior": 0, "markers": 0, "metadata": 0, "allocated": 0, "objects": 0, "chunk_objects": 0,
-           "marker_objects": 0}
+           "marker_objects": 0, "units_allocated": 0, "units_logical": 0}
     for dirpath, _dirs, files in os.walk(url):
         out["allocated"] += os.stat(dirpath).st_blocks * 512
         for f in files:
@@ -154,11 +156,15 @@ def store_sizes(url: str, units: int) -> dict[str, float]:
                 out["marker_objects"] += rel[1] == schema.UNITS_DIR
             elif len(rel) >= 3 and rel[1] == schema.TAIL_PRIOR and rel[-1] != "zarr.json":
                 out["prior"] += st.st_size
+                continue
             elif rel[-1] != "zarr.json" and rel[-1] != schema.DATASET_MANIFEST_KEY and len(rel) >= 3:
                 out["chunks"] += st.st_size
                 out["chunk_objects"] += 1
             else:
                 out["metadata"] += st.st_size
+                continue
+            out["units_allocated"] += st.st_blocks * 512
+            out["units_logical"] += st.st_size
     out["units"] = units
     return out
 
@@ -330,5 +336,6 @@ def measure(setting: Setting, k: int, logits: torch.Tensor, target: torch.Tensor
             "overhead_bytes_per_view": (sz["markers"] + sz["metadata"]) / n,
             "prior_bytes": sz["prior"] / len(folds),
             "allocated_over_logical": sz["allocated"] / (logical + sz["prior"]),
+            "units_allocated_over_logical": sz["units_allocated"] / sz["units_logical"],
             "objects_per_unit": (sz["chunk_objects"] + sz["marker_objects"]) / sz["units"],
             **fidelity(parts, temps), **extra}

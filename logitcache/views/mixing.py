@@ -59,10 +59,11 @@ class UnitMixer:
         _, h, w = sample.image.shape
         return sample_view(view_rng(self.seed, self.epoch, sample.index), h, w, self.recipe).to_array()
 
-    def push(self, sample) -> list[MixedView]:
+    def push(self, sample, source=None) -> list[MixedView]:
+        """The views this sample finishes (``source``: `view_source` of its image, when several units share it)."""
         params = self._params(sample)
         base = apply_view(sample.image, self.recipe.params_from_array(params), self.recipe,
-                          key=(self.seed, self.epoch, sample.index))
+                          key=(self.seed, self.epoch, sample.index), source=source)
         if not self.recipe.mixes:
             return [MixedView(sample, base, params, sample.label, 1.0)]
         out: list[MixedView] = []

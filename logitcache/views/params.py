@@ -9,6 +9,8 @@ import numpy as np
 
 from logitcache.errors import RecipeError
 
+_INT16_MIN, _INT16_MAX = -(1 << 15), (1 << 15) - 1  # what a stored view param must fit (np.iinfo per view is slow)
+
 
 @dataclass(frozen=True)
 class ViewParams:
@@ -28,8 +30,7 @@ class ViewParams:
     def to_array(self) -> np.ndarray:
         """``[top, left, height, width, flip]`` as int16 (the cache's dtype); out-of-range values raise."""
         values = [self.top, self.left, self.height, self.width, int(self.flip)]
-        info = np.iinfo(np.int16)
-        if any(v < info.min or v > info.max for v in values):
+        if min(values) < _INT16_MIN or max(values) > _INT16_MAX:
             raise RecipeError(f"view params {self} do not fit int16 (source images up to 32767 px are supported)")
         return np.asarray(values, dtype=np.int16)
 
@@ -38,7 +39,7 @@ class ViewParams:
         a = np.asarray(arr).reshape(-1)
         if a.shape[0] != len(recipe.param_fields):
             raise RecipeError(f"expected view params {recipe.param_fields}, got {a.shape[0]} values")
-        top, left, height, width, flip = (int(v) for v in a)
+        top, left, height, width, flip = (int(v) for v in a.tolist())
         return cls(top, left, height, width, bool(flip))
 
 
@@ -60,8 +61,7 @@ class ArrayParams:
     def __post_init__(self):
         if len(self.fields) != len(self.values):
             raise RecipeError(f"expected view params {self.fields}, got {len(self.values)} values")
-        info = np.iinfo(np.int16)
-        if any(v < info.min or v > info.max for v in self.values):
+        if self.values and (min(self.values) < _INT16_MIN or max(self.values) > _INT16_MAX):
             raise RecipeError(f"view params {self} do not fit int16 (source images up to 32767 px are supported)")
 
     def get(self, *names: str) -> list[int]:
@@ -101,7 +101,7 @@ class ArrayParams:
     @classmethod
     def from_array(cls, recipe, arr) -> ArrayParams:
         a = np.asarray(arr).reshape(-1)
-        return cls(tuple(recipe.param_fields), tuple(int(v) for v in a))
+        return cls(tuple(recipe.param_fields), tuple(int(v) for v in a.tolist()))  # Python ints, in C
 
     def __str__(self) -> str:
         return "(" + ", ".join(f"{f}={v}" for f, v in zip(self.fields, self.values, strict=True)) + ")"

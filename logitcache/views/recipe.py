@@ -392,8 +392,23 @@ def crop_box(params: ViewParams | ArrayParams, recipe: Recipe, height: int, widt
         raise RecipeError(f"view {params}: {e}") from e
 
 
+#: views of one decoded image from which converting the whole image to PIL once beats converting each crop
+#: (measured, 500x375: the whole image 0.08 ms, a crop of it 0.05 ms from the tensor or 0.01 ms from PIL)
+SHARED_SOURCE_MIN_VIEWS = 3
+
+
+def view_source(image: torch.Tensor, recipe: Recipe, views: int) -> Image.Image | None:
+    """``image`` as one PIL image for `apply_view(..., source=)` when ``views`` views of it are about to be made
+    and that saves time (crop recipes, at least `SHARED_SOURCE_MIN_VIEWS` views); else None. The views are the
+    same bytes either way."""
+    if views < SHARED_SOURCE_MIN_VIEWS or recipe.name == "small":
+        return None
+    _check_image(image)
+    return _to_pil(image)
+
+
 def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Recipe,
-               key: tuple[int, int, int] | None = None) -> torch.Tensor:
+               key: tuple[int, int, int] | None = None, *, source: Image.Image | None = None) -> torch.Tensor:
     """The view ``params`` of ``image`` (uint8 (3, H, W)) as a new uint8 (3, S, S) tensor, S = image_size.
 
     imagenet: crop the box, resize to S x S (bilinear, antialiased), flip. small: take the source-sized window
@@ -403,7 +418,8 @@ def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Re
     recipes take the crop box from the stored codes and the image size, and ``key`` = the view's
     ``(cache seed, epoch, sample index)`` for the erasing noise.
     Params that do not fit the image (a replay against the wrong image) raise `RecipeError`.
-    Resized views come out as contiguous planes (a batch stacks them with a plain copy).
+    Resized views come out as contiguous planes (a batch stacks them with a plain copy). ``source``: the same
+    image already converted by `view_source` (several views of one image: its crops are cut from it).
     """
     _check_image(image)
     _, H, W = image.shape
@@ -419,7 +435,7 @@ def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Re
     S = recipe.image_size
     if not recipe.augments and tuple(x.shape[1:]) == (S, S):
         return torch.flip(x, dims=(-1,)) if params.flip else x.clone()
-    im = _to_pil(x)
+    im = _to_pil(x) if source is None or recipe.name == "small" else source.crop((l, t, l + w, t + h))
     if im.size != (S, S):
         im = im.resize((S, S), recipe.resample)
     if not recipe.augments:  # flipped as a tensor: the same bytes as PIL's transpose, in a quarter of its time
