@@ -12,7 +12,16 @@ from click.testing import CliRunner
 from logitcache.cache import fidelity
 from logitcache.cli import main
 from logitcache.models.zoo import build_model
-from logitcache.probe import NEAR_TIE, ProbeConfig, ProbeError, _complexity, collect_views, probe, recommend
+from logitcache.probe import (
+    NEAR_TIE,
+    ProbeConfig,
+    ProbeError,
+    _complexity,
+    collect_views,
+    probe,
+    recommend,
+    recommend_in_expectation,
+)
 
 C = 10
 GRADS = ("grad_relerr_kd_T4", "grad_relerr_dkd_T1", "grad_relerr_nkd_T1")
@@ -114,6 +123,7 @@ def test_the_cli_prints_the_table_and_says_when_nothing_meets_the_target(small_s
     res = CliRunner().invoke(main, [*args, "--target-grad-error", "1e-9"])
     assert res.exit_code == 0, res.output
     assert "NO setting measured meets --target-grad-error 1e-09" in res.output and "Closest: k = 3" in res.output
+    assert "NKD exp." in res.output
     res = CliRunner().invoke(main, [*args, "--target-grad-error", "10", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
@@ -129,6 +139,7 @@ def test_the_cli_prints_the_table_and_says_when_nothing_meets_the_target(small_s
     (["--teacher", "nosuchnet"], "nosuchnet"),
     (["--views", "6000000"], "more dense logits than the probe keeps"),
     (["--tail", "oracle"], "--tail: unknown tail 'oracle'"),
+    (["--draws", "1"], "--draws must be 0 (one draw only) or >= 2"),
 ])
 def test_bad_input_is_a_clear_error(small_shards, weights, extra, message):
     args = ["probe", "--teacher", "smallcnn", "--weights", weights, "--data", str(small_shards), "--recipe", "small",
@@ -163,3 +174,40 @@ def test_tail_selects_the_format_2_rules_measured(small_shards, weights):
     assert res.exit_code == 0, res.output
     assert {row["setting"] for row in json.loads(res.output)["rows"]} == {fidelity.FORMAT_1.label,
                                                                          fidelity.FORMAT_2.label}
+
+
+def test_sampled_rows_carry_their_error_in_expectation(report):
+    """The mean gradient over fresh tail draws is far closer to the dense one than one draw where the tail matters
+    (k = 1: 9 tail classes, 8 draws); deterministic rows have no such figure (theirs is the one-draw error)."""
+    for r in report["rows"]:
+        assert ("expected_relerr_nkd_T1" in r) == r["setting"].startswith("format 2 sampled"), r["setting"]
+    k1 = next(r for r in report["rows"] if r["k"] == 1 and r["setting"] == "format 2 sampled:8")
+    assert k1["draws"] == 256 and k1["draw_views"] == 24
+    assert k1["expected_relerr_nkd_T1"] < 0.5 * k1["grad_relerr_nkd_T1"], k1
+    assert 0 < k1["mc_floor_nkd_T1"] < k1["grad_relerr_nkd_T1"]
+
+
+def test_a_sampled_tail_is_offered_in_expectation_only_when_it_is_cheaper():
+    def row(setting, tail, size, err, expected=None):
+        r = {"setting": setting, "format": 2, "tail": tail, "k": 10, "ranked_bytes_per_view": size,
+             "dump_bytes_per_view": size, "prior_bytes": 0, "grad_relerr_nkd_T1": err, "kl_T1": 0.0,
+             "dump_flags": ""}
+        if expected is not None:
+            r.update(expected_relerr_nkd_T1=expected, mc_floor_nkd_T1=expected / 3, draws=256, draw_views=500)
+        return r
+
+    sampled = row("format 2 sampled:4", "sampled:4", 31.0, 0.21, expected=0.015)
+    uniform = row("format 2", "uniform", 23.5, 0.073)
+    # nothing meets 2 % per draw: the sampled tail is offered in expectation
+    assert recommend(rows := [uniform, sampled], 0.02)["recommendation"] is None
+    got = recommend_in_expectation(rows, 0.02, None)
+    assert got["setting"] == "format 2 sampled:4" and got["expected_relerr_nkd_T1"] == 0.015
+    # a cheaper deterministic setting meets the target: nothing more to offer
+    cheap = row("format 2", "uniform", 20.0, 0.01)
+    assert recommend_in_expectation([cheap, sampled], 0.02, recommend([cheap, sampled], 0.02)["recommendation"]) is None
+    # a dearer one meets it: the cheaper sampled tail is offered next to it
+    dear = row("format 2", "uniform", 40.0, 0.01)
+    rec = recommend([dear, sampled], 0.02)["recommendation"]
+    assert rec["setting"] == "format 2" and recommend_in_expectation([dear, sampled], 0.02, rec)["k"] == 10
+    # its expected error misses the target: none
+    assert recommend_in_expectation([uniform, row("s", "sampled:2", 27.0, 0.3, expected=0.05)], 0.02, None) is None
