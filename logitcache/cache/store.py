@@ -353,14 +353,21 @@ def read_marker_objects(objects: ObjectStore, group: str) -> dict[tuple[int, int
     return out
 
 
-def read_unit_indexes(objects: ObjectStore, group: str) -> dict[tuple[int, int], UnitMarker]:
-    """Every entry of the group's unit indexes (objects named otherwise in the folder are not indexes)."""
-    out = {}
+def _index_objects(objects: ObjectStore, group: str):
+    """(key, epoch, bytes) of each unit index of the group (objects named otherwise in the folder are not
+    indexes; one deleted since the listing is skipped)."""
     for key in objects.list(f"{group}/{schema.UNIT_INDEX_DIR}"):
         epoch = schema.unit_index_epoch(key)
         data = None if epoch is None else objects.get(key)
         if data is not None:
-            out.update({(epoch, s): m for s, m in _parse_index(data, epoch, key).items()})
+            yield key, epoch, data
+
+
+def read_unit_indexes(objects: ObjectStore, group: str) -> dict[tuple[int, int], UnitMarker]:
+    """Every entry of the group's unit indexes."""
+    out = {}
+    for key, epoch, data in _index_objects(objects, group):
+        out.update({(epoch, s): m for s, m in _parse_index(data, epoch, key).items()})
     return out
 
 
@@ -378,7 +385,11 @@ def read_markers(objects: ObjectStore, group: str) -> dict[tuple[int, int], Unit
     deleted once its index certifies it, FORMAT.md "Sealed units"). The markers are listed before the indexes
     are read: sealing writes an index before it deletes the markers it lists, so a marker gone since the
     listing is in an index read after it. Where both exist the marker wins (it is never older)."""
-    markers = read_marker_objects(objects, group)
+    return _finished(objects, group, read_marker_objects(objects, group))
+
+
+def _finished(objects: ObjectStore, group: str, markers: dict[tuple[int, int], UnitMarker]):
+    """The marker objects (read first) and the index entries: where a unit has both, its marker."""
     return {**read_unit_indexes(objects, group), **markers}
 
 
@@ -424,7 +435,7 @@ def write_unit_indexes(objects: ObjectStore, group: str, *, seal: bool = False) 
     units it waited for are finished (no other writer of the indexes runs then)."""
     markers = read_marker_objects(objects, group)
     by_epoch: dict[int, list[UnitMarker]] = {}
-    for (e, _), m in {**read_unit_indexes(objects, group), **markers}.items():
+    for (e, _), m in _finished(objects, group, markers).items():
         by_epoch.setdefault(e, []).append(m)
     written = []
     for e, units in sorted(by_epoch.items()):
@@ -468,11 +479,7 @@ def unit_index_problems(objects: ObjectStore, group: str) -> list[str]:
     finished after it was written."""
     problems = []
     markers = read_marker_objects(objects, group)
-    for key in objects.list(f"{group}/{schema.UNIT_INDEX_DIR}"):
-        epoch = schema.unit_index_epoch(key)
-        data = None if epoch is None else objects.get(key)
-        if data is None:
-            continue
+    for key, epoch, data in _index_objects(objects, group):
         try:
             entries = schema.parse_unit_index(data, epoch, where=key)
         except CacheError as e:
