@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
-from logitcache.cache.store import ObjectStore, load_group_meta, unfinish_units, write_unit_indexes
+from logitcache.cache.store import ZARR_JSON, ObjectStore, load_group_meta, unfinish_units, write_unit_indexes
 from logitcache.cache.verify import verify_cache
 from logitcache.cache.writer import CacheWriter
 from logitcache.data.manifest import ShardCheck, file_size, load_manifest
@@ -320,7 +320,7 @@ def dump_recipe(cfg: DumpConfig, manifest) -> Recipe:
     if _safe_group(cfg.group_name):
         objects = ObjectStore(cfg.out)
         try:
-            if objects.get(f"{cfg.group_name}/zarr.json") is not None:
+            if objects.get(f"{cfg.group_name}/zarr.json", **ZARR_JSON) is not None:
                 cached = load_group_meta(objects, cfg.group_name).recipe
         except CacheMetadataError:
             pass  # the writer refuses invalid metadata itself (and says so for --repair)

@@ -333,3 +333,40 @@ def test_scan_a_brace_pattern_of_gzipped_shards_on_s3(s3_prefix, small_shards, t
     assert [s.keys_digest for s in m.shards] == [s.keys_digest for s in local.shards]
     got = [(s.index, s.label) for i in range(len(m.shards)) for s in iter_shard(m, i)]
     assert got == [(s.index, s.label) for i in range(len(local.shards)) for s in iter_shard(local, i)]
+
+
+# ------------------------------------------------------------------ bounded reads (tests/test_hostile_sizes.py)
+def test_objects_over_their_cap_are_refused_on_s3_with_a_ranged_read(s3_prefix, s3_data, monkeypatch):
+    """On S3 a capped read is one ranged GET of cap + 1 bytes (get and the batched get_many alike): an object
+    over the cap is refused naming it, never fetched whole; an empty object (no byte 0 to range over) reads."""
+    from logitcache.data import manifest as manifest_module
+    from logitcache.data.manifest import load_manifest
+    from logitcache.errors import CacheMetadataError, ManifestError
+
+    objects = ObjectStore(s3_prefix)
+    objects.put("big.json", b"x" * 1000)
+    objects.put("small.json", b"y" * 10)
+    objects.put("empty.json", b"")
+    ends = []
+    cat_file, cat_ranges = objects.fs.cat_file, objects.fs.cat_ranges
+    monkeypatch.setattr(objects.fs, "cat_file", lambda p, start=None, end=None, **k: (
+        ends.append(end), cat_file(p, start=start, end=end, **k))[1])
+    monkeypatch.setattr(objects.fs, "cat_ranges", lambda paths, starts, e, **k: (
+        ends.append(e), cat_ranges(paths, starts, e, **k))[1])
+
+    with pytest.raises(CacheMetadataError) as err:
+        objects.get("big.json", max_bytes=100, what="test object")
+    assert "big.json" in str(err.value) and "over 100 bytes" in str(err.value) and ends == [101]
+    assert objects.get("small.json", max_bytes=100) == b"y" * 10
+    assert objects.get("empty.json", max_bytes=100) == b""
+    assert objects.get("missing.json", max_bytes=100) is None
+    assert objects.get_many(["small.json", "empty.json", "missing.json"], max_bytes=100) == {
+        "small.json": b"y" * 10, "empty.json": b""}
+    with pytest.raises(CacheMetadataError, match="big.json"):
+        objects.get_many(["small.json", "big.json"], max_bytes=100)
+    assert set(ends) == {101} and objects.get("big.json") == b"x" * 1000  # uncapped reads (chunks) unchanged
+
+    monkeypatch.setattr(manifest_module, "MAX_MANIFEST_BYTES", 100)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(s3_data)
+    assert f"{s3_data}/manifest.json" in str(err.value) and "100 bytes" in str(err.value)

@@ -35,6 +35,7 @@ import torch
 from logitcache.cache import schema
 from logitcache.cache.schema import GroupMeta, PackedUnit, RootMeta, UnitMarker, UnitRows
 from logitcache.cache.store import (
+    MANIFEST,
     ObjectStore,
     _check_group_name,
     _open_zarr_root,
@@ -204,9 +205,9 @@ class CacheReader:
         return self._open()["objects"]
 
     def manifest_json(self) -> dict[str, Any]:
-        if self.objects.get(schema.DATASET_MANIFEST_KEY) is None:
+        if self.objects.get(schema.DATASET_MANIFEST_KEY, **MANIFEST) is None:
             raise CacheMetadataError(f"{self.url} lacks {schema.DATASET_MANIFEST_KEY}")
-        d = read_json_object(self.objects, schema.DATASET_MANIFEST_KEY)
+        d = read_json_object(self.objects, schema.DATASET_MANIFEST_KEY, MANIFEST)
         if not isinstance(d, dict):
             raise CacheMetadataError(f"{self.url}: {schema.DATASET_MANIFEST_KEY} is not a JSON object")
         return d

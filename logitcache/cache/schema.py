@@ -127,6 +127,31 @@ MAX_CLASSES = (1 << 31) - 1
 MAX_CHUNK_BYTES = 1 << 31  # raw bytes of one unit's chunk of one array
 MAX_PRIOR_CLASSES = 1 << 14  # tail rule 'prior' stores C x C float32: 1 GiB at this limit (ImageNet-1k: 4 MB)
 
+# Bytes of each JSON object a reader parses, checked before it is read (`runtime.bounded.read_bounded`): derived
+# from the limits above so that every object a cache within them can hold fits, with room to spare.
+#: one shard's entry in a list of shards: 8 spaces of indent + 7 digits + ",\n" = 17 bytes in zarr's
+#: indented zarr.json (each entry is one shard index or one `shard_lengths` value < 2^21), doubled
+_SHARD_ENTRY_BYTES = 32
+#: what is not per shard: settings, normalization, recipe and provenance (its command line can be up to the
+#: 2 MiB of a Linux ARG_MAX), codecs
+_FIXED_JSON_BYTES = 4 << 20
+#: a root or group ``zarr.json`` (root: `shard_lengths`; group: its `shards`), an array's, and a run record
+#: (its `shards`): ~35 MiB (real ones: 1–2 KiB)
+MAX_METADATA_JSON_BYTES = _FIXED_JSON_BYTES + MAX_SHARDS * _SHARD_ENTRY_BYTES
+#: a unit marker: ~0.5 KiB fixed (checksums, stats, replay versions), plus its `skipped` and replay `offsets`,
+#: each at most MAX_SHARD_LEN offsets of <= 7 digits (<= 12 bytes each in the indented marker, 16 allowed)
+MAX_MARKER_BYTES = (64 << 10) + 2 * MAX_SHARD_LEN * 16
+#: an epoch's unit index: one compact marker entry per shard (~0.5 KiB in format 2, ~0.8 KiB in format 1; 2 KiB
+#: allowed) plus one unit's worth of skipped/replay offsets: ~1.9 GiB at MAX_SHARDS (ImageNet's 1,281: ~1 MiB).
+#: A dump never writes a bigger one (`store.write_unit_indexes` keeps the markers instead)
+MAX_UNIT_INDEX_BYTES = MAX_SHARDS * (2 << 10) + MAX_MARKER_BYTES
+#: class names (a manifest's, and a class-names file `shards scan` reads): ImageNet-21k's 21,841 take ~0.5 MiB
+MAX_CLASS_NAMES_BYTES = 64 << 20
+#: a dataset manifest (``manifest.json`` next to the shards and the cache's copy of it): one entry of ~0.3 KiB
+#: per shard (two sha256 digests, sizes, its name; 1 KiB allowed, i.e. names up to ~700 characters) for up to
+#: MAX_SHARDS shards, plus its class names: ~1 GiB (ImageNet's: ~0.5 MiB)
+MAX_MANIFEST_BYTES = MAX_SHARDS * (1 << 10) + MAX_CLASS_NAMES_BYTES
+
 
 def _int(d: dict, key: str, where: str, lo: int = 0, hi: int | None = None) -> int:
     if key not in d:

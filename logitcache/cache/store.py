@@ -5,7 +5,9 @@ leave the store's root), `open_zarr_root` (zarr v3 only, never consolidated meta
 ``zarr.json`` against the schema before zarr parses it (`check_array_metadata`), the root and group metadata
 read, type-checked and held to the format's limits before zarr parses them (`load_root_meta`, `load_group_meta`:
 a truncated or mistyped zarr.json is a `CacheMetadataError` naming it, a declared 10^12 rows is refused before
-anything is allocated), the per-run records of concurrent dumps, group listing and unit markers.
+anything is allocated), the per-run records of concurrent dumps, group listing and unit markers. Every JSON
+object is read with its size cap from `schema` (`ObjectStore.get`'s ``max_bytes``: `ZARR_JSON`, `RUN_RECORD`,
+`MARKER`, `UNIT_INDEX`, `MANIFEST`), so an oversized one is refused, naming it, before it is read.
 Opening a cache never executes code: metadata is JSON and only the schema's codecs are accepted."""
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from logitcache.cache import schema
 from logitcache.cache.schema import GroupMeta, RootMeta, UnitMarker
 from logitcache.errors import CacheError, CacheMetadataError
 from logitcache.runtime.atomic import write_atomic
+from logitcache.runtime.bounded import read_bounded, too_large
 
 
 # ------------------------------------------------------------------ plain objects next to the arrays
@@ -42,24 +45,49 @@ class ObjectStore:
             raise CacheError(f"unsafe object key {key!r} under {self.url}: refusing to touch it")
         return f"{self.root}/{key}" if key else self.root
 
-    def get(self, key: str, *, fresh: bool = False) -> bytes | None:
+    def get(self, key: str, *, fresh: bool = False, max_bytes: int | None = None, what: str = "metadata object"
+            ) -> bytes | None:
         """The object's bytes, None when it does not exist. ``fresh``: forget what the filesystem cached about
-        the path first (an object-store filesystem answers "not found" from a listing it cached earlier)."""
+        the path first (an object-store filesystem answers "not found" from a listing it cached earlier).
+        ``max_bytes``: a bigger object (a ``what``) is a `CacheMetadataError` naming it, raised before it is read
+        (`runtime.bounded.read_bounded`); every JSON object is read with its cap from `schema`."""
         path = self.path(key)
         if fresh:
             self.fs.invalidate_cache(path)
         try:
-            return self.fs.cat_file(path)
+            if max_bytes is None:
+                return self.fs.cat_file(path)
+            return read_bounded(self.fs, path, max_bytes, name=f"{self.url}: {key}", what=what,
+                                error=CacheMetadataError)
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+    def get_many(self, keys: list[str], *, max_bytes: int | None = None, what: str = "metadata object"
+                 ) -> dict[str, bytes]:
         """The objects that exist among ``keys``, fetched concurrently on object stores (s3fs batches the GETs:
-        one round trip per batch instead of one per object, which matters for thousands of unit markers)."""
+        one round trip per batch instead of one per object, which matters for thousands of unit markers).
+        ``max_bytes``: as `get`, each object read with one ranged GET of at most ``max_bytes + 1`` bytes."""
         paths = {self.path(k): k for k in keys}
         if not paths:
             return {}
-        got = self.fs.cat(list(paths), on_error="omit")
+        if max_bytes is not None and self.is_local:
+            out = {k: self.get(k, max_bytes=max_bytes, what=what) for k in keys}
+            return {k: v for k, v in out.items() if v is not None}
+        if max_bytes is None:
+            got = self.fs.cat(list(paths), on_error="omit")
+        else:
+            ranged = self.fs.cat_ranges(list(paths), 0, max_bytes + 1, on_error="return")
+            got = {}
+            for p, data in zip(paths, ranged, strict=True):
+                if isinstance(data, (FileNotFoundError, NotADirectoryError)):
+                    continue
+                if isinstance(data, Exception):  # e.g. an empty object's unsatisfiable range: read it alone
+                    data = self.get(paths[p], max_bytes=max_bytes, what=what)
+                    if data is None:
+                        continue
+                if len(data) > max_bytes:
+                    raise CacheMetadataError(too_large(f"{self.url}: {paths[p]}", None, max_bytes, what))
+                got[p] = data
         unexpected = sorted(set(got) - set(paths))
         if unexpected:  # a filesystem that renames paths: fail loudly rather than lose markers
             raise CacheError(f"{self.url}: the filesystem returned objects not asked for: {unexpected[:3]}")
@@ -161,7 +189,7 @@ def check_array_metadata(objects: ObjectStore, group: str, meta: GroupMeta, root
     """Every array's zarr.json passes `schema.array_metadata_problems` (`CacheMetadataError` naming it)."""
     for spec in schema.group_arrays(meta):
         key = f"{group}/{spec.name}/zarr.json"
-        if objects.get(key) is None:
+        if objects.get(key, **ZARR_JSON) is None:
             raise CacheMetadataError(f"{url}: array {group}/{spec.name} is missing ({key} not found)")
         d = read_json_object(objects, key)
         problems = schema.array_metadata_problems(spec, d, meta, root)
@@ -177,9 +205,18 @@ def _checked_arrays(zgroup, objects: ObjectStore, group: str, meta: GroupMeta, u
     return {spec.name: zgroup[spec.name] for spec in schema.group_arrays(meta)}
 
 
-def read_json_object(objects: ObjectStore, key: str) -> Any:
-    """A metadata object parsed as JSON; missing or invalid -> `CacheMetadataError` naming it."""
-    data = objects.get(key)
+#: the caps and names of the JSON objects of a cache, read with `ObjectStore.get`'s ``max_bytes`` (`schema`'s)
+ZARR_JSON = {"max_bytes": schema.MAX_METADATA_JSON_BYTES, "what": "zarr.json"}
+RUN_RECORD = {"max_bytes": schema.MAX_METADATA_JSON_BYTES, "what": "run record"}
+MARKER = {"max_bytes": schema.MAX_MARKER_BYTES, "what": "unit marker"}
+UNIT_INDEX = {"max_bytes": schema.MAX_UNIT_INDEX_BYTES, "what": "unit index"}
+MANIFEST = {"max_bytes": schema.MAX_MANIFEST_BYTES, "what": "dataset manifest"}
+
+
+def read_json_object(objects: ObjectStore, key: str, cap: dict[str, Any] | None = None) -> Any:
+    """A metadata object parsed as JSON; missing, over its ``cap`` (default `ZARR_JSON`) or invalid ->
+    `CacheMetadataError` naming it."""
+    data = objects.get(key, **(cap or ZARR_JSON))
     if data is None:
         raise CacheMetadataError(f"{objects.url}: {key} is missing")
     try:
@@ -191,7 +228,7 @@ def read_json_object(objects: ObjectStore, key: str) -> Any:
 def load_root_meta(objects: ObjectStore) -> RootMeta:
     """The root metadata, read and checked by us before zarr parses anything (types, limits, version)."""
     url = objects.url
-    if objects.get("zarr.json") is None:
+    if objects.get("zarr.json", **ZARR_JSON) is None:
         raise CacheError(f"no cache at {url} (no zarr.json: not a zarr v3 store)")
     d = read_json_object(objects, "zarr.json")
     if not isinstance(d, dict) or d.get("zarr_format") != 3 or d.get("node_type") != "group":
@@ -221,7 +258,7 @@ def load_runs(objects: ObjectStore, group: str) -> list[dict[str, Any]]:
     provenance. A malformed run object is a metadata problem (`CacheMetadataError` naming it)."""
     keys = [k for k in objects.list(f"{group}/{schema.RUNS_DIR}") if k.endswith(".json")]
     out = []
-    for key, data in sorted(objects.get_many(keys).items()):
+    for key, data in sorted(objects.get_many(keys, **RUN_RECORD).items()):
         try:
             d = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
@@ -329,7 +366,7 @@ def list_groups(objects: ObjectStore) -> list[str]:
             raise CacheError(f"{objects.url} lists an object with an unsafe name {key!r}: refusing the store")
         if key.endswith(".json") or key.startswith("."):
             continue  # the root's own JSON objects (zarr.json, dataset_manifest.json), temp files
-        if objects.get(f"{key}/zarr.json") is None:
+        if objects.get(f"{key}/zarr.json", **ZARR_JSON) is None:
             continue
         d = read_json_object(objects, f"{key}/zarr.json")
         if isinstance(d, dict) and d.get("node_type") == "group":
@@ -344,7 +381,7 @@ def read_marker_objects(objects: ObjectStore, group: str) -> dict[tuple[int, int
     out = {}
     # temp files of an interrupted atomic write do not end in .json; a marker deleted since the listing is absent
     keys = [k for k in objects.list(f"{group}/{schema.UNITS_DIR}") if k.endswith(".json")]
-    for key, data in sorted(objects.get_many(keys).items()):
+    for key, data in sorted(objects.get_many(keys, **MARKER).items()):
         m = UnitMarker.from_bytes(data, where=key)
         if schema.unit_marker_key(group, m.epoch, m.shard) != key:
             # a marker copied or edited onto another unit would certify chunks it never hashed
@@ -358,7 +395,7 @@ def _index_objects(objects: ObjectStore, group: str):
     indexes; one deleted since the listing is skipped)."""
     for key in objects.list(f"{group}/{schema.UNIT_INDEX_DIR}"):
         epoch = schema.unit_index_epoch(key)
-        data = None if epoch is None else objects.get(key)
+        data = None if epoch is None else objects.get(key, **UNIT_INDEX)
         if data is not None:
             yield key, epoch, data
 
@@ -397,10 +434,10 @@ def read_marker(objects: ObjectStore, group: str, epoch: int, shard: int) -> Uni
     """One unit's marker (one GET; a second, of the epoch's index, when the unit has no marker object: sealed or
     unfinished), None when the unit is unfinished."""
     key = schema.unit_marker_key(group, epoch, shard)
-    data = objects.get(key, fresh=True)
+    data = objects.get(key, fresh=True, **MARKER)
     if data is None:
         index = schema.unit_index_key(group, epoch)
-        found = objects.get(index, fresh=True)
+        found = objects.get(index, fresh=True, **UNIT_INDEX)
         return None if found is None else _parse_index(found, epoch, index).get(shard)
     m = UnitMarker.from_bytes(data, where=key)
     if (m.epoch, m.shard) != (epoch, shard):
@@ -413,14 +450,14 @@ def read_epoch_markers(objects: ObjectStore, group: str, epoch: int) -> dict[int
     wrote one (one GET; units finished since are found by `read_marker`), else from the markers themselves (a
     listing and one GET per unit of the epoch)."""
     key = schema.unit_index_key(group, epoch)
-    data = objects.get(key)
+    data = objects.get(key, **UNIT_INDEX)
     if data is not None:
         return _parse_index(data, epoch, key)
     prefix = f"e{epoch:05d}-"
     keys = [k for k in objects.list(f"{group}/{schema.UNITS_DIR}")
             if k.rsplit("/", 1)[-1].startswith(prefix) and k.endswith(".json")]
     out = {}
-    for k, data in sorted(objects.get_many(keys).items()):
+    for k, data in sorted(objects.get_many(keys, **MARKER).items()):
         m = UnitMarker.from_bytes(data, where=k)
         if schema.unit_marker_key(group, m.epoch, m.shard) != k:
             raise CacheError(f"unit marker {k} says it is unit (epoch {m.epoch}, shard {m.shard}); refusing it")
@@ -440,9 +477,11 @@ def write_unit_indexes(objects: ObjectStore, group: str, *, seal: bool = False) 
     written = []
     for e, units in sorted(by_epoch.items()):
         key, data = schema.unit_index_key(group, e), schema.unit_index_bytes(e, units)
-        if objects.get(key) != data:
+        if len(data) > UNIT_INDEX["max_bytes"]:
+            continue  # readers would refuse it: the epoch keeps its marker objects (read one by one), unsealed
+        if objects.get(key, **UNIT_INDEX) != data:
             objects.put(key, data)
-            back = objects.get(key)
+            back = objects.get(key, **UNIT_INDEX)
             if back is None or schema.parse_unit_index(back, e, where=key) != {m.shard: m for m in units}:
                 raise CacheError(f"{objects.url}: unit index {key} did not read back as written")
             written.append(e)
@@ -463,7 +502,7 @@ def unfinish_units(objects: ObjectStore, group: str, units: list[tuple[int, int]
     unit indexes (rewritten without them), then their markers go. Run by one process, no dump running."""
     for e in sorted({e for e, _ in units}):
         key = schema.unit_index_key(group, e)
-        data = objects.get(key, fresh=True)
+        data = objects.get(key, fresh=True, **UNIT_INDEX)
         if data is None:
             continue
         gone = {s for ue, s in units if ue == e}

@@ -25,6 +25,7 @@ from logitcache.cache import schema
 from logitcache.cache.schema import GroupMeta, PackedRows, RootMeta, UnitMarker, UnitRows
 from logitcache.cache.store import (
     CREATE_RACE_SECONDS,
+    ZARR_JSON,
     ObjectStore,
     _check_group_name,
     _GroupBeingCreated,
@@ -111,7 +112,7 @@ class CacheWriter:
     def existing_format(url: str, storage_options: dict[str, Any] | None = None) -> tuple[int, int] | None:
         """The format version of the cache at ``url``, None when there is none yet (a dump keeps it)."""
         objects = ObjectStore(url, storage_options)
-        if objects.get("zarr.json") is None:
+        if objects.get("zarr.json", **ZARR_JSON) is None:
             return None
         return load_root_meta(objects).format_version  # checked before zarr parses it
 
@@ -119,7 +120,7 @@ class CacheWriter:
     def _create_or_open(cls, url, group, meta, root, manifest_json, storage_options) -> CacheWriter:
         objects = ObjectStore(url, storage_options)
         zroot = None
-        if objects.get("zarr.json") is not None:
+        if objects.get("zarr.json", **ZARR_JSON) is not None:
             stored_root = load_root_meta(objects)  # checked before zarr parses it
             zroot = _open_zarr_root(url, storage_options, mode="r+")
         if zroot is None:
@@ -137,7 +138,7 @@ class CacheWriter:
                 f"{url} is a format {major}.x cache: its groups {'need' if major == 2 else 'cannot have'} a codec "
                 f"(format 2's packed rows); dump into a new cache to change the format"
             )
-        if objects.get(f"{group}/zarr.json") is None:
+        if objects.get(f"{group}/zarr.json", **ZARR_JSON) is None:
             g = zroot.create_group(group, attributes={schema.ATTRS_KEY: meta.to_json()})
             if meta.packed:
                 g.create_array(schema.ROWS, **schema.packed_array_kwargs(meta, load_root_meta(objects)))
@@ -146,7 +147,8 @@ class CacheWriter:
                     g.create_array(spec.name, **schema.zarr_array_kwargs(spec, meta, root))
         else:
             stored = load_group_meta(objects, group)
-            if any(objects.get(f"{group}/{spec.name}/zarr.json") is None for spec in schema.group_arrays(stored)):
+            if any(objects.get(f"{group}/{spec.name}/zarr.json", **ZARR_JSON) is None
+                   for spec in schema.group_arrays(stored)):
                 raise _GroupBeingCreated(f"{url}: group '{group}' has no arrays (yet?)")
             check_array_metadata(objects, group, stored, load_root_meta(objects), url)
             g = zroot[group]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from logitcache.errors import BadSampleError, DataError
+from logitcache.runtime.bounded import MAX_SAMPLE_JSON_BYTES, check_length
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in order of preference when a sample has several
 
@@ -145,6 +146,7 @@ def json_label(data: bytes | None, label_key: str) -> int:
     ``labels.0``) in a ``.json`` member; ValueError (with the reason) when missing or not an integer."""
     if data is None:
         raise ValueError(f"no .json member (labels are read from its {label_key!r})")
+    check_length(len(data), MAX_SAMPLE_JSON_BYTES, name="its .json member", what="sample's .json", error=ValueError)
     try:
         value = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

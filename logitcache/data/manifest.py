@@ -29,9 +29,11 @@ from typing import Any
 
 import fsspec
 
+from logitcache.cache.schema import MAX_MANIFEST_BYTES
 from logitcache.data.tar import is_pipe, open_url
 from logitcache.errors import ManifestError, ShardChangedError
 from logitcache.runtime.atomic import write_atomic
+from logitcache.runtime.bounded import check_length, read_url_bounded
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "logitcache-manifest"
@@ -210,8 +212,10 @@ class Manifest:
     def save(self, out: str | os.PathLike) -> str:
         """Write ``manifest.json`` into directory ``out`` (or to ``out`` if it ends in .json); return its URL."""
         url = manifest_url(out)
-        text = json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
-        _write_atomic(url, text.encode("utf-8"))
+        data = (json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n").encode("utf-8")
+        check_length(len(data), MAX_MANIFEST_BYTES, name=url, what="manifest (no reader would open it)",
+                     error=ManifestError)
+        _write_atomic(url, data)
         return url
 
 
@@ -256,9 +260,8 @@ def load_manifest(path_or_url: str | os.PathLike | Manifest) -> Manifest:
     if isinstance(path_or_url, Manifest):
         return path_or_url
     url = manifest_url(path_or_url)
-    try:
-        with fsspec.open(url, "rb") as f:
-            d = json.loads(f.read())
+    try:  # its size checked before it is read: `schema.MAX_MANIFEST_BYTES`
+        d = json.loads(read_url_bounded(url, MAX_MANIFEST_BYTES, what="manifest", error=ManifestError))
     except FileNotFoundError as e:
         raise ManifestError(f"{url}: no manifest here (write one with `logitcache shards scan DIR`)") from e
     except OSError as e:

@@ -27,11 +27,12 @@ from torch import nn
 
 from logitcache.data.manifest import load_manifest
 from logitcache.data.shards import ShardDataset
-from logitcache.errors import ModelError
+from logitcache.errors import LogitcacheError, ModelError, RunError
 from logitcache.eval.metrics import ClassificationMetrics, ReliabilityBins
 from logitcache.models.weights import extract_state_dict, load_checkpoint, load_state_dict_strict
 from logitcache.models.zoo import build_model, model_normalization, model_spec
 from logitcache.runtime import precision
+from logitcache.runtime.bounded import MAX_RUN_JSON_BYTES, check_length, read_url_bounded
 from logitcache.runtime.dist import PREFETCH_BATCHES, current_env, init_distributed
 from logitcache.views.ops.geometry import normalize
 from logitcache.views.recipe import Recipe, eval_view, get_recipe, resolve_recipe
@@ -159,9 +160,12 @@ def paper_units(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def checkpoint_config(obj: Any) -> dict[str, Any]:
-    """The training config stored in one of our checkpoints (a JSON string under ``config``), else ``{}``."""
+def checkpoint_config(obj: Any, where: str = "the checkpoint") -> dict[str, Any]:
+    """The training config stored in one of our checkpoints (a JSON string under ``config``), else ``{}``; one
+    over `MAX_RUN_JSON_BYTES` is refused naming ``where`` (never parsed)."""
     if isinstance(obj, dict) and isinstance(obj.get("config"), str):
+        check_length(len(obj["config"]), MAX_RUN_JSON_BYTES, name=f"{where}'s config", what="stored config",
+                     error=LogitcacheError)
         try:
             config = json.loads(obj["config"])
         except json.JSONDecodeError:
@@ -175,15 +179,15 @@ def recorded_settings(checkpoint: str | os.PathLike, obj: Any) -> dict[str, Any]
     (each may be None). ``recipe`` is the resolved recipe JSON (`Recipe.to_json`) from ``RUN/config.json`` when
     the checkpoint lies in ``RUN/checkpoints/`` (a cache-trained run records the cache's recipe only there),
     else the recipe name the checkpoint's config holds."""
-    config = checkpoint_config(obj)
+    config = checkpoint_config(obj, os.fspath(checkpoint))
     out = {"student": config.get("student"), "recipe": config.get("recipe"), "image_size": config.get("image_size")}
     path = os.fspath(checkpoint)
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path))) if "://" not in path else None
     if run_dir and os.path.basename(os.path.dirname(os.path.abspath(path))) == "checkpoints":
-        try:
-            with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-                run_config = json.load(f)
-        except (OSError, json.JSONDecodeError):
+        try:  # capped: an over-large one is a RunError naming it
+            run_config = json.loads(read_url_bounded(os.path.join(run_dir, "config.json"), MAX_RUN_JSON_BYTES,
+                                                     what="run file", error=RunError))
+        except (OSError, ValueError):
             run_config = {}
         resolved = run_config.get("resolved") if isinstance(run_config, dict) else None
         if isinstance(resolved, dict) and isinstance(resolved.get("recipe"), dict):

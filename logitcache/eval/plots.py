@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from logitcache.errors import RunError
+from logitcache.runtime.bounded import MAX_METRICS_LOG_BYTES, MAX_RUN_JSON_BYTES, read_url_bounded
 
 __all__ = ["compare_runs", "plot_reliability", "plot_run", "plot_training_curves", "read_metrics",
            "read_reliability"]
@@ -42,11 +43,9 @@ def _join(base: str | os.PathLike, name: str) -> str:
     return os.fspath(base).rstrip("/") + "/" + name
 
 
-def _read_text(url: str) -> str:
-    import fsspec
-
-    with fsspec.open(url, "rt", encoding="utf-8") as f:
-        return f.read()
+def _read_text(url: str, max_bytes: int, what: str) -> str:
+    """The file's text; one over ``max_bytes`` is a `RunError` naming it, raised before it is read."""
+    return read_url_bounded(url, max_bytes, what=what, error=RunError).decode("utf-8")
 
 
 def _save(fig, url: str) -> str:
@@ -68,7 +67,7 @@ def read_metrics(run: str | os.PathLike) -> list[dict[str, Any]]:
     """The per-epoch records of ``RUN/metrics.jsonl``, sorted by epoch; the last record of an epoch wins."""
     url = _join(run, "metrics.jsonl")
     try:
-        text = _read_text(url)
+        text = _read_text(url, MAX_METRICS_LOG_BYTES, "metrics log")
     except FileNotFoundError as e:
         raise RunError(f"{url}: no metrics log here (is {os.fspath(run)} a run directory?)") from e
     by_epoch: dict[int, dict[str, Any]] = {}
@@ -91,7 +90,7 @@ def read_reliability(run: str | os.PathLike) -> dict[str, list] | None:
     """``RUN/val_reliability.json`` (edges, confidence, accuracy, count), or None when the run has none."""
     url = _join(run, "val_reliability.json")
     try:
-        bins = json.loads(_read_text(url))
+        bins = json.loads(_read_text(url, MAX_RUN_JSON_BYTES, "reliability file"))
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as e:

@@ -21,6 +21,7 @@ from logitcache.cache.reader import CacheReader
 from logitcache.errors import LogitcacheError
 from logitcache.models.weights import load_checkpoint
 from logitcache.replay import cache_identity
+from logitcache.runtime.bounded import MAX_RUN_JSON_BYTES, check_length
 from logitcache.runtime.dist import DistEnv
 from logitcache.train.config import RESUMABLE_CHANGES, TrainConfig
 from logitcache.train.rundir import RunDir
@@ -62,6 +63,20 @@ def cache_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str
             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 
 
+def stored_json(obj: dict[str, Any], key: str, where: str) -> Any:
+    """A JSON text a checkpoint stores (``config``, ``cache``), parsed only when a string within
+    `MAX_RUN_JSON_BYTES`; otherwise a `LogitcacheError` naming the checkpoint and the entry."""
+    text = obj.get(key)
+    if not isinstance(text, str):
+        raise LogitcacheError(f"{where}: its {key!r} entry is not JSON text; not a logitcache checkpoint?")
+    check_length(len(text), MAX_RUN_JSON_BYTES, name=f"{where}: its {key!r} entry", what="checkpoint's JSON entry",
+                 error=LogitcacheError)
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise LogitcacheError(f"{where}: its {key!r} entry is not valid JSON ({e})") from None
+
+
 def resume(cfg: TrainConfig, run: RunDir, env: DistEnv, model: torch.nn.Module,
            optimizer: torch.optim.Optimizer, *, cache: CacheReader | None = None) -> ResumePoint:
     """Load ``RUN/checkpoints/last.pt`` into model and optimizer (and the RNG) when ``--resume`` asks for it.
@@ -78,13 +93,14 @@ def resume(cfg: TrainConfig, run: RunDir, env: DistEnv, model: torch.nn.Module,
     if not os.path.exists(run.last):
         return ResumePoint()
     obj = load_checkpoint(run.last)
-    saved = json.loads(obj["config"])
+    saved = stored_json(obj, "config", run.last)
     diff = [d for d in config_diff(saved, cfg) if d.split(":")[0] not in RESUMABLE_CHANGES]
     if diff:
         raise LogitcacheError(f"{run.last} was made with another configuration; refusing to resume:\n  "
                               + "\n  ".join(diff))
     if cache is not None:
-        changed = cache_changes(json.loads(obj["cache"]) if "cache" in obj else None, cache_identity(cache))
+        changed = cache_changes(stored_json(obj, "cache", run.last) if "cache" in obj else None,
+                                cache_identity(cache))
         if changed:
             raise LogitcacheError(
                 f"{run.last} was trained on cache {cfg.cache} group '{cache.group}' as it was then; the cache has "

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from logitcache.errors import RunError
 from logitcache.runtime.atomic import write_atomic
+from logitcache.runtime.bounded import MAX_METRICS_LOG_BYTES, MAX_RUN_JSON_BYTES, read_url_bounded
 
 
 # ------------------------------------------------------------------ the run directory
@@ -35,14 +37,13 @@ class RunDir:
         self.write_atomic(name, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
     def read_json(self, name: str) -> Any:
-        with open(self.file(name)) as f:
-            return json.load(f)
+        return json.loads(read_url_bounded(self.file(name), MAX_RUN_JSON_BYTES, what="run file", error=RunError))
 
     def metrics(self) -> list[dict[str, Any]]:
         if not os.path.exists(self.file("metrics.jsonl")):
             return []
-        with open(self.file("metrics.jsonl")) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        text = read_url_bounded(self.file("metrics.jsonl"), MAX_METRICS_LOG_BYTES, what="metrics log", error=RunError)
+        return [json.loads(line) for line in text.decode("utf-8").split("\n") if line.strip()]
 
     def keep_metrics_before(self, epoch: int) -> None:
         """Drop metrics lines of epochs a resumed run will redo (written after the checkpoint it resumes)."""

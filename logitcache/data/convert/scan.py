@@ -29,10 +29,12 @@ from dataclasses import dataclass
 import fsspec
 from webdataset.shardlists import expand_urls
 
+from logitcache.cache.schema import MAX_CLASS_NAMES_BYTES
 from logitcache.data.decode import sample_label
 from logitcache.data.manifest import KeysDigest, Manifest, ShardInfo, manifest_url
 from logitcache.data.tar import group_by_key, is_pipe, open_url, tar_members, tar_stream
 from logitcache.errors import DataError, ManifestError
+from logitcache.runtime.bounded import read_url_bounded
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -218,8 +220,7 @@ def read_class_names(path: str) -> list[str]:
     file with one name per line (lines that all start with a WordNet synset, as ImageNet's
     ``LOC_synset_mapping.txt`` ``n01440764 tench, Tinca tinca``, give their synsets)."""
     try:
-        with fsspec.open(path, "rt", encoding="utf-8") as f:
-            text = f.read()
+        text = read_url_bounded(path, MAX_CLASS_NAMES_BYTES, what="class-names file", error=DataError).decode("utf-8")
     except FileNotFoundError as e:
         raise DataError(f"{path}: no such class-names file") from e
     stripped = text.lstrip()
