@@ -35,7 +35,7 @@ from logitcache.cache.writer import CacheWriter
 from logitcache.data.manifest import ShardCheck, file_size, load_manifest
 from logitcache.data.shards import iter_shard
 from logitcache.errors import CacheMetadataError, LogitcacheError
-from logitcache.labels.codecs import DEFAULT_STEP_BITS, PackedCodec
+from logitcache.labels.codecs import DEFAULT_CODEC, PackedCodec, codec_settings
 from logitcache.labels.tails import UNIFORM, PriorAccumulator, SampledTail, TailRule, parse_tail, tail_settings
 from logitcache.labels.topk import TopKLogits, _normalise_temperatures
 from logitcache.runtime.dist import PREFETCH_BATCHES, DistEnv, init_distributed
@@ -74,8 +74,8 @@ class DumpConfig:
     teacher_precision: str | None = None  # None: bf16 on a GPU, fp32 elsewhere (`runtime.precision`)
     #: how the mass outside the top-k is reconstructed: uniform | prior | sampled[:M] (format 2)
     tail: str = "uniform"
-    #: format 2's value step 2^-step_bits nats (labels.codecs)
-    step_bits: int = DEFAULT_STEP_BITS
+    #: format 2's value coding, `labels.codecs.codec_name` (packed-q<B>[-knee<N>][-r<R>])
+    codec: str = DEFAULT_CODEC
     #: cache format for a new cache (an existing cache keeps its own): 2 (default) or 1
     format: int = 2
     #: tail 'prior': calibration views (epoch 0, first shards); None: 20 per class
@@ -95,6 +95,9 @@ class DumpConfig:
             raise ValueError(f"--format must be 1 or 2, got {self.format}")
         if self.format == 1 and self.tail != "uniform":
             raise ValueError("format 1 has only the uniform tail: use format 2 for --tail " + self.tail)
+        codec_settings(self.codec)  # ValueError saying the grammar
+        if self.format == 1 and self.codec != DEFAULT_CODEC:
+            raise ValueError(f"--codec {self.codec} is format 2's value coding; format 1 stores --value-dtype arrays")
         if self.teacher_precision is not None:
             check_teacher_precision(self.teacher_precision)
 
@@ -232,10 +235,10 @@ def plan(cfg: DumpConfig) -> dict[str, Any]:
     views_per_epoch = sum(manifest.shards[s].num_samples for s in shards)
 
     recipe = dump_recipe(cfg, manifest)
-    if cache_format(cfg) == 2:
-        codec = PackedCodec(cfg.topk, manifest.num_classes, len(_temps(cfg)), len(recipe.param_fields),
-                            cfg.step_bits, parse_tail(cfg.tail)[1])
-        raw = codec.n_fields * np.dtype(codec.dtype).itemsize
+    fmt, coding = cache_format(cfg), f"arrays-{cfg.value_dtype}"
+    if fmt == 2:
+        codec = packed_codec(cfg, manifest, recipe, _temps(cfg))
+        raw, coding = codec.n_fields * np.dtype(codec.dtype).itemsize, codec.name
     else:
         raw = schema.raw_bytes_per_view(
             cfg.topk, len(_temps(cfg)), len(recipe.param_fields), manifest.num_classes, cfg.value_dtype
@@ -248,6 +251,9 @@ def plan(cfg: DumpConfig) -> dict[str, Any]:
         "epochs": cfg.epochs,
         "views": views_per_epoch * cfg.epochs,
         "recipe": f"{recipe.name}@{recipe.version}",
+        "format": fmt,
+        "codec": coding,
+        "tail": cfg.tail,
         "raw_bytes_per_view": raw,
         "uncompressed_bytes_upper_bound": int(views_per_epoch * cfg.epochs * raw),
     }
@@ -347,13 +353,20 @@ def cache_format(cfg: DumpConfig) -> int:
     return existing[0] if existing is not None else cfg.format
 
 
+def packed_codec(cfg: DumpConfig, manifest, recipe, temps: tuple[float, ...]) -> PackedCodec:
+    """Format 2's codec for this dump: --codec's value coding, with the sampled tail's M."""
+    return PackedCodec(cfg.topk, manifest.num_classes, len(temps), len(recipe.param_fields),
+                       tail_samples=parse_tail(cfg.tail)[1], **codec_settings(cfg.codec))
+
+
 def group_meta(cfg: DumpConfig, manifest, recipe, teacher: Teacher, temps: tuple[float, ...]) -> schema.GroupMeta:
     """What the group records about this dump: everything that determines its bytes (`GroupMeta.settings`)."""
     packed = cache_format(cfg) == 2
     if not packed and cfg.tail != "uniform":
         raise LogitcacheError(f"{cfg.out} is a format 1 cache: it has only the uniform tail (--tail {cfg.tail})")
-    _, m = parse_tail(cfg.tail)
-    codec = PackedCodec(cfg.topk, manifest.num_classes, len(temps), len(recipe.param_fields), cfg.step_bits, m)
+    if not packed and cfg.codec != DEFAULT_CODEC:
+        raise LogitcacheError(f"{cfg.out} is a format 1 cache: --codec {cfg.codec} is format 2's value coding")
+    codec = packed_codec(cfg, manifest, recipe, temps)
     return schema.GroupMeta(
         teacher=cfg.teacher, weights=cfg.weights, weights_digest=teacher.digest, num_classes=manifest.num_classes,
         normalization=teacher.normalization, recipe=recipe.to_json(), param_fields=tuple(recipe.param_fields),

@@ -34,6 +34,7 @@ from logitcache.cache import fidelity
 from logitcache.data.manifest import load_manifest
 from logitcache.dump import UnitViews, shards_covering
 from logitcache.errors import LogitcacheError
+from logitcache.labels.codecs import DEFAULT_CODEC
 from logitcache.labels.tails import parse_tail
 from logitcache.labels.topk import _normalise_temperatures
 from logitcache.runtime.precision import check_teacher_precision
@@ -71,6 +72,8 @@ class ProbeConfig:
     draws: int = 256
     #: the tail rules measured in format 2 (`--tail`, as `dump --tail` names them); format 1 is always the reference
     tails: tuple[str, ...] = ("uniform", "prior", "sampled")
+    #: format 2's value codings measured with each tail (`--codecs`, as `dump --codec` names them)
+    codecs: tuple[str, ...] = (DEFAULT_CODEC,)
     skip_bad: bool = False
     progress: bool = False
     settings: tuple[fidelity.Setting, ...] = field(default=(), compare=False)
@@ -95,7 +98,11 @@ class ProbeConfig:
         if self.teacher_precision is not None:
             check_teacher_precision(self.teacher_precision)
         if not self.settings:
-            object.__setattr__(self, "settings", (fidelity.FORMAT_1, *map(self._format2_setting, self.tails)))
+            try:
+                format2 = [fidelity.format2(self._format2_setting(t), c) for c in self.codecs for t in self.tails]
+            except ValueError as e:
+                raise ProbeError(f"--codecs: {e}") from None
+            object.__setattr__(self, "settings", (fidelity.FORMAT_1, *format2))
 
     def _format2_setting(self, spec: str) -> fidelity.Setting:
         """Format 2 with the tail rule ``spec`` (`labels.tails.parse_tail`'s names; bare ``sampled`` takes
@@ -223,8 +230,12 @@ NEAR_TIE = 0.02
 
 
 def _complexity(r: dict) -> int:
-    """Simpler first: format 2 uniform (nothing extra), prior (a calibration pass), sampled (draws), format 1."""
-    return 3 if r["format"] == 1 else {"uniform": 0, "prior": 1}.get(r["tail"].partition(":")[0], 2)
+    """Simpler first: format 2 uniform (nothing extra), prior (a calibration pass), sampled (draws), format 1;
+    within each, the default codec before a `--codec` one."""
+    if r["format"] == 1:
+        return 6
+    tail = {"uniform": 0, "prior": 1}.get(r["tail"].partition(":")[0], 2)
+    return 2 * tail + (r.get("codec", DEFAULT_CODEC) != DEFAULT_CODEC)
 
 
 def recommend(rows: list[dict], target: float, key: str = "grad_relerr_nkd_T1") -> dict[str, Any]:

@@ -303,3 +303,17 @@ def test_expected_gradient_separates_the_sampled_tails_noise_from_a_bias(tmp_pat
         assert exp[f"expected_relerr_{name}"] == pytest.approx(uni[f"grad_relerr_{name}"], rel=1e-6)
         assert exp[f"draw_relerr_{name}"] == pytest.approx(uni[f"grad_relerr_{name}"], rel=1e-6)
         assert exp[f"mc_floor_{name}"] < 1e-6 * exp[f"expected_relerr_{name}"]
+
+
+def test_codec_names_round_trip_and_bad_names_are_refused():
+    from logitcache.labels.codecs import DEFAULT_CODEC, codec_name, codec_settings
+
+    for name in (DEFAULT_CODEC, "packed-q4-knee4", "packed-q4-knee4-r2", "packed-q14", "packed-q6-knee2.5",
+                 "packed-q3-r0"):
+        settings = codec_settings(name)
+        assert codec_name(**settings) == name
+        assert PackedCodec(10, 1000, 1, 5, **settings).name == name  # what `info` prints is what --codec takes
+    assert codec_settings(DEFAULT_CODEC) == {"step_bits": 5, "knee": 0.0, "rest_bits": None}
+    for bad in ("packed", "packed-q", "packed-q21", "packed-q4-r5", "q5", "packed-q5-knee", "packed-q5;rm"):
+        with pytest.raises(ValueError, match="codec"):
+            codec_settings(bad)

@@ -241,3 +241,23 @@ def test_same_weights_by_another_path_is_the_same_teacher(imagenet_shards, tmp_p
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "other.pt")
     with pytest.raises(CacheMismatchError, match="weights_digest"):
         dump(_cfg(imagenet_shards, out, weights="other.pt", epochs=1))
+
+
+def test_codec_flag_writes_that_coding_and_a_rerun_with_another_is_refused(imagenet_shards, tmp_path):
+    out = tmp_path / "small.zarr"
+    base = ["dump", "--data", str(imagenet_shards), "--out", str(out), *DUMP_ARGS]
+    res = CliRunner().invoke(main, [*base, "--epochs", "1", "--codec", "packed-q4-knee4"])
+    assert res.exit_code == 0, res.output
+    meta = CacheReader(str(out)).meta
+    assert meta.codec_name == "packed-q4-knee4"
+    assert (meta.codec["step_bits"], meta.codec["knee"]) == (4, 4.0)
+    res = CliRunner().invoke(main, [*base, "--epochs", "1"])  # the default coding: other bytes, refused
+    assert res.exit_code != 0 and "codec" in res.output and "Traceback" not in res.output, res.output
+    for bad, why in ((["--codec", "zstd"], "packed-q<B>"), (["--codec", "packed-q4-r6"], "-r"),
+                     (["--format", "1", "--codec", "packed-q4"], "format 2's value coding")):
+        res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "none.zarr"), "--dry-run", *bad])
+        assert res.exit_code != 0 and why in res.output and "Traceback" not in res.output, (bad, res.output)
+    res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "none.zarr"), "--dry-run", "--json",
+                                    "--codec", "packed-q4-knee4-r2"])
+    assert res.exit_code == 0 and json.loads(res.output)["codec"] == "packed-q4-knee4-r2", res.output
+    assert not (tmp_path / "none.zarr").exists()

@@ -211,3 +211,21 @@ def test_a_sampled_tail_is_offered_in_expectation_only_when_it_is_cheaper():
     assert rec["setting"] == "format 2" and recommend_in_expectation([dear, sampled], 0.02, rec)["k"] == 10
     # its expected error misses the target: none
     assert recommend_in_expectation([uniform, row("s", "sampled:2", 27.0, 0.3, expected=0.05)], 0.02, None) is None
+
+
+def test_codecs_are_measured_with_each_tail_and_recommended_with_their_dump_flags(small_shards, weights):
+    """`--codecs` adds format 2's other value codings (named as `dump --codec` takes them) to every tail rule;
+    their rows carry the flags that write them."""
+    with pytest.raises(ProbeError, match="codecs"):
+        _cfg(small_shards, weights, codecs=("packed-q4-r9",))
+    cfg = _cfg(small_shards, weights, ks=(5,), tails=("uniform", "prior"), codecs=("packed-q5", "packed-q4-knee4"),
+               draws=0)
+    out = probe(cfg)
+    rows = {r["setting"]: r for r in out["rows"]}
+    assert list(rows) == ["format 1 (fp16)", "format 2", "format 2 prior", "format 2 packed-q4-knee4",
+                          "format 2 prior packed-q4-knee4"]
+    assert rows["format 2 packed-q4-knee4"]["codec"] == "packed-q4-knee4"
+    assert rows["format 2 prior packed-q4-knee4"]["dump_flags"] == "--topk 5 --temperatures 1,4 --tail prior " \
+                                                                   "--codec packed-q4-knee4"
+    assert rows["format 2"]["dump_flags"] == "--topk 5 --temperatures 1,4"
+    assert fidelity.FORMAT_2_SMALL.dump_flags == "--codec packed-q4-knee4"

@@ -43,7 +43,7 @@ def cache(small_shards, teacher_weights, tmp_path_factory):
     out = tmp_path_factory.mktemp("train_cache") / "cache.zarr"
     dump(DumpConfig(data=str(small_shards), out=str(out), teacher="smallcnn", weights=str(teacher_weights),
                     recipe="small", epochs=2, topk=10, temperatures=(1.0, 4.0), seed=SEED, batch_size=8,
-                    progress=False, step_bits=14))  # k = C: a fine step keeps the rows exact to ~1e-4
+                    progress=False, codec="packed-q14"))  # k = C: a fine step keeps the rows exact to ~1e-4
     return out
 
 

@@ -36,7 +36,7 @@ from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
 from logitcache.cache.store import write_unit_indexes
 from logitcache.cache.writer import CacheWriter
-from logitcache.labels.codecs import PackedCodec, decode_unit, encode_topk
+from logitcache.labels.codecs import DEFAULT_CODEC, PackedCodec, codec_name, codec_settings, decode_unit, encode_topk
 from logitcache.labels.tails import (
     PriorAccumulator,
     PriorTail,
@@ -67,11 +67,12 @@ class Setting:
     @property
     def dump_flags(self) -> str | None:
         """The `logitcache dump` flags that write this setting (None: a codec setting dump does not offer)."""
-        if self.codec:
-            return None
         if self.format == 1:
             return "--format 1"
-        return "" if self.tail == "uniform" else f"--tail {self.tail}"
+        flags = [] if self.tail == "uniform" else [f"--tail {self.tail}"]
+        if self.codec:
+            flags.append(f"--codec {codec_name(**self.codec)}")
+        return " ".join(flags)
 
 
 FORMAT_1 = Setting("format 1 (fp16)", 1)
@@ -86,6 +87,13 @@ FORMAT_2_COMPACT_PRIOR = Setting("format 2 compact prior", 2, "prior",
 
 def sampled(m: int = 8) -> Setting:
     return Setting(f"format 2 sampled:{m}", 2, f"sampled:{m}")
+
+
+def format2(tail: Setting, codec: str = DEFAULT_CODEC) -> Setting:
+    """Format 2 setting ``tail`` (FORMAT_2, FORMAT_2_PRIOR, `sampled`) with `dump --codec` ``codec``."""
+    if codec == DEFAULT_CODEC:
+        return tail
+    return Setting(f"{tail.label} {codec}", 2, tail.tail, codec_settings(codec))
 
 
 #: the benchmark's frontier, in order of the README table

@@ -406,11 +406,9 @@ class UnitTable:
         if offset in self.skipped or offset >= len(self):
             raise CacheError(f"{self.where} has no row for offset {offset} (skipped when it was written)")
         o, r = slice(offset, offset + 1), self.rows
-
-        def sl(t):
-            return None if t is None else t[o]
-
         return TopKLogits._trusted(  # the unit's arrays were checked as a whole in __init__
-            r.indices[o], r.logits[o], torch.tensor([int(target)]), r.target_logprob[o], r.lse[o], r.temperatures,
-            r.num_classes, sl(r.log_rest), r.tail, sl(r.tail_indices), sl(r.tail_logprobs),
+            r.indices[o], r.logits[o], torch.full((1,), int(target)), r.target_logprob[o], r.lse[o], r.temperatures,
+            r.num_classes, None if r.log_rest is None else r.log_rest[o], r.tail,
+            None if r.tail_indices is None else r.tail_indices[o],
+            None if r.tail_logprobs is None else r.tail_logprobs[o],
         )

@@ -49,6 +49,12 @@ from logitcache.cli.options import (
 @click.option("--tail", default="uniform", show_default=True,
               help="how the mass outside the top-k is reconstructed: uniform | prior (class-conditional, 0 B/view) "
                    "| sampled[:M] (M classes with importance weights, unbiased; default M=8); format 2")
+@click.option("--codec", default=None,
+              help="format 2's value coding, as `info` names it (default packed-q5): packed-q<B>[-knee<N>][-r<R>] "
+                   "stores log-probabilities "
+                   "at 2^-B nats, those over N nats below the top-1 at 2^-(B-1), the rest field at 2^-R. "
+                   "packed-q4-knee4 is ~0.7 B/view smaller at k=10 (README 'Storage frontier'; `probe --codecs` "
+                   "measures it on your teacher)")
 @click.option("--format", "cache_format", default=2, show_default=True, type=click.IntRange(1, 2),
               help="format of a NEW cache (an existing cache keeps its own)")
 @click.option("--prior-views", default=None, type=int,
@@ -59,8 +65,8 @@ from logitcache.cli.options import (
 @json_option()
 @reports_errors
 def dump(teacher, weights, data, out, group, epochs, topk, temperatures, seed, recipe, image_size, batch_size,
-         workers, device, teacher_precision, shard_selection, value_dtype, tail, cache_format, prior_views, skip_bad,
-         repair, dry_run, as_json):
+         workers, device, teacher_precision, shard_selection, value_dtype, tail, codec, cache_format, prior_views,
+         skip_bad, repair, dry_run, as_json):
     """Run a teacher once over augmented views of --data and store its top-k logits in --out.
 
     Resumable: rerun the same command after an interruption and it finishes the unfinished units.
@@ -70,14 +76,18 @@ def dump(teacher, weights, data, out, group, epochs, topk, temperatures, seed, r
     from logitcache.dump import DumpConfig, plan
     from logitcache.dump import dump as run_dump
 
-    cfg = DumpConfig(
-        data=data, out=out, teacher=teacher, weights=weights, group=group, epochs=epochs, topk=topk,
-        temperatures=parse_temperatures(temperatures), seed=seed, recipe=recipe, image_size=image_size,
-        batch_size=batch_size, workers=resolve_workers(workers), device=device, value_dtype=value_dtype,
-        skip_bad=skip_bad, teacher_precision=teacher_precision,
-        repair=repair, shards=tuple(parse_shard_selection(shard_selection)) if shard_selection else None,
-        progress=not as_json, tail=tail, format=cache_format, prior_views=prior_views,
-    )
+    try:
+        cfg = DumpConfig(
+            data=data, out=out, teacher=teacher, weights=weights, group=group, epochs=epochs, topk=topk,
+            temperatures=parse_temperatures(temperatures), seed=seed, recipe=recipe, image_size=image_size,
+            batch_size=batch_size, workers=resolve_workers(workers), device=device, value_dtype=value_dtype,
+            skip_bad=skip_bad, teacher_precision=teacher_precision,
+            repair=repair, shards=tuple(parse_shard_selection(shard_selection)) if shard_selection else None,
+            progress=not as_json, tail=tail, format=cache_format, prior_views=prior_views,
+            **({"codec": codec} if codec else {}),
+        )
+    except ValueError as e:  # a setting out of range: the user's input, said without a traceback
+        raise click.UsageError(str(e)) from None
     if dry_run:
         p = plan(cfg)
         if as_json:

@@ -31,6 +31,9 @@ from logitcache.cli.options import (
 @click.option("--tail", "tails", default="uniform,prior,sampled", show_default=True,
               help="the tail rules to measure in format 2, comma-separated, named as for `dump --tail` "
                    "(format 1 is always measured as the reference)")
+@click.option("--codecs", default=None,
+              help="format 2's value codings to measure with each tail, comma-separated, named as for `dump --codec` "
+                   "(default packed-q5; e.g. packed-q5,packed-q4-knee4)")
 @click.option("--tail-samples", default=8, show_default=True, type=int, help="M of the sampled:M tail measured")
 @click.option("--draws", default=256, show_default=True, type=int,
               help="sampled tails: fresh tail draws whose mean gradient gives the error in expectation (0: off)")
@@ -45,7 +48,7 @@ from logitcache.cli.options import (
 @click.option("--skip-bad", is_flag=True, help="skip corrupt samples instead of stopping")
 @json_option()
 @reports_errors
-def probe(teacher, weights, data, views, ks, temperatures, target_grad_error, tails, tail_samples, draws, seed,
+def probe(teacher, weights, data, views, ks, temperatures, target_grad_error, tails, codecs, tail_samples, draws, seed,
           recipe, image_size, batch_size, workers, device, teacher_precision, shard_selection, skip_bad, as_json):
     """Run the teacher over --views views of --data and print, per k and cache setting, the top-k mass,
     KL(dense || cache), the KD/DKD/NKD gradient errors and the bytes per view; then recommend the cheapest
@@ -68,7 +71,8 @@ def probe(teacher, weights, data, views, ks, temperatures, target_grad_error, ta
                           device=device, teacher_precision=teacher_precision, views=views, ks=k_list,
                           temperatures=parse_temperatures(temperatures), target_grad_error=target_grad_error,
                           tail_samples=tail_samples, draws=draws, skip_bad=skip_bad,
-                          tails=tuple(t.strip() for t in tails.split(",") if t.strip()))
+                          tails=tuple(t.strip() for t in tails.split(",") if t.strip()),
+                          **({"codecs": tuple(c.strip() for c in codecs.split(",") if c.strip())} if codecs else {}))
     except ProbeError as e:
         raise click.UsageError(str(e)) from None
     report = run_probe(cfg)
@@ -82,19 +86,20 @@ def probe(teacher, weights, data, views, ks, temperatures, target_grad_error, ta
 def format_report(r: dict) -> list[str]:
     nan = float("nan")
     temps = ",".join(f"{t:g}" for t in r["temperatures"])
+    w = max([20, *(len(row["setting"]) for row in r["rows"])])
     lines = [
         f"probe {r['teacher']} on {r['data']}: {r['views']} epoch-0 views of shards {r['shards_probed']} "
         f"(recipe {r['recipe']['name']}, {r['recipe'].get('image_size')} px), C = {r['num_classes']}, "
         f"temperatures {temps}",
         f"teacher top-1 on the views {100 * r['teacher_top1']:.1f} %, mean top-1 probability "
         f"{r['mean_top1_prob']:.3f}",
-        f"{'k':>4} {'top-k mass':>10}  {'setting':<20} {'B/view':>7} {'prior kB':>8} {'KL T=1':>8} "
+        f"{'k':>4} {'top-k mass':>10}  {'setting':<{w}} {'B/view':>7} {'prior kB':>8} {'KL T=1':>8} "
         f"{'KD4 grad':>8} {'DKD grad':>8} {'NKD grad':>8} {'NKD exp.':>8}",
     ]
     for row in r["rows"]:
         exp = f"{100 * row['expected_relerr_nkd_T1']:7.2f}%" if "expected_relerr_nkd_T1" in row else f"{'-':>8}"
         lines.append(
-            f"{row['k']:>4} {row['mean_topk_mass']:>10.4f}  {row['setting']:<20} {row['dump_bytes_per_view']:7.2f} "
+            f"{row['k']:>4} {row['mean_topk_mass']:>10.4f}  {row['setting']:<{w}} {row['dump_bytes_per_view']:7.2f} "
             f"{row['prior_bytes'] / 1e3:8.1f} {row['kl_T1']:8.4f} {100 * row.get('grad_relerr_kd_T4', nan):7.2f}% "
             f"{100 * row['grad_relerr_dkd_T1']:7.2f}% {100 * row['grad_relerr_nkd_T1']:7.2f}% {exp}")
     lines.append("B/view: stored chunk bytes per view + one unit record per shard of views; the prior tail's "

@@ -44,6 +44,7 @@ dtype's range (at the defaults a log-probability below -2047, p < e^-2047, is st
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,32 @@ DEFAULT_STEP_BITS = 5
 #: distances below the top-1 beyond DEFAULT_KNEE nats are kept at half the precision (0: all of them)
 DEFAULT_KNEE = 0.0
 MAX_STEP_BITS = 20
+#: the codec a format-2 dump writes unless told otherwise (`dump --codec`)
+DEFAULT_CODEC = "packed-q5"
+_NAME = re.compile(r"packed-q(\d{1,2})(?:-knee(\d+(?:\.\d+)?))?(?:-r(\d{1,2}))?")
+
+
+def codec_name(step_bits: int = DEFAULT_STEP_BITS, knee: float = DEFAULT_KNEE, rest_bits: int | None = None) -> str:
+    """The name of a packed codec's value coding, as `info` prints it and `dump --codec` takes it:
+    ``packed-q<step_bits>[-knee<knee>][-r<rest_bits>]``."""
+    return (f"packed-q{step_bits}" + (f"-knee{knee:g}" if knee else "")
+            + (f"-r{rest_bits}" if rest_bits is not None else ""))
+
+
+def codec_settings(name: str) -> dict:
+    """``{"step_bits", "knee", "rest_bits"}`` of a `codec_name`; ValueError saying the grammar and the limits."""
+    m = _NAME.fullmatch(name.strip())
+    if m is None:
+        raise ValueError(f"codec {name!r}: expected packed-q<B>[-knee<N>][-r<R>], e.g. {DEFAULT_CODEC} or "
+                         f"packed-q4-knee4 (values at 2^-B nats; beyond N nats below the top-1 at half that "
+                         f"precision; the rest field at 2^-R nats)")
+    step_bits, knee, rest = int(m.group(1)), float(m.group(2) or DEFAULT_KNEE), m.group(3)
+    settings = {"step_bits": step_bits, "knee": knee, "rest_bits": None if rest is None else int(rest)}
+    if not 0 <= step_bits <= MAX_STEP_BITS:
+        raise ValueError(f"codec {name!r}: the value step's bits must be in [0, {MAX_STEP_BITS}]")
+    if settings["rest_bits"] is not None and not settings["rest_bits"] <= step_bits:
+        raise ValueError(f"codec {name!r}: the rest field's bits (-r) must be <= the value step's ({step_bits})")
+    return settings
 
 
 @dataclass(frozen=True)
@@ -84,8 +111,7 @@ class PackedCodec:
 
     @property
     def name(self) -> str:
-        return (f"packed-q{self.step_bits}" + (f"-knee{self.knee:g}" if self.knee else "")
-                + (f"-r{self.rest_bits}" if self.rest_bits is not None else ""))
+        return codec_name(self.step_bits, self.knee, self.rest_bits)
 
     def to_json(self) -> dict:
         return {"name": "packed", "step_bits": self.step_bits, "knee": self.knee, "tail_samples": self.tail_samples,

@@ -101,7 +101,7 @@ class ArrayParams:
     @classmethod
     def from_array(cls, recipe, arr) -> ArrayParams:
         a = np.asarray(arr).reshape(-1)
-        return cls(tuple(recipe.param_fields), tuple(int(v) for v in a.tolist()))  # Python ints, in C
+        return cls(recipe.param_fields, tuple(a.tolist()))  # tolist: Python ints, in C
 
     def __str__(self) -> str:
         return "(" + ", ".join(f"{f}={v}" for f, v in zip(self.fields, self.values, strict=True)) + ")"

@@ -142,7 +142,7 @@ def _to_pil(x: torch.Tensor) -> Image.Image:
 
 def _from_pil(im: Image.Image) -> torch.Tensor:
     """An RGB image -> uint8 (3, H, W) in contiguous planes (PIL packs each channel; batches stack with memcpy)."""
-    planes = bytearray(b"".join(im.tobytes("raw", c) for c in "RGB"))
+    planes = bytearray().join(im.tobytes("raw", c) for c in "RGB")  # one copy: bytearray's join
     return torch.frombuffer(planes, dtype=torch.uint8).view(3, im.height, im.width)
 
 
