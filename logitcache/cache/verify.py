@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -252,12 +252,7 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
         raise CacheError(f"--data {data} is not the data {url} was made from (fingerprints differ); "
                          "run verify --data to see which shards")
     markers = reader.markers(refresh=True)
-    candidates = [(e, s, o) for (e, s), m in sorted(markers.items()) for o in range(m.length)
-                  if o not in set(m.skipped)]
-    if not candidates:
-        raise CacheError(f"{url} group {reader.group} has no finished views to recompute")
-    rng = np.random.default_rng(seed)
-    picks = [candidates[i] for i in sorted(rng.choice(len(candidates), min(n, len(candidates)), replace=False))]
+    picks = _pick_views(markers, n, seed, f"{url} group {reader.group}")
     recipe = Recipe.from_json(meta.recipe)
     teacher_precision = teacher_precision or meta.teacher_precision
     if tolerance is None:
@@ -265,26 +260,63 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
     runner = Teacher.load(teacher, weights, meta.num_classes, recipe.image_size, device, meta.seed,
                           normalization=(meta.normalization["mean"], meta.normalization["std"]),
                           precision=teacher_precision)
-    digest = runner.digest
+    views, units = _replay_views(reader, manifest, recipe, markers, picks)
+    worst, mismatches = 0.0, []
+    with torch.inference_mode():
+        for i in range(0, len(views), 64):
+            batch = views[i:i + 64]
+            lp = torch.log_softmax(runner.logits(torch.stack([v.image for v in batch])).cpu().double(), dim=1)
+            for v, lp_v in zip(batch, lp, strict=True):
+                diff, excess = _logprob_difference(reader, units[(v.epoch, v.shard)], v, lp_v)
+                worst = max(worst, diff)
+                if excess > tolerance:
+                    mismatches.append({"epoch": v.epoch, "shard": v.shard, "offset": v.offset, "sample": v.where,
+                                       "max_abs_logprob_diff": diff})
+    if meta.packed:  # format 2's rounding is one constant: report the difference a view may show
+        tolerance += meta.packed_codec().logprob_bound
+    return {"views": len(views), "tolerance": tolerance, "max_abs_logprob_diff": worst,
+            "cache_teacher_precision": meta.teacher_precision, "teacher_precision": teacher_precision,
+            "mismatches": mismatches, "weights_digest_cache": meta.weights_digest,
+            "weights_digest_given": runner.digest, "weights_digest_equal": runner.digest == meta.weights_digest}
+
+
+class _ReplayedView(NamedTuple):
+    epoch: int
+    shard: int
+    offset: int
+    where: str  # the sample's file:key
+    label: int
+    image: torch.Tensor
+
+
+def _pick_views(markers, n: int, seed: int, what: str) -> list[tuple[int, int, int]]:
+    """``n`` finished (epoch, shard, offset) views drawn without replacement with ``seed``, in sorted order."""
+    candidates = [(e, s, o) for (e, s), m in sorted(markers.items()) for o in range(m.length)
+                  if o not in set(m.skipped)]
+    if not candidates:
+        raise CacheError(f"{what} has no finished views to recompute")
+    rng = np.random.default_rng(seed)
+    return [candidates[i] for i in sorted(rng.choice(len(candidates), min(n, len(candidates)), replace=False))]
+
+
+def _replay_views(reader: CacheReader, manifest, recipe: Recipe, markers, picks) -> tuple[list[_ReplayedView], dict]:
+    """The picked views replayed as the dump made them (stored params; for mixing recipes the stored partner of
+    the same unit, so every sample of a touched unit goes through its `UnitMixer`), and the units read."""
     wanted: dict[int, dict[int, list[int]]] = {}
     for e, s, o in picks:
         wanted.setdefault(s, {}).setdefault(o, []).append(e)
-    views, labels, where, keys = [], [], [], []
+    views: list[_ReplayedView] = []
+    units: dict[tuple[int, int], Any] = {}
     for s, offsets in sorted(wanted.items()):
         epochs = sorted({e for es in offsets.values() for e in es})
-        units = {e: reader.read_unit(e, s) for e in epochs}
-        # the dump's own path: stored params, and for mixing recipes the stored partner of the same unit
-        mixers = {e: UnitMixer(recipe, seed=meta.seed, epoch=e, shard=s, stored=units[e].view_params)
+        units.update({(e, s): reader.read_unit(e, s) for e in epochs})
+        mixers = {e: UnitMixer(recipe, seed=reader.meta.seed, epoch=e, shard=s, stored=units[(e, s)].view_params)
                   for e in epochs}
         skipped = {e: set(markers[(e, s)].skipped) for e in epochs}
 
         def keep(e, finished, s=s, offsets=offsets):
-            for v in finished:
-                if e in offsets.get(v.sample.offset, ()):
-                    views.append(v.image)
-                    labels.append(v.sample.label)
-                    where.append((e, s, v.sample.offset))
-                    keys.append(v.sample.where)
+            views.extend(_ReplayedView(e, s, v.sample.offset, v.sample.where, v.sample.label, v.image)
+                         for v in finished if e in offsets.get(v.sample.offset, ()))
 
         for sample in iter_shard(manifest, s, skip_bad=True):
             for e in epochs:
@@ -292,38 +324,22 @@ def recompute_views(url: str, group: str | None, data: str, teacher: str, weight
                     keep(e, mixers[e].push(sample))
         for e in epochs:
             keep(e, mixers[e].finish())
-    tables: dict[tuple[int, int], Any] = {}
-    worst, mismatches = 0.0, []
-    with torch.inference_mode():
-        for i in range(0, len(views), 64):
-            logits = runner.logits(torch.stack(views[i:i + 64])).cpu()
-            lp = torch.log_softmax(logits.double(), dim=1)
-            for j in range(logits.shape[0]):
-                e, s, o = where[i + j]
-                if (e, s) not in tables:
-                    tables[(e, s)] = reader.read_unit(e, s)
-                row = reader.topk_rows(tables[(e, s)], [o], [labels[i + j]])  # either format
-                idx = row.indices[0]
-                cached = row.topk_log_probs(1.0)[0].double()
-                cached_target = row.target_log_probs(1.0)[:1].double()
-                d_topk, d_target = (lp[j, idx] - cached).abs(), (lp[j, labels[i + j]] - cached_target).abs()
-                diff = max(float(d_topk.max()), float(d_target.max()))
-                if meta.packed:  # format 2: the codec's stated bound after normalising (FORMAT.md), not a mismatch
-                    bound = meta.packed_codec().logprob_bound
-                    excess = max(float((d_topk - bound).max()), float((d_target - bound).max()))
-                else:
-                    excess = max(float((d_topk - precision.storage_rounding(cached, meta.value_dtype)).max()),
-                                 float((d_target - precision.storage_rounding(cached_target, "float32")).max()))
-                worst = max(worst, diff)
-                if excess > tolerance:
-                    mismatches.append({"epoch": e, "shard": s, "offset": o, "sample": keys[i + j],
-                                       "max_abs_logprob_diff": diff})
-    if meta.packed:  # format 2's rounding is one constant: report the difference a view may show
-        tolerance += meta.packed_codec().logprob_bound
-    return {"views": len(views), "tolerance": tolerance, "max_abs_logprob_diff": worst,
-            "cache_teacher_precision": meta.teacher_precision, "teacher_precision": teacher_precision,
-            "mismatches": mismatches, "weights_digest_cache": meta.weights_digest,
-            "weights_digest_given": digest, "weights_digest_equal": digest == meta.weights_digest}
+    return views, units
+
+
+def _logprob_difference(reader: CacheReader, unit, v: _ReplayedView, lp: torch.Tensor) -> tuple[float, float]:
+    """(largest |recomputed - cached| log-probability over the view's top-k and target, the same less what the
+    storage may round: the codec's stated bound (format 2) or the stored dtype's rounding (format 1))."""
+    meta = reader.meta
+    row = reader.topk_rows(unit, [v.offset], [v.label])  # either format
+    cached, cached_target = row.topk_log_probs(1.0)[0].double(), row.target_log_probs(1.0)[:1].double()
+    d_topk, d_target = (lp[row.indices[0]] - cached).abs(), (lp[v.label] - cached_target).abs()
+    diff = max(float(d_topk.max()), float(d_target.max()))
+    if meta.packed:  # format 2: the codec's stated bound after normalising (FORMAT.md), not a mismatch
+        bound = meta.packed_codec().logprob_bound
+        return diff, max(float((d_topk - bound).max()), float((d_target - bound).max()))
+    return diff, max(float((d_topk - precision.storage_rounding(cached, meta.value_dtype)).max()),
+                     float((d_target - precision.storage_rounding(cached_target, "float32")).max()))
 
 
 _REPLAY_CHECKED: set[tuple[str, str]] = set()
