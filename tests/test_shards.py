@@ -487,3 +487,39 @@ def test_shards_written_by_webdataset_are_read(tmp_path):
     read = _all_samples(m)
     assert [s.label for s in read] == list(range(5)) and [s.key for s in read] == [f"sample{i:03d}" for i in range(5)]
     assert all(torch.equal(s.image, decode_image(j, "pil")) for s, j in zip(read, jpgs, strict=True))
+
+
+def _declare_size(path, member: int, size: int) -> None:
+    """Rewrite the header of the ``member``-th file of a plain ustar (one header block + data blocks each) to
+    declare ``size`` bytes, with a valid checksum."""
+    data = bytearray(path.read_bytes())
+    at = 0
+    for _ in range(member):
+        at += 512 + -(-int(data[at + 124:at + 135], 8) // 512) * 512
+    data[at + 124:at + 136] = (b"\x80" + size.to_bytes(11, "big")) if size >= 8**11 else b"%011o\0" % size
+    data[at + 148:at + 156] = b" " * 8
+    data[at + 148:at + 156] = b"%06o\0 " % sum(data[at:at + 512])
+    path.write_bytes(bytes(data))
+
+
+def test_a_member_declaring_a_huge_size_is_refused_without_allocating_it(tmp_path):
+    """A header's size is never trusted with memory: over `MAX_MEMBER_BYTES` it is refused before any read, and
+    below it a file holding fewer bytes is read in pieces (``read(n)`` would allocate n bytes first)."""
+    import tracemalloc
+
+    from logitcache.data.tar import MAX_MEMBER_BYTES
+
+    path = tmp_path / "x.tar"
+    _write_tar(path, [("a.jpg", b"123"), ("a.cls", b"1"), ("b.jpg", b"456")])
+    _declare_size(path, 1, 10**12)
+    with open(path, "rb") as f, pytest.raises(ShardFormatError, match=r"u:a: .*'a\.cls' declares 1000000000000 bytes"):
+        list(tar_members(f, "u"))
+    _declare_size(path, 1, MAX_MEMBER_BYTES // 2)  # allowed, but the file holds a few hundred bytes
+    tracemalloc.start()
+    try:
+        with open(path, "rb") as f, pytest.raises(ShardFormatError, match=rf"has \d+ of its {MAX_MEMBER_BYTES // 2}"):
+            list(tar_members(f, "u"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, peak

@@ -66,6 +66,9 @@ def tar_members(fileobj, url: str, *, require_end: bool = False) -> Iterator[tup
             size = pax_size if pax_size is not None and typeflag in _REGULAR else _tar_number(header[124:136])
             if size < 0:
                 raise fail(f"member size {size}")
+            if size > MAX_MEMBER_BYTES:
+                name = long_name if long_name is not None else _ustar_name(header)
+                raise fail(f"member {name!r} declares {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit")
             data = _read_exact(fileobj, size)
             padding = _read_exact(fileobj, -size % _BLOCK)
             if len(data) < size or len(padding) < -size % _BLOCK:
@@ -100,17 +103,26 @@ _ZERO_BLOCK = bytes(_BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
 
 
+#: a member larger than this is refused before it is read (a sample's image is at most `decode`'s pixel limit:
+#: 67 Mpx, ~200 MB as a raw 24-bit PNG; metadata members are tiny)
+MAX_MEMBER_BYTES = 1 << 30
+#: members are read in pieces of at most this, so memory follows the bytes a stream holds, not what a header
+#: declares (``read(n)`` allocates n bytes before it reads)
+_READ_PIECE = 1 << 24
+
+
 def _read_exact(f, n: int) -> bytes:
-    """Read n bytes, looping over short reads; fewer only at the end of the stream."""
+    """Read n bytes, looping over short reads and in pieces of at most `_READ_PIECE`; fewer only at the end of
+    the stream."""
     if n == 0:
         return b""
-    data = f.read(n)
+    data = f.read(min(n, _READ_PIECE))
     if len(data) == n or not data:
         return data
     parts = [data]
     got = len(data)
     while got < n:
-        more = f.read(n - got)
+        more = f.read(min(n - got, _READ_PIECE))
         if not more:
             break
         parts.append(more)
