@@ -219,9 +219,9 @@ def _count_object_reads(monkeypatch, log_path):
         log([key])
         return get(self, key, **kwargs)
 
-    def counted_get_many(self, keys):
+    def counted_get_many(self, keys, **kwargs):
         log(keys)
-        return get_many(self, keys)
+        return get_many(self, keys, **kwargs)
 
     def counted_list(self, prefix):
         log([f"LIST {prefix}"])

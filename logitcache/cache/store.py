@@ -54,6 +54,10 @@ class ObjectStore:
         path = self.path(key)
         if fresh:
             self.fs.invalidate_cache(path)
+        return self._read(key, path, max_bytes, what)
+
+    def _read(self, key: str, path: str, max_bytes: int | None, what: str) -> bytes | None:
+        """One object's bytes (None: absent), with `get`'s cap; `get_many` reads local objects through it too."""
         try:
             if max_bytes is None:
                 return self.fs.cat_file(path)
@@ -71,7 +75,7 @@ class ObjectStore:
         if not paths:
             return {}
         if max_bytes is not None and self.is_local:
-            out = {k: self.get(k, max_bytes=max_bytes, what=what) for k in keys}
+            out = {k: self._read(k, p, max_bytes, what) for p, k in paths.items()}
             return {k: v for k, v in out.items() if v is not None}
         if max_bytes is None:
             got = self.fs.cat(list(paths), on_error="omit")
@@ -82,7 +86,7 @@ class ObjectStore:
                 if isinstance(data, (FileNotFoundError, NotADirectoryError)):
                     continue
                 if isinstance(data, Exception):  # e.g. an empty object's unsatisfiable range: read it alone
-                    data = self.get(paths[p], max_bytes=max_bytes, what=what)
+                    data = self._read(paths[p], p, max_bytes, what)
                     if data is None:
                         continue
                 if len(data) > max_bytes:
