@@ -205,9 +205,8 @@ class CacheReader:
         return self._open()["objects"]
 
     def manifest_json(self) -> dict[str, Any]:
-        if self.objects.get(schema.DATASET_MANIFEST_KEY, **MANIFEST) is None:
-            raise CacheMetadataError(f"{self.url} lacks {schema.DATASET_MANIFEST_KEY}")
-        d = read_json_object(self.objects, schema.DATASET_MANIFEST_KEY, MANIFEST)
+        d = read_json_object(self.objects, schema.DATASET_MANIFEST_KEY, MANIFEST,
+                             missing=CacheMetadataError(f"{self.url} lacks {schema.DATASET_MANIFEST_KEY}"))
         if not isinstance(d, dict):
             raise CacheMetadataError(f"{self.url}: {schema.DATASET_MANIFEST_KEY} is not a JSON object")
         return d

@@ -193,9 +193,8 @@ def check_array_metadata(objects: ObjectStore, group: str, meta: GroupMeta, root
     """Every array's zarr.json passes `schema.array_metadata_problems` (`CacheMetadataError` naming it)."""
     for spec in schema.group_arrays(meta):
         key = f"{group}/{spec.name}/zarr.json"
-        if objects.get(key, **ZARR_JSON) is None:
-            raise CacheMetadataError(f"{url}: array {group}/{spec.name} is missing ({key} not found)")
-        d = read_json_object(objects, key)
+        d = read_json_object(objects, key, missing=CacheMetadataError(
+            f"{url}: array {group}/{spec.name} is missing ({key} not found)"))
         problems = schema.array_metadata_problems(spec, d, meta, root)
         if problems:
             raise CacheMetadataError(f"{url}: refusing array {group}/{spec.name}: " + "; ".join(problems)
@@ -217,12 +216,18 @@ UNIT_INDEX = {"max_bytes": schema.MAX_UNIT_INDEX_BYTES, "what": "unit index"}
 MANIFEST = {"max_bytes": schema.MAX_MANIFEST_BYTES, "what": "dataset manifest"}
 
 
-def read_json_object(objects: ObjectStore, key: str, cap: dict[str, Any] | None = None) -> Any:
-    """A metadata object parsed as JSON; missing, over its ``cap`` (default `ZARR_JSON`) or invalid ->
-    `CacheMetadataError` naming it."""
+def read_json_object(objects: ObjectStore, key: str, cap: dict[str, Any] | None = None, *,
+                     missing: Exception | None = None) -> Any:
+    """A metadata object parsed as JSON, in one read; over its ``cap`` (default `ZARR_JSON`) or invalid ->
+    `CacheMetadataError` naming it; missing -> ``missing`` (default a `CacheMetadataError` naming it)."""
     data = objects.get(key, **(cap or ZARR_JSON))
     if data is None:
-        raise CacheMetadataError(f"{objects.url}: {key} is missing")
+        raise missing or CacheMetadataError(f"{objects.url}: {key} is missing")
+    return parse_json_object(objects, key, data)
+
+
+def parse_json_object(objects: ObjectStore, key: str, data: bytes) -> Any:
+    """``data``, the object ``key`` already read, parsed as JSON; invalid -> `CacheMetadataError` naming it."""
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
@@ -232,9 +237,8 @@ def read_json_object(objects: ObjectStore, key: str, cap: dict[str, Any] | None 
 def load_root_meta(objects: ObjectStore) -> RootMeta:
     """The root metadata, read and checked by us before zarr parses anything (types, limits, version)."""
     url = objects.url
-    if objects.get("zarr.json", **ZARR_JSON) is None:
-        raise CacheError(f"no cache at {url} (no zarr.json: not a zarr v3 store)")
-    d = read_json_object(objects, "zarr.json")
+    d = read_json_object(objects, "zarr.json",
+                         missing=CacheError(f"no cache at {url} (no zarr.json: not a zarr v3 store)"))
     if not isinstance(d, dict) or d.get("zarr_format") != 3 or d.get("node_type") != "group":
         raise CacheMetadataError(f"{url}: zarr.json is not a zarr v3 group's metadata")
     attrs = d.get("attributes", {}).get(schema.ATTRS_KEY) if isinstance(d.get("attributes"), dict) else None
@@ -370,9 +374,10 @@ def list_groups(objects: ObjectStore) -> list[str]:
             raise CacheError(f"{objects.url} lists an object with an unsafe name {key!r}: refusing the store")
         if key.endswith(".json") or key.startswith("."):
             continue  # the root's own JSON objects (zarr.json, dataset_manifest.json), temp files
-        if objects.get(f"{key}/zarr.json", **ZARR_JSON) is None:
+        data = objects.get(f"{key}/zarr.json", **ZARR_JSON)
+        if data is None:
             continue
-        d = read_json_object(objects, f"{key}/zarr.json")
+        d = parse_json_object(objects, f"{key}/zarr.json", data)
         if isinstance(d, dict) and d.get("node_type") == "group":
             out.append(key)
         elif not isinstance(d, dict):

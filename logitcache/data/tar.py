@@ -66,13 +66,12 @@ def tar_members(fileobj, url: str, *, require_end: bool = False) -> Iterator[tup
             size = pax_size if pax_size is not None and typeflag in _REGULAR else _tar_number(header[124:136])
             if size < 0:
                 raise fail(f"member size {size}")
+            name = long_name if long_name is not None else _ustar_name(header)
             if size > MAX_MEMBER_BYTES:
-                name = long_name if long_name is not None else _ustar_name(header)
                 raise fail(f"member {name!r} declares {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit")
             data = _read_exact(fileobj, size)
             padding = _read_exact(fileobj, -size % _BLOCK)
             if len(data) < size or len(padding) < -size % _BLOCK:
-                name = long_name if long_name is not None else _ustar_name(header)
                 raise fail(f"member {name!r} has {len(data)} of its {size} bytes")
             offset += _BLOCK + size + len(padding)
             if typeflag == b"L":  # GNU long name of the next member
@@ -84,7 +83,6 @@ def tar_members(fileobj, url: str, *, require_end: bool = False) -> Iterator[tup
             elif typeflag in (b"g", b"K"):
                 pass  # PAX global header, GNU long link name: nothing a sample needs
             else:
-                name = long_name if long_name is not None else _ustar_name(header)
                 long_name, pax_size = None, None
                 if typeflag in _REGULAR:
                     check_member_name(name, url)
