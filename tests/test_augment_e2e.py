@@ -267,6 +267,7 @@ def test_two_rank_training_with_deit_sees_the_one_process_views(small_shards, tm
     (BatchNorm over one image, weights that do not move), so the epoch's mean CE and top-1 agree only if every
     view — pixels, partner and λ — is the 1-process run's."""
     from logitcache.data.manifest import load_manifest
+    from logitcache.replay import DEFAULT_STREAMS
     from logitcache.train.lockstep import planned_steps
 
     def run(out, nproc):
@@ -287,7 +288,7 @@ def test_two_rank_training_with_deit_sees_the_one_process_views(small_shards, tm
         assert [x["epoch"] for x in lines] == [0, 1]
         assert all(x["train"]["samples"] == 24 and x["train"]["samples_skipped"] == 0 and x["val"]["n"] == 24
                    for x in lines)
-        assert lines[-1]["step"] == sum(planned_steps(m, [0, 1], SEED, e, world, 1, 0) for e in (0, 1))
+        assert lines[-1]["step"] == sum(planned_steps(m, [0, 1], SEED, e, world, 1, DEFAULT_STREAMS) for e in (0, 1))
     for a, b in zip(ddp, one, strict=True):
         assert math.isclose(a["train"]["ce"], b["train"]["ce"], rel_tol=1e-5), (a["train"], b["train"])
         assert a["train"]["top1"] == b["train"]["top1"]

@@ -20,6 +20,7 @@ from logitcache.dump import DumpConfig, dump
 from logitcache.errors import LogitcacheError, TemperatureNotRecorded
 from logitcache.models.weights import load_checkpoint
 from logitcache.models.zoo import build_model
+from logitcache.replay import DEFAULT_STREAMS
 from logitcache.train.config import TrainConfig, learning_rate
 from logitcache.train.lockstep import planned_steps
 from logitcache.train.loop import KILL_AFTER_STEPS_ENV, train
@@ -290,7 +291,7 @@ def planned_steps_for(data, world, batch_size):
     from logitcache.data.manifest import load_manifest
 
     m = load_manifest(data)
-    return planned_steps(m, [0, 1, 2], SEED, 0, world, batch_size, 0)
+    return planned_steps(m, [0, 1, 2], SEED, 0, world, batch_size, DEFAULT_STREAMS)
 
 
 def test_label_smoothing_on_ce_is_the_ls_loss(small_shards, tmp_path):
