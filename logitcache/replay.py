@@ -1,22 +1,30 @@
 """Stage 2's data: replay the views a cache recorded (or draw fresh ones) and pair each with its soft labels.
 
-    shards ─► shard order from (shuffle_seed, epoch) ─► whole shards split over ranks, then DataLoader workers
+    shards ─► shard order from (shuffle_seed, epoch) ─► whole shards split over ranks, then over the rank's
+              `streams` S (or, streams=None, over its DataLoader workers)
       ─► per shard: read the unit (cached_epoch(e), shard) ONCE  (CacheReader.read_unit)
       ─► per sample:  params = unit.view_params[offset]                                  # what the dump drew
                       image  = UnitMixer(stored=params): apply_view, and for mixing recipes
                                the mix with the stored partner of the same unit          # the teacher's pixels
                       row    = the unit's TopKLogits row at `offset`                       # its soft labels
-      ─► shuffle buffer seeded by (shuffle_seed, epoch, rank, worker) ─► `collate`
+      ─► per stream: shuffle buffer seeded by (shuffle_seed, epoch, rank, stream) ─► its own batches (`collate`)
+      ─► the streams' batches round robin (stream 0 .. S-1, skipping those that ran out)
 
-The data order is a pure function of (shuffle_seed, epoch, rank count, worker count), so a resumed run sees
-the batches an uninterrupted one would. `FreshViews` is the same stage without a cache: it draws the views
-with ``sample_view(view_rng(seed, epoch, index))`` — the dump's own sampling — so online KD and teacher-free
-training see the view distribution a cache holds (the very same views when the seeds are equal).
+With ``streams=S`` (and ``batch_size``) the data order is a pure function of (shuffle_seed, epoch, rank count,
+S): `stream_batches` gives the same batches for 0 DataLoader workers or any count dividing S (worker w hosts
+streams w, w+W, ... and yields their batches in the round-robin order; PyTorch's in-order DataLoader takes one
+item from each worker in turn). ``train`` uses it (``--streams``), so a resumed run sees the batches an
+uninterrupted one would, whatever ``--workers``. Without streams (``DataLoader(views, batch_size, num_workers)``)
+each worker is a stream and the order depends on the worker count.
+
+`FreshViews` is the same stage without a cache: it draws the views with ``sample_view(view_rng(seed, epoch,
+index))`` — the dump's own sampling — so online KD and teacher-free training see the view distribution a cache
+holds (the very same views when the seeds are equal).
 
 For people with their own training loop::
 
     from torch.utils.data import DataLoader
-    from logitcache.replay import CachedViews, collate
+    from logitcache.replay import CachedViews, collate, stream_batches
     from logitcache.labels import teacher_log_probs
 
     for epoch in range(epochs):
@@ -25,6 +33,11 @@ For people with their own training loop::
             # images: uint8 (N, 3, S, S), the exact pixels the teacher saw; normalise them for your student
             # teacher: TopKLogits (N rows); teacher_log_probs(teacher, T) gives dense (N, C) log-probabilities
             ...
+
+    # the same batches whatever the worker count (0 or a divisor of streams):
+    views = CachedViews("data/train", "cache.zarr", epoch=epoch, shuffle_seed=0, batch_size=128, streams=8)
+    for images, teacher, target in stream_batches(views, num_workers=4):
+        ...
 
 Several views per decode (``views_per_decode=N``, `train --views-per-decode`): a dataset made for epoch
 ``e`` (a multiple of N) yields a *pass*: each image is decoded once and yields its views for epochs e … e+N-1
@@ -461,6 +474,8 @@ class CachedViews(_Views):
     order; an int shuffles shards per epoch and samples through a ``shuffle_buffer``-sample buffer.
     ``skip_bad``: leave out samples whose bytes do not decode. ``return_index``: yield
     ``(image, row, target, global_index)``. The reader opens lazily in each DataLoader worker.
+    ``streams`` (with ``batch_size``): yield batches, read in that many streams, in an order that does not depend
+    on the DataLoader's workers — iterate with `stream_batches` (see the module docstring).
     Mixing recipes (``deit``, ``tv-v2``): the image is the mixed view the teacher saw and ``target`` is the
     (C,) float32 mixed label ``λ·y + (1-λ)·y_partner`` (add label smoothing yourself). ``check_pixels``: before
     the first use of a cache in this process, replay the views whose pixel digest one unit's marker records and

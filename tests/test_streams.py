@@ -20,7 +20,7 @@ from logitcache.data.write import write_shards
 from logitcache.dump import DumpConfig, dump
 from logitcache.errors import LogitcacheError
 from logitcache.models.weights import load_checkpoint
-from logitcache.replay import DEFAULT_STREAMS, FreshViews, collate, round_robin, stream_batches
+from logitcache.replay import DEFAULT_STREAMS, CachedViews, FreshViews, collate, round_robin, stream_batches
 from logitcache.runtime import dist
 from logitcache.train.checkpoint import config_diff
 from logitcache.train.config import TrainConfig
@@ -178,3 +178,18 @@ def test_the_cli_documents_streams_and_refuses_workers_that_do_not_divide_them(u
                               "smallcnn", "--loss", "ce", "--recipe", "small", "--workers", "3"])
     assert out.exit_code != 0 and "3 DataLoader workers cannot share 8 streams" in out.output
     assert "Traceback" not in out.output
+
+
+def test_the_readme_streams_loop_yields_public_batches_whatever_the_workers(uneven_shards, uneven_cache):
+    """README "Your own training loop": CachedViews(..., batch_size, streams) + stream_batches give (images,
+    TopKLogits, target) batches, the same for 0 and 2 workers, every sample once."""
+    runs = []
+    for workers in (0, 2):
+        views = CachedViews(uneven_shards, uneven_cache, epoch=1, shuffle_seed=0, batch_size=16, streams=4,
+                            return_index=True)
+        runs.append(list(stream_batches(views, num_workers=workers)))
+    for (a_img, a_row, a_t, a_i), (b_img, b_row, b_t, b_i) in zip(*runs, strict=True):
+        assert torch.equal(a_img, b_img) and torch.equal(a_row.logits, b_row.logits) and torch.equal(a_i, b_i)
+        assert torch.equal(a_t, b_t)
+        assert a_img.dtype == torch.uint8 and len(a_row.logits) == len(a_t) == len(a_i) <= 16
+    assert sorted(int(i) for b in runs[0] for i in b[3]) == list(range(44))
