@@ -1,22 +1,30 @@
 """Stage 2's data: replay the views a cache recorded (or draw fresh ones) and pair each with its soft labels.
 
-    shards ─► shard order from (shuffle_seed, epoch) ─► whole shards split over ranks, then DataLoader workers
+    shards ─► shard order from (shuffle_seed, epoch) ─► whole shards split over ranks, then over the rank's
+              `streams` S (or, streams=None, over its DataLoader workers)
       ─► per shard: read the unit (cached_epoch(e), shard) ONCE  (CacheReader.read_unit)
       ─► per sample:  params = unit.view_params[offset]                                  # what the dump drew
                       image  = UnitMixer(stored=params): apply_view, and for mixing recipes
                                the mix with the stored partner of the same unit          # the teacher's pixels
                       row    = the unit's TopKLogits row at `offset`                       # its soft labels
-      ─► shuffle buffer seeded by (shuffle_seed, epoch, rank, worker) ─► `collate`
+      ─► per stream: shuffle buffer seeded by (shuffle_seed, epoch, rank, stream) ─► its own batches (`collate`)
+      ─► the streams' batches round robin (stream 0 .. S-1, skipping those that ran out)
 
-The data order is a pure function of (shuffle_seed, epoch, rank count, worker count), so a resumed run sees
-the batches an uninterrupted one would. `FreshViews` is the same stage without a cache: it draws the views
-with ``sample_view(view_rng(seed, epoch, index))`` — the dump's own sampling — so online KD and teacher-free
-training see the view distribution a cache holds (the very same views when the seeds are equal).
+With ``streams=S`` (and ``batch_size``) the data order is a pure function of (shuffle_seed, epoch, rank count,
+S): `stream_batches` gives the same batches for 0 DataLoader workers or any count dividing S (worker w hosts
+streams w, w+W, ... and yields their batches in the round-robin order; PyTorch's in-order DataLoader takes one
+item from each worker in turn). ``train`` uses it (``--streams``), so a resumed run sees the batches an
+uninterrupted one would, whatever ``--workers``. Without streams (``DataLoader(views, batch_size, num_workers)``)
+each worker is a stream and the order depends on the worker count.
+
+`FreshViews` is the same stage without a cache: it draws the views with ``sample_view(view_rng(seed, epoch,
+index))`` — the dump's own sampling — so online KD and teacher-free training see the view distribution a cache
+holds (the very same views when the seeds are equal).
 
 For people with their own training loop::
 
     from torch.utils.data import DataLoader
-    from logitcache.replay import CachedViews, collate
+    from logitcache.replay import CachedViews, collate, stream_batches
     from logitcache.labels import teacher_log_probs
 
     for epoch in range(epochs):
@@ -25,6 +33,11 @@ For people with their own training loop::
             # images: uint8 (N, 3, S, S), the exact pixels the teacher saw; normalise them for your student
             # teacher: TopKLogits (N rows); teacher_log_probs(teacher, T) gives dense (N, C) log-probabilities
             ...
+
+    # the same batches whatever the worker count (0 or a divisor of streams):
+    views = CachedViews("data/train", "cache.zarr", epoch=epoch, shuffle_seed=0, batch_size=128, streams=8)
+    for images, teacher, target in stream_batches(views, num_workers=4):
+        ...
 
 Several views per decode (``views_per_decode=N``, `train --views-per-decode`): a dataset made for epoch
 ``e`` (a multiple of N) yields a *pass*: each image is decoded once and yields its views for epochs e … e+N-1
@@ -65,8 +78,11 @@ from logitcache.labels.topk import TopKLogits
 from logitcache.views.mixing import UnitMixer, mixed_targets
 from logitcache.views.recipe import Recipe, get_recipe, view_source
 
-#: samples a worker holds back to shuffle across shard boundaries (pass shuffle_buffer= to change it)
+#: samples a stream (a DataLoader worker without ``streams``) holds back to shuffle across shard boundaries
 DEFAULT_SHUFFLE_BUFFER = 1000
+#: `train --streams` default: the data order's readers per rank; DataLoader worker counts dividing it (0, 1, 2, 4,
+#: 8 — the ``--workers`` defaults up to 8 cores per process) give the same order
+DEFAULT_STREAMS = 8
 
 
 class ReplayItem(NamedTuple):
@@ -107,6 +123,45 @@ def _collate_column(col: list) -> Any:
     if isinstance(first, np.ndarray):
         return torch.from_numpy(np.stack(col))
     return torch.tensor(col)
+
+
+# ------------------------------------------------------------------ streams: an order independent of the workers
+def check_workers(num_workers: int, streams: int) -> None:
+    """Refuse (ValueError) a worker count that does not divide the stream count: each DataLoader worker hosts
+    whole streams (w, w+W, ...), which is what keeps the batch order the same for every such count."""
+    if num_workers > 1 and streams % num_workers:
+        ok = [d for d in range(1, streams + 1) if streams % d == 0]
+        raise ValueError(f"{num_workers} DataLoader workers cannot share {streams} streams evenly (each worker hosts "
+                         f"whole streams, so the data order does not depend on the worker count): use --workers "
+                         f"0 or one of {ok}, or start the run with a --streams that {num_workers} divides")
+
+
+def round_robin(streams: Sequence[Iterator[Any]], *, keep_slots: bool) -> Iterator[Any]:
+    """One item of each stream per round, streams in order, skipping exhausted ones. ``keep_slots``: yield None in
+    an exhausted stream's slot while a later item follows (never trailing), so that a consumer taking this
+    iterator's items round robin with other workers' keeps the global slot order."""
+    live, held, end = list(streams), 0, object()
+    while any(it is not None for it in live):
+        for j, it in enumerate(live):
+            item = end if it is None else next(it, end)
+            if item is end:
+                live[j], held = None, held + 1
+                continue
+            if keep_slots:
+                yield from [None] * held
+            held = 0
+            yield item
+
+
+def stream_batches(views: torch.utils.data.IterableDataset, *, num_workers: int = 0,
+                   **loader_kwargs: Any) -> Iterator[Any]:
+    """The batches of a dataset made with ``streams=S`` (and its ``batch_size``), in the streams' round-robin
+    order whatever ``num_workers`` (0 or a divisor of S): a ``DataLoader(views, batch_size=None, num_workers=...)``
+    whose placeholder slots are dropped. PyTorch's in-order DataLoader takes item i from worker i mod W (skipping
+    workers that are done), and worker w yields the slots w, w+W, ... of the round robin over the S streams."""
+    check_workers(num_workers, views.streams)
+    loader = torch.utils.data.DataLoader(views, batch_size=None, num_workers=num_workers, **loader_kwargs)
+    return (batch for batch in loader if batch is not None)
 
 
 # ------------------------------------------------------------------ is this cache for this data and recipe?
@@ -252,6 +307,7 @@ class _Views(torch.utils.data.IterableDataset):
         return_items: bool,
         views_per_decode: int = 1,
         batch_size: int | None = None,
+        streams: int | None = None,
     ):
         super().__init__()
         if epoch < 0:
@@ -263,7 +319,10 @@ class _Views(torch.utils.data.IterableDataset):
         if views_per_decode > 1 and (batch_size is None or batch_size < 1):
             raise ValueError("views_per_decode > 1 needs the DataLoader's batch_size (the views of one image are "
                              "spread over different batches)")
-        self.views_per_decode, self.batch_size = views_per_decode, batch_size
+        if streams is not None and (streams < 1 or batch_size is None or batch_size < 1):
+            raise ValueError(f"streams={streams}: give streams >= 1 and the batch_size (each stream forms its own "
+                             f"batches; use the dataset with DataLoader(batch_size=None) or `stream_batches`)")
+        self.views_per_decode, self.batch_size, self.streams = views_per_decode, batch_size, streams
         self._check_pass_start(epoch)
         self.manifest = load_manifest(data)
         self.split = ShardDataset(self.manifest, shards, rank=rank, world_size=world_size,
@@ -299,49 +358,83 @@ class _Views(torch.utils.data.IterableDataset):
         """Samples (including any that will be skipped) in this rank's shards this epoch."""
         return self.split.num_samples()
 
-    def worker_samples(self, num_workers: int) -> list[int]:
-        """Samples (including any that will be skipped) each of this rank's DataLoader workers reads."""
-        order, nw = self.split.shard_order(), max(num_workers, 1)
+    def _readers(self, num_workers: int) -> tuple[str, int]:
+        """Who reads this rank's shards: the dataset's streams, or (``streams=None``) the DataLoader's workers."""
+        return ("stream", self.streams) if self.streams is not None else ("worker", max(num_workers, 1))
+
+    def reader_samples(self, num_workers: int = 0) -> list[int]:
+        """Samples (including any that will be skipped) each reader of this rank reads this pass: each of its
+        ``streams``, or (``streams=None``) each of ``num_workers`` DataLoader workers."""
+        order, (_, n) = self.split.shard_order(), self._readers(num_workers)
         return [sum(self.manifest.shards[s].num_samples
-                    for s in split_shards(order, self.rank, self.world_size, w, nw)) for w in range(nw)]
+                    for s in split_shards(order, self.rank, self.world_size, r, n)) for r in range(n)]
 
-    def num_batches(self, batch_size: int, num_workers: int) -> int:
-        """Batches a DataLoader(batch_size, num_workers) yields on this rank this pass (views_per_decode views
-        per sample) when nothing is skipped (each worker batches its own samples and ends with its own partial
-        batch)."""
-        return sum(math.ceil(self.views_per_decode * n / batch_size) for n in self.worker_samples(num_workers))
+    def num_batches(self, batch_size: int | None = None, num_workers: int = 0) -> int:
+        """Batches this rank yields this pass (views_per_decode views per sample) when nothing is skipped: each
+        reader (stream, or DataLoader worker when ``streams=None``) batches its own samples and ends with its own
+        partial batch. With streams, ``batch_size`` is the dataset's and ``num_workers`` does not matter."""
+        batch_size = self.batch_size if self.streams is not None or batch_size is None else batch_size
+        return sum(math.ceil(self.views_per_decode * n / batch_size) for n in self.reader_samples(num_workers))
 
-    def check_spread(self, num_workers: int) -> None:
-        """Refuse (ValueError) a split where some DataLoader worker of this rank holds fewer than batch_size
-        samples: with views_per_decode > 1 their views could not all go to different batches."""
+    def check_spread(self, num_workers: int = 0) -> None:
+        """Refuse (ValueError) a split where some reader of this rank (a stream; a DataLoader worker when
+        ``streams=None``) holds fewer than batch_size samples: with views_per_decode > 1 their views could not all
+        go to different batches."""
         if self.views_per_decode == 1:
             return
-        for w, n in enumerate(self.worker_samples(num_workers)):
+        what, _ = self._readers(num_workers)
+        fewer = "--streams" if what == "stream" else "workers"
+        for r, n in enumerate(self.reader_samples(num_workers)):
             if not spread_possible(n, self.batch_size):
                 raise ValueError(
-                    f"views_per_decode={self.views_per_decode}: rank {self.rank} worker {w} reads {n} sample(s) in "
+                    f"views_per_decode={self.views_per_decode}: rank {self.rank} {what} {r} reads {n} sample(s) in "
                     f"pass starting at epoch {self.epoch}, fewer than one batch ({self.batch_size}); the views of one "
-                    f"image cannot all go to different batches. Use fewer workers or ranks, a smaller batch, or "
+                    f"image cannot all go to different batches. Use fewer {fewer} or ranks, a smaller batch, or "
                     f"views_per_decode 1")
 
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        shards = self.split.assigned_shards()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.streams is None:  # one stream per DataLoader worker, batched by the DataLoader
+            for item in self._stream_items(self.split.assigned_shards(), worker):
+                yield item if self.return_items else self._public(item)
+            return
+        check_workers(num_workers, self.streams)
+        hosted = [self._stream_batches(s) for s in range(worker, self.streams, num_workers)]
+        # with several workers, keep the slot of an exhausted stream (None) so the DataLoader's round robin over
+        # the workers stays the round robin over the streams
+        yield from round_robin(hosted, keep_slots=num_workers > 1)
+
+    def _stream_batches(self, stream: int) -> Iterator[Any]:
+        """Stream ``stream``'s collated batches: its full batches, then its partial last one."""
+        shards = split_shards(self.split.shard_order(), self.rank, self.world_size, stream, self.streams)
+        batch: list = []
+        for item in self._stream_items(shards, stream):
+            batch.append(item if self.return_items else self._public(item))
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
+        if batch:
+            yield collate(batch)
+
+    def _stream_items(self, shards: list[int], stream: int) -> Iterator[ReplayItem]:
+        """The items of one stream (a stream of `streams`, or a DataLoader worker) reading ``shards``: shuffled
+        by a buffer seeded by (shuffle_seed, epoch, rank, stream), or with views_per_decode > 1 spread over the
+        stream's batches."""
         if self.views_per_decode == 1:
             items: Iterator[ReplayItem] = (item for shard in shards for item in self._shard_items(shard))
             if self.shuffle_seed is not None and self.shuffle_buffer > 1:
-                rng = random.Random(f"logitcache-order/{self.shuffle_seed}/{self.epoch}/{self.rank}/{worker}")
+                rng = random.Random(f"logitcache-order/{self.shuffle_seed}/{self.epoch}/{self.rank}/{stream}")
                 items = shuffle_buffer(items, self.shuffle_buffer, rng)
-        else:  # each decoded image yields N views, spread over different batches of this worker's stream
-            n = sum(self.manifest.shards[s].num_samples for s in shards)
-            plan = window_plan(n, self.views_per_decode, self.batch_size, self.shuffle_buffer)
-            rng = None if self.shuffle_seed is None else random.Random(
-                f"logitcache-spread/{self.shuffle_seed}/{self.epoch}/{self.views_per_decode}/{self.rank}/{worker}")
-            groups = (group for shard in shards for group in self._shard_groups(shard))
-            items = spread_views(groups, plan, self.batch_size, rng, where=f"rank {self.rank} worker {worker}")
-        for item in items:
-            yield item if self.return_items else self._public(item)
+            return items
+        # each decoded image yields N views, spread over different batches of this stream
+        n = sum(self.manifest.shards[s].num_samples for s in shards)
+        plan = window_plan(n, self.views_per_decode, self.batch_size, self.shuffle_buffer)
+        rng = None if self.shuffle_seed is None else random.Random(
+            f"logitcache-spread/{self.shuffle_seed}/{self.epoch}/{self.views_per_decode}/{self.rank}/{stream}")
+        groups = (group for shard in shards for group in self._shard_groups(shard))
+        what = "stream" if self.streams is not None else "worker"
+        return spread_views(groups, plan, self.batch_size, rng, where=f"rank {self.rank} {what} {stream}")
 
     def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
         """One item per sample: its view for ``self.epoch``."""
@@ -381,6 +474,8 @@ class CachedViews(_Views):
     order; an int shuffles shards per epoch and samples through a ``shuffle_buffer``-sample buffer.
     ``skip_bad``: leave out samples whose bytes do not decode. ``return_index``: yield
     ``(image, row, target, global_index)``. The reader opens lazily in each DataLoader worker.
+    ``streams`` (with ``batch_size``): yield batches, read in that many streams, in an order that does not depend
+    on the DataLoader's workers — iterate with `stream_batches` (see the module docstring).
     Mixing recipes (``deit``, ``tv-v2``): the image is the mixed view the teacher saw and ``target`` is the
     (C,) float32 mixed label ``λ·y + (1-λ)·y_partner`` (add label smoothing yourself). ``check_pixels``: before
     the first use of a cache in this process, replay the views whose pixel digest one unit's marker records and
@@ -407,6 +502,8 @@ class CachedViews(_Views):
         check_pixels: bool = True,
         views_per_decode: int = 1,
         batch_size: int | None = None,
+
+        streams: int | None = None,
     ):
         self.reader = cache if isinstance(cache, CacheReader) else CacheReader(
             str(cache), group, storage_options=storage_options)
@@ -423,7 +520,8 @@ class CachedViews(_Views):
                              f"straddle the cycle); use one of {divisors}")
         super().__init__(manifest, epoch=epoch, recipe=recipe, shards=shards, rank=rank, world_size=world_size,
                          skip_bad=skip_bad, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer,
-                         return_items=return_items, views_per_decode=views_per_decode, batch_size=batch_size)
+                         return_items=return_items, views_per_decode=views_per_decode, batch_size=batch_size,
+                         streams=streams)
         self._say_if_cycling()
         self.reader.epoch_markers(self.cached_epoch)  # read here, once: DataLoader workers get them with the reader
 
@@ -509,6 +607,8 @@ class FreshViews(_Views):
         return_items: bool = False,
         views_per_decode: int = 1,
         batch_size: int | None = None,
+
+        streams: int | None = None,
     ):
         if isinstance(recipe, str):
             recipe = get_recipe(recipe, image_size)
@@ -518,7 +618,8 @@ class FreshViews(_Views):
         self.seed, self.rows, self.return_index = seed, rows, return_index
         super().__init__(data, epoch=epoch, recipe=recipe, shards=shards, rank=rank, world_size=world_size,
                          skip_bad=skip_bad, shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer,
-                         return_items=return_items, views_per_decode=views_per_decode, batch_size=batch_size)
+                         return_items=return_items, views_per_decode=views_per_decode, batch_size=batch_size,
+                         streams=streams)
 
     def _shard_groups(self, shard: int) -> Iterator[list[ReplayItem]]:
         table = self.rows.table(shard) if self.rows is not None else None
@@ -724,7 +825,10 @@ __all__ = [
     "ReplayItem",
     "RowSource",
     "UnitTable",
+    "DEFAULT_STREAMS",
     "cached_views_stage",
     "check_cache_matches",
+    "check_workers",
     "collate",
+    "stream_batches",
 ]

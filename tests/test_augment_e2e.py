@@ -138,7 +138,7 @@ def test_verify_recompute_agrees_on_the_mixed_views(small_shards, deit_cache, te
 
 def test_cached_and_online_nkd_agree_on_mixed_views(small_shards, deit_cache, teacher_weights, tmp_path):
     common = dict(data=str(small_shards), student="smallcnn", loss="nkd", epochs=1, batch_size=24, lr=0.05,
-                  seed=SEED, progress=False, label_smoothing=0.1)
+                  seed=SEED, progress=False, label_smoothing=0.1, streams=1)  # one step
     train(TrainConfig(out=str(tmp_path / "cached"), cache=str(deit_cache), **common))
     train(TrainConfig(out=str(tmp_path / "online"), teacher="smallcnn", weights=teacher_weights, recipe="deit",
                       image_size=28, **common))
@@ -268,6 +268,7 @@ def test_two_rank_training_with_deit_sees_the_one_process_views(small_shards, tm
     (BatchNorm over one image, weights that do not move), so the epoch's mean CE and top-1 agree only if every
     view — pixels, partner and λ — is the 1-process run's."""
     from logitcache.data.manifest import load_manifest
+    from logitcache.replay import DEFAULT_STREAMS
     from logitcache.train.lockstep import planned_steps
 
     def run(out, nproc):
@@ -288,7 +289,7 @@ def test_two_rank_training_with_deit_sees_the_one_process_views(small_shards, tm
         assert [x["epoch"] for x in lines] == [0, 1]
         assert all(x["train"]["samples"] == 24 and x["train"]["samples_skipped"] == 0 and x["val"]["n"] == 24
                    for x in lines)
-        assert lines[-1]["step"] == sum(planned_steps(m, [0, 1], SEED, e, world, 1, 0) for e in (0, 1))
+        assert lines[-1]["step"] == sum(planned_steps(m, [0, 1], SEED, e, world, 1, DEFAULT_STREAMS) for e in (0, 1))
     for a, b in zip(ddp, one, strict=True):
         assert math.isclose(a["train"]["ce"], b["train"]["ce"], rel_tol=1e-5), (a["train"], b["train"])
         assert a["train"]["top1"] == b["train"]["top1"]

@@ -149,7 +149,7 @@ def test_no_host_device_sync_per_step_for_ce_and_cached_nkd(small_shards, small_
     with syncs.SyncCounter() as counter:
         line = train(cfg)
     assert line["train"]["samples"] == 24
-    assert counter.steps == 5  # 24 samples in batches of 5
+    assert counter.steps == 6  # 2 shards of 12 samples: 2 streams (--streams), each in batches of 5, 5, 2
     assert counter.total == 0, counter.counts
     assert counter.other, "the display/checkpoint syncs every N steps should have been seen"
 

@@ -20,6 +20,7 @@ from logitcache.dump import DumpConfig, dump
 from logitcache.errors import LogitcacheError, TemperatureNotRecorded
 from logitcache.models.weights import load_checkpoint
 from logitcache.models.zoo import build_model
+from logitcache.replay import DEFAULT_STREAMS
 from logitcache.train.config import TrainConfig, learning_rate
 from logitcache.train.lockstep import planned_steps
 from logitcache.train.loop import KILL_AFTER_STEPS_ENV, train
@@ -100,7 +101,8 @@ def test_each_mode_trains_end_to_end(small_shards, cache, teacher_weights, tmp_p
     assert line["val"]["n"] == 24 and 0 <= line["val"]["top1"] <= 1
     assert line["cache_epoch"] == (0 if kw.get("cache") else None)
     ckpt = load_checkpoint(run / "checkpoints" / "epoch-0000.pt")  # weights_only=True inside
-    assert json.loads(ckpt["config"])["loss"] == loss and ckpt["epoch_complete"] and ckpt["step"] == 5
+    # 2 shards of 12 samples: 2 streams, each in batches of 5, 5, 2
+    assert json.loads(ckpt["config"])["loss"] == loss and ckpt["epoch_complete"] and ckpt["step"] == 6
     config = json.loads((run / "config.json").read_text())
     assert config["resolved"]["mode"] == TrainConfig.from_json(_config_only(config)).mode
     assert config["provenance"][0]["end_time"] and config["samples_skipped_per_epoch"] == {"0": 0}
@@ -137,7 +139,7 @@ def test_pskd_learns_from_last_epochs_predictions_kept_in_the_store(small_shards
 
 def test_cached_and_online_nkd_agree_on_the_first_step(small_shards, cache, teacher_weights, tmp_path):
     """Same seed, one step per epoch: the cache's fp16 rows give the online teacher's loss terms."""
-    common = dict(loss="nkd", batch_size=24, epochs=1, loss_args=("temperature=4",))
+    common = dict(loss="nkd", batch_size=24, epochs=1, loss_args=("temperature=4",), streams=1)  # one step
     train(cfg(small_shards, tmp_path / "cached", cache=str(cache), **common))
     train(cfg(small_shards, tmp_path / "online", teacher="smallcnn", weights=str(teacher_weights), **common))
     (a,), (b,) = metrics(tmp_path / "cached"), metrics(tmp_path / "online")
@@ -248,7 +250,8 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(small_shards,
     killed = _train_subprocess([*args, "--out", str(tmp_path / "killed")], {KILL_AFTER_STEPS_ENV: "7"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")
-    assert (ckpt["epoch"], ckpt["batches_done"], ckpt["epoch_complete"], ckpt["step"]) == (1, 2, False, 7)
+    # 6 steps an epoch (2 streams of 12 samples in batches of 5, 5, 2): step 7 is the 2nd of epoch 1
+    assert (ckpt["epoch"], ckpt["batches_done"], ckpt["epoch_complete"], ckpt["step"]) == (1, 1, False, 7)
     assert ckpt["ranks"][0]["pskd"]["epoch"] == 1  # rows awaiting their unit went into the checkpoint
     resumed = _train_subprocess([*args, "--out", str(tmp_path / "killed"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -290,7 +293,7 @@ def planned_steps_for(data, world, batch_size):
     from logitcache.data.manifest import load_manifest
 
     m = load_manifest(data)
-    return planned_steps(m, [0, 1, 2], SEED, 0, world, batch_size, 0)
+    return planned_steps(m, [0, 1, 2], SEED, 0, world, batch_size, DEFAULT_STREAMS)
 
 
 def test_label_smoothing_on_ce_is_the_ls_loss(small_shards, tmp_path):

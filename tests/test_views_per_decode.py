@@ -25,7 +25,7 @@ from logitcache.data.tar import tarfile_samples
 from logitcache.dump import DumpConfig, dump
 from logitcache.errors import LogitcacheError
 from logitcache.models.weights import load_checkpoint
-from logitcache.replay import CachedViews, FreshViews, RowSource, cached_views_stage, collate
+from logitcache.replay import DEFAULT_STREAMS, CachedViews, FreshViews, RowSource, cached_views_stage, collate
 from logitcache.train.config import TrainConfig, learning_rate
 from logitcache.train.lockstep import pass_epoch_ends, planned_steps
 from logitcache.train.loop import KILL_AFTER_STEPS_ENV, train
@@ -213,7 +213,7 @@ def test_a_pass_is_logged_as_n_epochs_of_views(small_shards, small_cache, tmp_pa
     train(cfg(small_shards, tmp_path / "run", cache=str(small_cache), epochs=4, val=str(small_shards)))
     lines = metrics(tmp_path / "run")
     m = load_manifest(small_shards)
-    steps = planned_steps(m, [0, 1], SEED, 0, 1, 5, 0, 2)
+    steps = planned_steps(m, [0, 1], SEED, 0, 1, 5, DEFAULT_STREAMS, 2)
     assert steps == 2 * 5  # each of 24 images twice, in batches of 5: 48 views -> 10 steps
     assert [x["epoch"] for x in lines] == [0, 1, 2, 3] and [x["pass"] for x in lines] == [0, 0, 1, 1]
     assert [x["step"] for x in lines] == [5, 10, 15, 20] == [p * steps + e for p in (0, 1)
@@ -232,7 +232,7 @@ def test_train_refusals(small_shards, small_cache, tmp_path):
         cfg(small_shards, tmp_path / "a", loss="pskd", recipe="small")
     with pytest.raises(LogitcacheError, match=r"does not divide the 2 epoch\(s\)"):
         train(cfg(small_shards, tmp_path / "b", cache=str(small_cache), epochs=4, views_per_decode=4))
-    with pytest.raises(LogitcacheError, match=r"rank 0 worker 0 reads 12 sample\(s\).*fewer than one batch \(16\)"):
+    with pytest.raises(LogitcacheError, match=r"rank 0 stream 0 reads 12 sample\(s\).*fewer than one batch \(16\)"):
         train(cfg(small_shards, tmp_path / "c", cache=str(small_cache), batch_size=16, workers=2))
 
 
@@ -300,8 +300,8 @@ def test_two_process_ddp_trains_each_view_of_a_pass_once(imagenet_shards, tmp_pa
             assert sum(m["train"]["samples"] for m in lines if m["pass"] == p) == 2 * 24
         assert all(m["train"]["samples_skipped"] == 0 and m["val"]["n"] == 24 for m in lines)
     m = load_manifest(imagenet_shards)
-    assert ddp[-1]["step"] == sum(planned_steps(m, [0, 1, 2], SEED, e, 2, 4, 0, 2) for e in (0, 2))
-    assert single[-1]["step"] == sum(planned_steps(m, [0, 1, 2], SEED, e, 1, 4, 0, 2) for e in (0, 2))
+    assert ddp[-1]["step"] == sum(planned_steps(m, [0, 1, 2], SEED, e, 2, 4, DEFAULT_STREAMS, 2) for e in (0, 2))
+    assert single[-1]["step"] == sum(planned_steps(m, [0, 1, 2], SEED, e, 1, 4, DEFAULT_STREAMS, 2) for e in (0, 2))
 
 
 def test_the_per_view_path_gives_pillows_own_pixels():

@@ -79,10 +79,17 @@ def workers_option(help: str = "DataLoader workers per process"):
                         help=f"{help} [default: min(8, cores available / processes on this machine - 1)]")
 
 
-def resolve_workers(workers: int | None) -> int:
+def resolve_workers(workers: int | None, streams: int | None = None) -> int:
+    """``--workers`` as given, else the default; with ``streams`` (train) the default is the largest divisor of
+    ``streams`` not above it (each worker hosts whole streams), e.g. 7 -> 4 with 8 streams."""
     from logitcache.runtime.dist import default_workers  # lazy: `logitcache --help` stays fast
 
-    return default_workers() if workers is None else workers
+    if workers is not None:
+        return workers
+    workers = default_workers()
+    if streams is not None and workers > 1:
+        workers = max(d for d in range(1, workers + 1) if streams % d == 0)
+    return workers
 
 
 def teacher_precision_option(help: str):

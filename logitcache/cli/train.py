@@ -54,8 +54,8 @@ from logitcache.cli.options import (
                    "(default: the cache's with --cache, else the "
                    "data's default_recipe)")
 @click.option("--image-size", default=None, type=int, help="model input size in px (default: the recipe's)")
-@workers_option("DataLoader workers per process (the data order depends on it: give it to reproduce a run "
-                "on another machine)")
+@workers_option("DataLoader workers per process; must divide --streams (the data order does not depend on it; "
+                "the default is rounded down to a divisor)")
 @device_option()
 @teacher_precision_option("online KD: the teacher body's compute precision [default: bf16 on a GPU, fp32 on the "
                           "CPU]")
@@ -72,12 +72,17 @@ from logitcache.cli.options import (
 @click.option("--views-per-decode", default=1, show_default=True, type=int,
               help="each decoded image yields its views for N consecutive epochs (a pass), spread over different "
                    "batches: less decoding per view; N must divide --epochs (and the cache's epochs)")
+@click.option("--streams", default=None, type=click.IntRange(min=1),
+              help="each process's shards are read in S streams, each shuffled and batched on its own, and the "
+                   "batches taken round robin: the data order (so the curve) depends on S, not on --workers, which "
+                   "must divide it; a --resume needs the run's S. Memory: S shuffle buffers per process, shared by "
+                   "its workers [default: 8]")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @reports_errors
 def train(data, val, out, student, init, loss, loss_args, ce_weight, loss_weight, cache, group, teacher, weights,
           epochs, batch_size, lr, optimizer, momentum, nesterov, schedule, step_milestones, step_gamma, warmup_epochs,
           weight_decay, clip_grad, label_smoothing, recipe, image_size, workers, device, teacher_precision, seed,
-          shard_selection, checkpoint_every, resume, compile_model, skip_bad, pskd_topk, views_per_decode,
+          shard_selection, checkpoint_every, resume, compile_model, skip_bad, pskd_topk, views_per_decode, streams,
           no_progress):
     """Train a student: from a cache (--cache, the cached views replayed), online (--teacher), or teacher-free.
 
@@ -89,8 +94,11 @@ def train(data, val, out, student, init, loss, loss_args, ce_weight, loss_weight
 
     from logitcache.data.manifest import load_manifest
     from logitcache.data.split import parse_shard_selection
+    from logitcache.replay import DEFAULT_STREAMS
     from logitcache.train.config import TrainConfig
     from logitcache.train.loop import train as run_train
+
+    streams = DEFAULT_STREAMS if streams is None else streams
 
     try:
         milestones = (tuple(float(m) for m in step_milestones.split(",") if m.strip())
@@ -107,10 +115,10 @@ def train(data, val, out, student, init, loss, loss_args, ce_weight, loss_weight
             epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum, nesterov=nesterov,
             schedule=schedule, step_milestones=milestones, step_gamma=step_gamma, warmup_epochs=warmup_epochs,
             weight_decay=weight_decay, clip_grad=clip_grad, label_smoothing=label_smoothing, recipe=recipe,
-            image_size=image_size, workers=resolve_workers(workers), device=device,
+            image_size=image_size, workers=resolve_workers(workers, streams), device=device,
             teacher_precision=teacher_precision, seed=seed, shards=shards_sel,
             checkpoint_every=checkpoint_every, resume=resume, compile=compile_model, skip_bad=skip_bad,
-            pskd_topk=pskd_topk, progress=not no_progress, views_per_decode=views_per_decode,
+            pskd_topk=pskd_topk, progress=not no_progress, views_per_decode=views_per_decode, streams=streams,
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from e

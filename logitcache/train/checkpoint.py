@@ -49,6 +49,8 @@ def rng_state(device: str) -> dict[str, torch.Tensor]:
 def config_diff(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     now = cfg.to_json()
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    # a run from before --streams read one stream per DataLoader worker (seeded as stream w is now): streams = workers
+    defaults["streams"] = max(int(saved.get("workers") or 0), 1)
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}  # settings added since: defaults
     return [f"{k}: checkpoint has {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k)]
@@ -84,7 +86,8 @@ def resume(cfg: TrainConfig, run: RunDir, env: DistEnv, model: torch.nn.Module,
     A run directory that already holds a run needs ``--resume``; a checkpoint made with another configuration
     (beyond `RESUMABLE_CHANGES`) is refused, naming the differences; so is a ``cache`` that changed since the
     checkpoint (re-dumped with other weights, grown epochs, ...: `cache_changes`); a mid-epoch checkpoint resumes
-    only with the rank and worker counts it was taken with (the data order depends on them)."""
+    only with the rank count it was taken with (the data order depends on it and on ``streams``, which a resume
+    keeps, but not on the worker count)."""
     if not cfg.resume:
         if os.path.exists(run.last):
             raise LogitcacheError(f"{cfg.out} already holds a run ({run.last}); pass --resume to continue it, or "
@@ -114,11 +117,10 @@ def resume(cfg: TrainConfig, run: RunDir, env: DistEnv, model: torch.nn.Module,
         point.epoch += 1
         if point.epoch % cfg.views_per_decode == 0:
             point.batches_done = 0  # the pass is complete too
-    if point.batches_done and (int(obj["world_size"]) != env.world or saved.get("workers") != cfg.workers):
+    if point.batches_done and int(obj["world_size"]) != env.world:
         where = "mid-epoch" if cfg.views_per_decode == 1 else "mid-pass"
-        raise LogitcacheError(f"{run.last} was taken {where} with {obj['world_size']} rank(s) and "
-                              f"{saved.get('workers')} worker(s); resume it with the same counts (the data "
-                              f"order depends on them)")
+        raise LogitcacheError(f"{run.last} was taken {where} with {obj['world_size']} rank(s); resume it with the "
+                              f"same rank count (the data order depends on it)")
     if not obj["epoch_complete"]:
         point.rank_state = obj["ranks"][env.rank]
     torch.set_rng_state(obj["rng"]["torch"])

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from logitcache.losses import get_loss, parse_loss_args
+from logitcache.replay import DEFAULT_STREAMS, check_workers
 from logitcache.runtime.precision import check_teacher_precision, default_teacher_precision
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -67,6 +68,7 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     progress: bool = True
     views_per_decode: int = 1  # each decoded image yields its views for this many consecutive epochs (a pass)
+    streams: int = DEFAULT_STREAMS  # a rank's shards are read in this many streams; the data order depends on it
 
     def __post_init__(self):
         for name in ("loss_args", "shards", "step_milestones"):
@@ -96,6 +98,9 @@ class TrainConfig:
             raise ValueError(f"--label-smoothing smooths the CE term, which loss '{spec.name}' replaces")
         if self.workers < 0 or self.checkpoint_every < 0 or self.shuffle_buffer < 0:
             raise ValueError("--workers, --checkpoint-every and the shuffle buffer must be >= 0")
+        if self.streams < 1:
+            raise ValueError(f"--streams must be >= 1, got {self.streams}")
+        check_workers(self.workers, self.streams)
         if self.views_per_decode < 1 or self.epochs % self.views_per_decode:
             raise ValueError(f"--views-per-decode must be >= 1 and divide --epochs (a pass of N epochs decodes each "
                              f"image once), got {self.views_per_decode} for {self.epochs} epoch(s)")

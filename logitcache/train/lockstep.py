@@ -1,13 +1,13 @@
 """DDP lockstep: every rank runs the same optimizer steps although ranks read whole shards of unequal size.
 
-Each step's global sample count is known before the epoch (`plan_epoch`): shard order, split and sample counts
-come from the manifest (less the samples a cache's markers say the dump skipped), and the DataLoader's batch
-sizes follow from them (`loader_batch_sizes`), so the ranks agree without talking — no collective, no host
-sync per step. Only with ``--skip-bad``, where a sample may fail to decode, are the counts unknown; then the
-ranks agree before each step (`agree_on_step`, one small all-reduce). A rank that has run out repeats its last
-batch with weight 0 and frozen batch-norm statistics, so learning rate, momentum and weights stay equal, and
-each rank's loss is weighted by ``n_rank · world / n_all`` so the gradient is the exact mean over the global
-batch. After each epoch the ranks compare a checksum of their weights.
+Each step's global sample count is known before the epoch (`plan_epoch`): shard order, split over ranks and streams
+(`replay`'s ``streams``) and sample counts come from the manifest (less the samples a cache's markers say the dump
+skipped), and the batch sizes follow from them (`loader_batch_sizes`: the streams' round robin), so the ranks agree
+without talking — no collective, no host sync per step. Only with ``--skip-bad``, where a sample may fail to decode,
+are the counts unknown; then the ranks agree before each step (`agree_on_step`, one small all-reduce). A rank that
+has run out repeats its last batch with weight 0 and frozen batch-norm statistics, so learning rate, momentum and
+weights stay equal, and each rank's loss is weighted by ``n_rank · world / n_all`` so the gradient is the exact mean
+over the global batch. After each epoch the ranks compare a checksum of their weights.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from logitcache.runtime.dist import DistEnv
 
 
 def loader_batch_sizes(worker_counts: list[int], batch_size: int) -> list[int]:
-    """Sizes of the batches ``DataLoader(IterableDataset, batch_size, num_workers=len(worker_counts))`` yields, in
-    order, when worker w yields ``worker_counts[w]`` samples: each worker batches its own samples (its last batch
-    partial) and the loader takes one batch from each worker that still has one, in worker order, round after
-    round (its in-order round robin). One count stands for ``num_workers=0``."""
+    """Sizes of the batches, in order, when reader r yields ``worker_counts[r]`` samples: each reader batches its
+    own samples (its last batch partial) and one batch is taken from each reader that still has one, in reader
+    order, round after round. Readers: a rank's streams (`replay.stream_batches`), or the workers of a
+    ``DataLoader(IterableDataset, batch_size, num_workers=len(worker_counts))`` (its in-order round robin; one
+    count stands for ``num_workers=0``)."""
     per = [[min(batch_size, n - j * batch_size) for j in range(-(-n // batch_size))] for n in worker_counts]
     return [p[r] for r in range(max((len(p) for p in per), default=0)) for p in per if r < len(p)]
 
@@ -54,15 +55,15 @@ class LockstepPlan:
         return sum(s[step] for s in self.sizes if step < len(s))
 
 
-def plan_epoch(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, workers: int,
+def plan_epoch(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, streams: int,
                skipped: dict[int, int] | None = None, views_per_decode: int = 1) -> LockstepPlan:
     """The lockstep plan of an epoch (of a pass of ``views_per_decode`` epochs from ``epoch``) in which every
-    sample decodes: the shard order and split of `ShardDataset` / `split_shards`, ``views_per_decode ×
-    num_samples − skipped[shard]`` items per shard (``skipped``: the views a cache's markers say the dump left
-    out, over the pass's epochs; replay leaves them out too)."""
+    sample decodes: the shard order and split over ranks and ``streams`` of `ShardDataset` / `split_shards`,
+    ``views_per_decode × num_samples − skipped[shard]`` items per shard (``skipped``: the views a cache's
+    markers say the dump left out, over the pass's epochs; replay leaves them out too)."""
     skipped = skipped or {}
     order = ShardDataset(manifest, shards, rank=0, world_size=world, shuffle_seed=seed, epoch=epoch).shard_order()
-    nw = max(workers, 1)
+    nw = max(streams, 1)
 
     def samples(rank: int, worker: int) -> int:
         return sum(views_per_decode * manifest.shards[s].num_samples - skipped.get(s, 0)
@@ -72,12 +73,12 @@ def plan_epoch(manifest, shards, seed: int, epoch: int, world: int, batch_size: 
                               for r in range(world)))
 
 
-def planned_steps(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, workers: int,
+def planned_steps(manifest, shards, seed: int, epoch: int, world: int, batch_size: int, streams: int,
                   views_per_decode: int = 1) -> int:
     """Steps of an epoch — of a pass of ``views_per_decode`` epochs starting at ``epoch`` — when nothing is
-    skipped: the most batches any rank's DataLoader yields (lockstep); each worker batches N views per sample."""
+    skipped: the most batches any rank yields (lockstep); each of its ``streams`` batches N views per sample."""
     order = ShardDataset(manifest, shards, rank=0, world_size=world, shuffle_seed=seed, epoch=epoch).shard_order()
-    nw = max(workers, 1)
+    nw = max(streams, 1)
 
     def batches(r: int, w: int) -> int:
         samples = sum(manifest.shards[s].num_samples for s in split_shards(order, r, world, w, nw))

@@ -5,14 +5,14 @@
             previous-epoch predictions, or nothing
     loss    terms = spec.terms(student, target, teacher=..., weak=..., prev_probs=...);  loss = Σ terms
 
-`train` reads top to bottom: set up (`build`), then for each pass `train_pass` (the step loop), and at each of
-its epochs' end validation, one metrics line and a checkpoint. A pass is ``--views-per-decode`` N epochs whose
-views come from one decode of each image (N = 1: a pass is an epoch); it is logged as N epochs of
-``planned_steps / N`` steps each, each an epoch's worth of views mixing the pass's N view epochs, and a
-checkpoint inside a pass resumes inside it (`checkpoint`). Determinism: the data order is a pure function of
-(seed, epoch, rank count, worker count) (`replay`), the model is initialised from ``torch.manual_seed(seed)``,
-and the learning rate is a pure function of the progress, so ``--resume`` (`checkpoint`) reaches the same
-weights as an uninterrupted run on the CPU. DDP (torchrun; gloo on CPU, NCCL on GPU) runs in lockstep (`lockstep`).
+`train` reads top to bottom: set up (`build`), then for each pass `train_pass` (the step loop), and at each of its
+epochs' end validation, one metrics line and a checkpoint. A pass is ``--views-per-decode`` N epochs whose views
+come from one decode of each image (N = 1: a pass is an epoch); it is logged as N epochs of ``planned_steps / N``
+steps each, each an epoch's worth of views mixing the pass's N view epochs, and a checkpoint inside a pass resumes
+inside it (`checkpoint`). Determinism: the data order is a pure function of (seed, epoch, rank count, ``--streams``)
+(`replay`; not of ``--workers``), the model is initialised from ``torch.manual_seed(seed)``, and the learning rate
+is a pure function of the progress, so ``--resume`` (`checkpoint`) reaches the same weights as an uninterrupted run
+on the CPU. DDP (torchrun; gloo on CPU, NCCL on GPU) runs in lockstep (`lockstep`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from logitcache.eval.evaluate import evaluate
 from logitcache.losses import LossSpec, get_loss, parse_loss_args
 from logitcache.losses.label_smoothing import label_smoothing
 from logitcache.models.zoo import attach_weak_head, build_model, model_normalization
-from logitcache.replay import collate
+from logitcache.replay import stream_batches
 from logitcache.runtime import precision
 from logitcache.runtime.dist import DistEnv, init_distributed
 from logitcache.runtime.provenance import provenance, utc_now
@@ -217,7 +217,7 @@ def pass_plan(cfg: TrainConfig, env: DistEnv, s: Setup, pass_start: int):
     for e in range(pass_start, pass_start + cfg.views_per_decode):
         for shard, count in s.source.skipped(e).items():
             skipped[shard] = skipped.get(shard, 0) + count
-    return plan_epoch(s.manifest, s.shards, cfg.seed, pass_start, env.world, cfg.batch_size, cfg.workers, skipped,
+    return plan_epoch(s.manifest, s.shards, cfg.seed, pass_start, env.world, cfg.batch_size, cfg.streams, skipped,
                       cfg.views_per_decode)
 
 
@@ -239,23 +239,23 @@ def next_batch(batches, plan, env: DistEnv, epoch: int, i: int):
 
 
 def pass_loader(cfg: TrainConfig, env: DistEnv, s: Setup, pass_start: int):
-    """The DataLoader of the pass starting at ``pass_start`` (its views, their soft labels), and its planned steps."""
+    """The batches of the pass starting at ``pass_start`` (its views, their soft labels) in the order of its
+    ``--streams`` whatever ``--workers`` (`stream_batches`), and its planned steps."""
     n_views = cfg.views_per_decode
     common = dict(shards=s.shards, rank=env.rank, world_size=env.world, skip_bad=cfg.skip_bad,
                   shuffle_seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, return_items=True,
-                  views_per_decode=n_views, batch_size=cfg.batch_size)
+                  views_per_decode=n_views, batch_size=cfg.batch_size, streams=cfg.streams)
     dataset = s.source.dataset(s.manifest, pass_start, **common)
     try:
-        dataset.check_spread(cfg.workers)
+        dataset.check_spread()
     except ValueError as e:
         raise LogitcacheError(str(e)) from None
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
-        collate_fn=collate, pin_memory=env.device.startswith("cuda"),
+    batches = stream_batches(
+        dataset, num_workers=cfg.workers, pin_memory=env.device.startswith("cuda"),
         generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + pass_start),  # leaves the global RNG alone
     )
-    return loader, planned_steps(s.manifest, s.shards, cfg.seed, pass_start, env.world, cfg.batch_size, cfg.workers,
-                                 n_views)
+    return batches, planned_steps(s.manifest, s.shards, cfg.seed, pass_start, env.world, cfg.batch_size,
+                                  cfg.streams, n_views)
 
 
 def epoch_bar(cfg: TrainConfig, env: DistEnv, ends: list[int], pass_start: int, epoch: int, done: int):
