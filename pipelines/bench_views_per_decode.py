@@ -4,16 +4,19 @@ Data: synthetic ImageNet-size photo-like JPEGs (`photo`): 1/f-like colour noise 
 blurred filled ellipses/polygons (object edges), and luminance-dominant grain plus mid-frequency texture whose
 strength varies by region; about 500x375 (seven ImageNet aspect ratios), quality 90, mean about 105 kB (ImageNet
 train: ~110 kB). A cache of E = 8 epochs is dumped over them (teacher `smallcnn`, random init, top-10, 1000
-classes, imagenet recipe at 224 px) — the teacher does not enter any figure below.
+classes, ``--recipe``, default the newest imagenet (v3: torch resizes the uint8 crop), at 224 px) — the teacher
+does not enter any figure below. ``--compare-recipe imagenet@2`` also dumps a cache of that recipe (v2: Pillow
+resizes) and measures its replay at N = 1 and 4 in the same rounds, for the per-view cost of the two resizes.
 
 1. Data path per core (no model): one process, torch and PIL single-threaded, ``DataLoader(workers=0)`` with
    `collate`; views per CPU second of the process (= per core, and steady on a shared machine), wall-clock
    views/s alongside. Replay: `CachedViews(views_per_decode=N)` over all 8 cached epochs (8/N passes), N = 1, 2, 4, 8;
    views/s and the ratio to N = 1 (target: N = 4 >= 2.0). The dump's data path (`UnitViews`, which decodes a
    shard once for all its pending epochs) is reported the same way: views/s for E = 1, 2, 4, 8 epochs per decode.
-   ``--stages``: where the time goes, in CPU milliseconds: read + decode per image; per view the crop to PIL (or,
-   with N >= 3 views per decode, the image to PIL once per image and a crop of it per view), the
-   antialiased resize, PIL to tensor, the flip, the soft-label row, and the collation of a batch.
+   ``--stages``: where the time goes, in CPU milliseconds: read + decode per image; per view the steps of
+   `apply_view` for the recipe (v3: the antialiased resize of the crop's tensor and the flip; Pillow recipes: the
+   crop to PIL, or with N >= 3 views per decode the image to PIL once per image and a crop of it per view, the
+   resize, PIL to tensor, the flip), the soft-label row, and the collation of a batch.
 2. End to end (``--e2e``): `train` in a data-bound setting — a student far cheaper than decoding (`tiny224`: one
    8x8/8 patchify conv to 8 channels, global pool, linear; registered by this script), 224 px, batch 32, the same
    ``--workers`` for both: cached NKD with N = 4 vs plain CE with N = 1, images (views) per second of training
@@ -24,7 +27,8 @@ the figures are ratios from one run on this machine (printed with its CPU count 
 machine a burst of load can still land on one contender's best round, so the median over rounds of each round's
 own ratio (N = 1 and N measured seconds apart) is printed too: the steadier figure of the two.
 
-    .venv/bin/python pipelines/bench_views_per_decode.py [--images 64] [--repeats 3] [--stages] [--e2e] [--json]
+    .venv/bin/python pipelines/bench_views_per_decode.py [--images 64] [--repeats 3] [--stages] [--e2e]
+        [--recipe imagenet] [--compare-recipe imagenet@2] [--json]
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from logitcache.models.zoo import IMAGENET_MEAN, IMAGENET_STD, LOCAL_MODELS, Mod
 from logitcache.replay import CachedViews, collate
 from logitcache.train.config import TrainConfig
 from logitcache.train.loop import train
-from logitcache.views.ops.geometry import _from_pil, _to_pil
+from logitcache.views.ops.geometry import _from_pil, _to_pil, resize_tensor
 from logitcache.views.recipe import Recipe, crop_box, get_recipe, view_source
 
 SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (333, 500), (500, 375), (400, 300))
@@ -88,16 +92,22 @@ def photo(rng: np.random.Generator, w: int, h: int, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def make_data(root: str, n: int, per_shard: int) -> tuple[str, str, float]:
-    """Shards of n photos and a CACHED_EPOCHS-epoch cache over them; returns (data, cache, mean JPEG kB)."""
+def make_data(root: str, n: int, per_shard: int) -> tuple[str, float]:
+    """Shards of n photos; returns (data, mean JPEG kB)."""
     rng = np.random.default_rng(0)
     blobs = [photo(rng, *SIZES[i % len(SIZES)]) for i in range(n)]
-    data, cache = os.path.join(root, "shards"), os.path.join(root, "cache.zarr")
+    data = os.path.join(root, "shards")
     write_shards(((f"img{i:06d}", {"jpg": b, "cls": str(i % 1000).encode()}) for i, b in enumerate(blobs)), data,
                  class_names=[f"n{i:08d}" for i in range(1000)], samples_per_shard=per_shard)
-    dump(DumpConfig(data=data, out=cache, teacher="smallcnn", recipe="imagenet", image_size=224,
+    return data, float(np.mean([len(b) for b in blobs]) / 1e3)
+
+
+def make_cache(root: str, data: str, recipe: str) -> str:
+    """A CACHED_EPOCHS-epoch cache of ``recipe`` views over the shards (teacher irrelevant to the figures)."""
+    cache = os.path.join(root, f"cache-{recipe.replace('@', '-v')}.zarr")
+    dump(DumpConfig(data=data, out=cache, teacher="smallcnn", recipe=recipe, image_size=224,
                     epochs=CACHED_EPOCHS, topk=10, batch_size=64, progress=False))
-    return data, cache, float(np.mean([len(b) for b in blobs]) / 1e3)
+    return cache
 
 
 def replay_rate(data: str, cache: str, n_views: int, batch_size: int) -> tuple[float, float]:
@@ -111,10 +121,10 @@ def replay_rate(data: str, cache: str, n_views: int, batch_size: int) -> tuple[f
     return views / (time.process_time() - c0), views / (time.perf_counter() - t0)
 
 
-def dump_rate(data: str, n_epochs: int, batch_size: int) -> tuple[float, float]:
+def dump_rate(data: str, recipe_name: str, n_epochs: int, batch_size: int) -> tuple[float, float]:
     """(views per CPU second, per wall second) of the dump's data path (`UnitViews`: a shard decoded once for its
     pending epochs), no teacher."""
-    manifest, recipe = load_manifest(data), get_recipe("imagenet", 224)
+    manifest, recipe = load_manifest(data), get_recipe(recipe_name, 224)
     t0, c0, views = time.perf_counter(), time.process_time(), 0
     for first in range(0, CACHED_EPOCHS, n_epochs):
         pending = {s: list(range(first, first + n_epochs)) for s in range(len(manifest.shards))}
@@ -142,23 +152,9 @@ def stage_costs(data: str, cache: str, batch_size: int, repeats: int) -> dict[st
                                                                          np.int16)))
                  for s, x in samples for e in range(CACHED_EPOCHS)]
         t0 = time.process_time()
-        boxes = [crop_box(p, recipe, *x.image.shape[1:]) for x, _, p in views]  # v2: from the crop codes
-        ims = [_to_pil(x.image[:, t:t + h, left:left + w]) for (x, _, _), (t, left, h, w) in zip(views, boxes,
-                                                                                                strict=True)]
-        clock("crop to PIL", len(views), t0)
-        t0 = time.process_time()
-        sources = {id(x): view_source(x.image, recipe, CACHED_EPOCHS) for _, x in samples}
-        clock("image to PIL once (N >= 3, per image)", len(samples), t0)
-        t0 = time.process_time()
-        for (x, _, _), (t, left, h, w) in zip(views, boxes, strict=True):
-            sources[id(x)].crop((left, t, left + w, t + h))
-        clock("crop of it (N >= 3, per view)", len(views), t0)
-        t0 = time.process_time()
-        ims = [im.resize((recipe.image_size,) * 2, recipe.resample) for im in ims]
-        clock("resize (Pillow, antialiased)", len(views), t0)
-        t0 = time.process_time()
-        tensors = [_from_pil(im) for im in ims]
-        clock("PIL to tensor", len(views), t0)
+        boxes = [crop_box(p, recipe, *x.image.shape[1:]) for x, _, p in views]  # v2/v3: from the crop codes
+        clock("crop box from the codes", len(views), t0)
+        tensors = (_torch_stages if recipe.torch_mode else _pillow_stages)(recipe, samples, views, boxes, clock)
         t0 = time.process_time()
         tensors = [torch.flip(x, dims=(-1,)) if p.flip else x for x, (_, _, p) in zip(tensors, views, strict=True)]
         clock("flip (tensor)", len(views), t0)
@@ -170,6 +166,39 @@ def stage_costs(data: str, cache: str, batch_size: int, repeats: int) -> dict[st
             collate([(tensors[j], rows[j], views[j][0].label) for j in range(k, min(k + batch_size, len(views)))])
         clock("collate", len(views), t0)
     return best
+
+
+def _torch_stages(recipe, samples, views, boxes, clock) -> list[torch.Tensor]:
+    """v3: the crop is a view of the decoded tensor; torch resizes it (uint8, antialiased)."""
+    t0 = time.process_time()
+    crops = [x.image[:, t:t + h, left:left + w] for (x, _, _), (t, left, h, w) in zip(views, boxes, strict=True)]
+    clock("crop (a view of the tensor)", len(views), t0)
+    t0 = time.process_time()
+    tensors = [resize_tensor(c, recipe.image_size, recipe.image_size, recipe.torch_mode) for c in crops]
+    clock("resize (torch uint8, antialiased)", len(views), t0)
+    return tensors
+
+
+def _pillow_stages(recipe, samples, views, boxes, clock) -> list[torch.Tensor]:
+    """v1/v2: the crop goes into PIL (from the tensor, or cut from the image converted once), Pillow resizes."""
+    t0 = time.process_time()
+    ims = [_to_pil(x.image[:, t:t + h, left:left + w]) for (x, _, _), (t, left, h, w) in zip(views, boxes,
+                                                                                            strict=True)]
+    clock("crop to PIL", len(views), t0)
+    t0 = time.process_time()
+    sources = {id(x): view_source(x.image, recipe, CACHED_EPOCHS) for _, x in samples}
+    clock("image to PIL once (N >= 3, per image)", len(samples), t0)
+    t0 = time.process_time()
+    for (x, _, _), (t, left, h, w) in zip(views, boxes, strict=True):
+        sources[id(x)].crop((left, t, left + w, t + h))
+    clock("crop of it (N >= 3, per view)", len(views), t0)
+    t0 = time.process_time()
+    ims = [im.resize((recipe.image_size,) * 2, recipe.resample) for im in ims]
+    clock("resize (Pillow, antialiased)", len(views), t0)
+    t0 = time.process_time()
+    tensors = [_from_pil(im) for im in ims]
+    clock("PIL to tensor", len(views), t0)
+    return tensors
 
 
 def median_ratio(rates: list[float], base: list[float]) -> float:
@@ -187,11 +216,11 @@ class _Tiny224(torch.nn.Module):
         return self.fc(torch.relu(self.patch(x)).mean((2, 3)))
 
 
-def e2e(data: str, cache: str, root: str, workers: int, epochs: int, repeats: int) -> dict:
+def e2e(data: str, cache: str, recipe: str, root: str, workers: int, epochs: int, repeats: int) -> dict:
     """images/s of training (views per second of the logged epochs' training time) for CE N=1 and NKD N=4."""
     LOCAL_MODELS["tiny224"] = ModelSpec("tiny224", "logitcache", 224, IMAGENET_MEAN, IMAGENET_STD, None, None,
                                         lambda nc, _: _Tiny224(nc))
-    runs = {"ce, N=1": dict(loss="ce", recipe="imagenet", image_size=224, views_per_decode=1),
+    runs = {"ce, N=1": dict(loss="ce", recipe=recipe, image_size=224, views_per_decode=1),
             "nkd cached, N=4": dict(loss="nkd", cache=cache, views_per_decode=4)}
     best: dict[str, float] = {}
     for r in range(repeats):
@@ -215,12 +244,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--e2e", action="store_true", help="also the end-to-end training comparison")
     ap.add_argument("--e2e-workers", type=int, default=1)
     ap.add_argument("--e2e-epochs", type=int, default=8)
+    ap.add_argument("--recipe", default="imagenet", help="the view recipe (default: the newest imagenet)")
+    ap.add_argument("--compare-recipe", default=None,
+                    help="also replay a cache of this recipe at N = 1 and 4 in the same rounds (e.g. imagenet@2)")
     ap.add_argument("--json", action="store_true", help="JSON summary on stdout only")
     args = ap.parse_args(argv)
     log = sys.stderr if args.json else sys.stdout
     torch.set_num_threads(1)  # per core
     with tempfile.TemporaryDirectory(prefix="bench_vpd_") as root:
-        data, cache, kb = make_data(root, args.images, args.per_shard)
+        data, kb = make_data(root, args.images, args.per_shard)
+        cache = make_cache(root, data, args.recipe)
+        other = make_cache(root, data, args.compare_recipe) if args.compare_recipe else None
+        other_rounds: dict[int, list[float]] = {1: [], 4: []}
         replay_rate(data, cache, 1, args.batch_size)  # warm-up (page cache, lazy imports)
         replay: dict[int, float] = {}  # views per CPU second: per core, whatever else the machine runs
         dumping: dict[int, float] = {}
@@ -232,12 +267,17 @@ def main(argv=None) -> dict:
                 cpu, wall = replay_rate(data, cache, n, args.batch_size)
                 rounds[n].append(cpu)
                 replay[n], replay_wall[n] = max(replay.get(n, 0.0), cpu), max(replay_wall.get(n, 0.0), wall)
-                cpu, wall = dump_rate(data, n, args.batch_size)
+                cpu, wall = dump_rate(data, args.recipe, n, args.batch_size)
                 dumping[n], dumping_wall[n] = max(dumping.get(n, 0.0), cpu), max(dumping_wall.get(n, 0.0), wall)
+                if other is not None and n in other_rounds:
+                    other_rounds[n].append(replay_rate(data, other, n, args.batch_size)[0])
         stages = stage_costs(data, cache, args.batch_size, args.repeats) if args.stages else {}
-        e2e_rates = e2e(data, cache, root, args.e2e_workers, args.e2e_epochs, args.repeats) if args.e2e else {}
+        e2e_rates = e2e(data, cache, args.recipe, root, args.e2e_workers, args.e2e_epochs,
+                        args.repeats) if args.e2e else {}
+    recipe = get_recipe(args.recipe, 224)
     summary = {
         "benchmark": "views_per_decode", "images": args.images, "mean_jpeg_kb": kb, "image_size": 224,
+        "recipe": f"{recipe.name}@{recipe.version}", "interpolation": recipe.interpolation,
         "replay_views_per_s_one_core": {str(n): round(v, 1) for n, v in replay.items()},
         "replay_ratio_to_n1": {str(n): round(v / replay[1], 3) for n, v in replay.items()},
         "replay_ratio_median_of_rounds": {str(n): round(median_ratio(rounds[n], rounds[1]), 3) for n in rounds},
@@ -250,6 +290,13 @@ def main(argv=None) -> dict:
         "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version(),
                     "torch": torch.__version__, "processor": platform.processor() or platform.machine()},
     }
+    if other is not None:
+        summary["compare"] = {
+            "recipe": args.compare_recipe,
+            "replay_views_per_s_one_core": {str(n): round(max(v), 1) for n, v in other_rounds.items()},
+            "n1_ratio_median_of_rounds": round(median_ratio(rounds[1], other_rounds[1]), 3),
+            "n4_ratio_median_of_rounds": round(median_ratio(rounds[4], other_rounds[4]), 3),
+            "its_n4_over_n1_median_of_rounds": round(median_ratio(other_rounds[4], other_rounds[1]), 3)}
     if stages:
         summary["stages_cpu_ms"] = {k: round(v, 4) for k, v in stages.items()}
     if e2e_rates:
@@ -257,7 +304,8 @@ def main(argv=None) -> dict:
                         "e2e_ratio_nkd_n4_over_ce_n1": e2e_rates["nkd cached, N=4"] / e2e_rates["ce, N=1"],
                         "e2e_workers": args.e2e_workers, "target_e2e_ratio": 1.5})
     print(f"{args.images} synthetic photos, mean JPEG {kb:.0f} kB, 224 px views; {os.cpu_count()} CPUs, load average "
-          f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())}, torch {torch.__version__}", file=log)
+          f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())}, torch {torch.__version__}; recipe "
+          f"{summary['recipe']} ({recipe.interpolation})", file=log)
     for n in (1, 2, 4, 8):
         print(f"replay  N={n}: {replay[n]:7.1f} views/CPU-s  x{replay[n] / replay[1]:.2f}  "
               f"(wall: {replay_wall[n]:6.1f}/s x{replay_wall[n] / replay_wall[1]:.2f})     "
@@ -267,6 +315,13 @@ def main(argv=None) -> dict:
         f"N={n} x{median_ratio(rounds[n], rounds[1]):.2f}" for n in (2, 4, 8)), file=log)
     print(f"target: replay N=4 / N=1 >= 2.0 -> {replay[4] / replay[1]:.2f} (best rounds), "
           f"{median_ratio(rounds[4], rounds[1]):.2f} (median of rounds)", file=log)
+    if other is not None:
+        c = summary["compare"]
+        print(f"{args.compare_recipe} in the same rounds: N=1 {c['replay_views_per_s_one_core']['1']:.1f}, N=4 "
+              f"{c['replay_views_per_s_one_core']['4']:.1f} views/CPU-s (its N=4 / N=1 x"
+              f"{c['its_n4_over_n1_median_of_rounds']:.2f}); {summary['recipe']} / {args.compare_recipe}: N=1 x"
+              f"{c['n1_ratio_median_of_rounds']:.2f}, N=4 x{c['n4_ratio_median_of_rounds']:.2f} (median of rounds)",
+              file=log)
     for k, v in stages.items():
         print(f"  {k:30s} {v:6.3f} CPU-ms per {'image' if 'image' in k else 'view'}", file=log)
     if e2e_rates:

@@ -101,7 +101,8 @@ def test_cached_views_are_the_dumped_mixed_views(small_shards, deit_cache):
     assert target.shape == (10,) and math.isclose(float(target.sum()), 1.0, rel_tol=1e-6) and len(row) == 1
 
 
-@pytest.mark.parametrize("name,version", [("deit", 2), ("tv-v2", 2), ("deit", 1), ("imagenet", 2), ("imagenet", 1)])
+@pytest.mark.parametrize("name,version", [("deit", 2), ("tv-v2", 2), ("deit", 1), ("imagenet", 3), ("imagenet", 2),
+                                        ("imagenet", 1)])
 def test_views_do_not_depend_on_workers_or_ranks(small_shards, name, version):
     r = get_recipe(name, 28, version)
 

@@ -177,10 +177,11 @@ def test_partners_form_cycles_inside_a_block_and_depend_only_on_the_unit():
 
 # ------------------------------------------------------------------ recipes
 VERSIONS = [("deit", 1), ("deit", 2), ("tv-v2", 1), ("tv-v2", 2)]
-ALL_VERSIONS = [*VERSIONS, ("imagenet", 1), ("imagenet", 2)]  # imagenet: crop + flip only (v2: the crop codes)
+ALL_VERSIONS = [*VERSIONS, ("imagenet", 1), ("imagenet", 2), ("imagenet", 3)]  # imagenet: crop + flip only
+# (v2: the crop codes; v3: the codes, resized by torch)
 
 
-@pytest.mark.parametrize("name,version", [*VERSIONS, ("imagenet", 2)])
+@pytest.mark.parametrize("name,version", [*VERSIONS, ("imagenet", 2), ("imagenet", 3)])
 def test_recipe_views_apply_twice_to_identical_bytes(name, version):
     r = get_recipe(name, 32, version)
     x = _tensor(45, 60)

@@ -142,7 +142,7 @@ def test_dry_run_writes_nothing(imagenet_shards, tmp_path):
                                     "--json", *DUMP_ARGS])
     assert res.exit_code == 0, res.output
     plan = json.loads(res.output)
-    assert plan["units"] == 6 and plan["views"] == 48 and plan["recipe"] == "imagenet@2"  # the newest version
+    assert plan["units"] == 6 and plan["views"] == 48 and plan["recipe"] == "imagenet@3"  # the newest version
     assert not out.exists()
 
 

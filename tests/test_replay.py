@@ -99,9 +99,12 @@ def test_other_recipe_is_refused_naming_the_settings(imagenet_shards, cache):
     with pytest.raises(CacheMismatchError, match=r"name: cache has 'imagenet', requested 'small'"):
         check_cache_matches(CacheReader(str(cache)), imagenet_shards, get_recipe("small", 32))
     assert check_cache_matches(CacheReader(str(cache)), imagenet_shards) == get_recipe("imagenet", 32)
-    assert get_recipe("imagenet", 32).version == 2  # what a dump makes now; version 1 is another recipe
-    with pytest.raises(CacheMismatchError, match=r"version: cache has 2, requested 1"):
+    assert get_recipe("imagenet", 32).version == 3  # what a dump makes now; version 1 is another recipe
+    with pytest.raises(CacheMismatchError, match=r"version: cache has 3, requested 1"):
         CachedViews(imagenet_shards, cache, epoch=0, recipe=get_recipe("imagenet@1", 32))
+    with pytest.raises(CacheMismatchError, match=r"interpolation: cache has 'bilinear-antialias-torch', requested "
+                                                 r"'bilinear-antialias-pillow'\n  version: cache has 3, requested 2"):
+        CachedViews(imagenet_shards, cache, epoch=0, recipe=get_recipe("imagenet@2", 32))
 
 
 def test_an_imagenet_v1_cache_still_replays_trains_and_verifies(imagenet_shards, tmp_path):
@@ -128,7 +131,7 @@ def test_an_imagenet_v1_cache_still_replays_trains_and_verifies(imagenet_shards,
     assert resolve_recipe("imagenet", None, cached=meta.recipe) == v1
     with pytest.raises(CacheMismatchError, match="version 1"):
         resolve_recipe("imagenet@2", None, cached=meta.recipe)
-    with pytest.raises(CacheMismatchError, match=r"version: cache has 1, requested 2"):
+    with pytest.raises(CacheMismatchError, match=r"version: cache has 1, requested 3"):  # v2 = the newest, v3
         CachedViews(imagenet_shards, out, epoch=0, recipe=v2)
     common = dict(data=str(imagenet_shards), student="smallcnn", loss="nkd", cache=str(out), epochs=1,
                   batch_size=8, progress=False)

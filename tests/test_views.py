@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+import torchvision.transforms.v2.functional as TV2
+import torchvision.transforms.v2.functional._geometry as tv2_geometry
 from PIL import Image
 
 from logitcache.errors import RecipeError
@@ -113,6 +115,71 @@ def test_imagenet_view_equals_torchvision_on_pil_images(version):
         assert torch.equal(y, _tensor(ref)), (i, p)
 
 
+def test_imagenet_v3_view_equals_torchvision_v2_on_uint8_tensors(monkeypatch):
+    """v3 = v2's crop codes, the crop resized by torch on the uint8 tensor: torchvision v2's resized_crop
+    (antialias) + hflip on the same tensor, byte for byte, for contiguous and channels-last (decoded) images;
+    within 1 grey level of v2's Pillow pixels (same box), and not equal to them (another recipe version).
+    torchvision resizes uint8 natively on AVX2/AVX512 and ARM CPUs and converts to float on other x86 ones; v3
+    always takes the native kernel, so the reference is torchvision's native path on any CI machine."""
+    monkeypatch.setattr(tv2_geometry, "_do_native_uint8_resize_on_cpu", lambda interpolation: True)
+    r3, r2 = get_recipe("imagenet", 48), get_recipe("imagenet@2", 48)
+    assert (r3.version, r3.interpolation, r3.torch_mode) == (3, "bilinear-antialias-torch", "bilinear")
+    differ = 0
+    for i in range(12):
+        x = _image(40 + 3 * i, 90 - 2 * i, seed=i)
+        if i % 2:
+            x = x.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        p = sample_view(view_rng(7, 2, i), x.shape[1], x.shape[2], r3)
+        assert p.to_array().tolist() == sample_view(view_rng(7, 2, i), *x.shape[1:], r2).to_array().tolist()
+        box = crop_box_from_codes(p.get("crop_area", "crop_ratio", "crop_y", "crop_x"), *x.shape[1:],
+                                  r3.scale, r3.ratio)
+        ref = TV2.resized_crop(x, *box, [48, 48], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        if p.flip:
+            ref = TV2.horizontal_flip(ref)
+        y = apply_view(x, p, r3)
+        assert y.dtype == torch.uint8 and y.shape == (3, 48, 48) and y.is_contiguous()
+        assert torch.equal(y, ref), (i, p)
+        pillow = apply_view(x, p, r2)
+        assert int((y.int() - pillow.int()).abs().max()) <= 1
+        differ += int((y != pillow).sum())
+    assert differ > 0
+
+
+_CAPABILITY_PROBE = """
+import hashlib, sys, torch
+from logitcache.views.recipe import apply_view, eval_view, get_recipe, sample_view
+from logitcache.views.rng import view_rng
+torch.set_num_threads(int(sys.argv[1]))
+h = hashlib.sha256()
+for name, size in (("imagenet", 56), ("imagenet", 224), ("imagenet@2", 56)):
+    r = get_recipe(name, size)
+    for i in range(12):
+        g = torch.Generator().manual_seed(i)
+        H, W = 30 + 37 * i, 400 - 29 * i
+        x = torch.randint(0, 256, (H, W, 3), dtype=torch.uint8, generator=g).permute(2, 0, 1)  # decoded layout
+        for e in range(3):
+            h.update(apply_view(x, sample_view(view_rng(1, e, i), H, W, r), r).numpy().tobytes())
+        h.update(eval_view(x, r).numpy().tobytes())
+print(torch.backends.cpu.get_cpu_capability(), h.hexdigest())
+"""
+
+
+def test_views_are_the_same_bytes_on_every_cpu_kernel():
+    """Why a v3 cache dumped on an x86 GPU node replays on an ARM one (or the reverse): torch's uint8 antialiased
+    resize gives the same bytes from its generic kernel (ATEN_CPU_CAPABILITY=default, what ARM CPUs run) as from
+    this CPU's vector kernels, with 1 or 2 threads. A torch that broke this would fail here (and its replays
+    would fail the cache's view digests)."""
+    def run(env_extra, threads):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env_extra}
+        out = subprocess.run([sys.executable, "-c", _CAPABILITY_PROBE, str(threads)], env=env, capture_output=True,
+                             text=True, timeout=120, check=True).stdout.split()
+        return out[0], out[1]
+    native = run({}, 2)
+    generic = run({"ATEN_CPU_CAPABILITY": "default"}, 1)
+    assert generic[0] == "DEFAULT"
+    assert generic[1] == native[1], f"{native[0]} and DEFAULT kernels give different views"
+
+
 def test_flip_mirrors_the_view():
     r = get_recipe("imagenet", 32, version=1)
     x = _image(50, 60)
@@ -163,12 +230,16 @@ def test_params_that_do_not_fit_the_image_are_refused():
         apply_view(x.float(), ViewParams(0, 0, 10, 10, False), get_recipe("imagenet", 32, version=1))
 
 
-def test_eval_view_is_resize_then_center_crop():
-    r = get_recipe("imagenet", 56)  # resize the shorter side to floor(56 / 0.875) = 64
+def test_eval_view_is_resize_then_center_crop(monkeypatch):
+    monkeypatch.setattr(tv2_geometry, "_do_native_uint8_resize_on_cpu", lambda interpolation: True)  # see above
+    r = get_recipe("imagenet@2", 56)  # resize the shorter side to floor(56 / 0.875) = 64
+    r3 = get_recipe("imagenet", 56)  # v3: the same with torch's resize of the uint8 tensor
     for h, w in ((40, 90), (90, 41), (64, 64)):
         x = _image(h, w, seed=h)
         ref = TF.center_crop(TF.resize(_pil(x), 64, interpolation=TF.InterpolationMode.BILINEAR), 56)
         assert torch.equal(eval_view(x, r), _tensor(ref))
+        ref3 = TV2.center_crop(TV2.resize(x, [64], interpolation=TF.InterpolationMode.BILINEAR, antialias=True), 56)
+        assert torch.equal(eval_view(x, r3), ref3)
     small = _image(28, 28)
     assert torch.equal(eval_view(small, get_recipe("small")), small)
     assert eval_view(small, get_recipe("small", 32)).shape == (3, 32, 32)
@@ -203,18 +274,23 @@ def test_recipe_json_round_trip_and_refusals():
         assert Recipe.from_json(d) == r
     assert "pad" not in get_recipe("imagenet").to_json() and "scale" not in get_recipe("small").to_json()
     assert get_recipe("imagenet").image_size == 224 and get_recipe("small").image_size == 28
-    assert get_recipe("imagenet").version == 2 and get_recipe("imagenet@1").version == 1
+    assert get_recipe("imagenet").version == 3 and get_recipe("imagenet@1").version == 1
     d = get_recipe("imagenet", version=1).to_json()
-    with pytest.raises(RecipeError, match="version 3"):
-        Recipe.from_json({**d, "version": 3})
+    with pytest.raises(RecipeError, match="version 9"):
+        Recipe.from_json({**d, "version": 9})
     with pytest.raises(RecipeError, match="param fields"):  # v1's fields under v2's number: not replayed as v2
         Recipe.from_json({**d, "version": 2})
     with pytest.raises(RecipeError, match="param fields"):
         Recipe.from_json({**get_recipe("imagenet").to_json(), "version": 1})
     with pytest.raises(RecipeError, match="must be a number"):
         get_recipe("imagenet@two")
-    with pytest.raises(RecipeError, match="version 3"):
-        get_recipe("imagenet@3")
+    with pytest.raises(RecipeError, match="version 9"):
+        get_recipe("imagenet@9")
+    v3 = get_recipe("imagenet").to_json()
+    with pytest.raises(RecipeError, match="not implemented"):  # v3 is torch's resize, v2 Pillow's: not swapped
+        Recipe.from_json({**v3, "interpolation": "bilinear-antialias-pillow"})
+    with pytest.raises(RecipeError, match="not implemented"):
+        Recipe.from_json({**get_recipe("imagenet@2").to_json(), "interpolation": "bilinear-antialias-torch"})
     with pytest.raises(RecipeError, match="disagree"):
         get_recipe("imagenet@1", version=2)
     with pytest.raises(RecipeError, match="does not know"):
@@ -310,7 +386,9 @@ def test_views_cut_from_a_shared_source_are_the_same_bytes(name):
 
 def test_a_shared_source_only_where_it_saves_time():
     x = _image(40, 50)
-    assert view_source(x, get_recipe("imagenet", 32), 2) is None  # two views: converting each crop is cheaper
+    assert view_source(x, get_recipe("imagenet@2", 32), 2) is None  # two views: converting each crop is cheaper
+    assert view_source(x, get_recipe("imagenet@2", 32), 3) is not None
+    assert view_source(x, get_recipe("imagenet", 32), 8) is None  # v3 resizes the tensor: PIL never enters
     assert view_source(x, get_recipe("small", 28), 8) is None  # pad + crop windows are cut from the tensor
     with pytest.raises(RecipeError, match="uint8"):
-        view_source(x.float(), get_recipe("imagenet", 32), 4)
+        view_source(x.float(), get_recipe("imagenet@2", 32), 4)

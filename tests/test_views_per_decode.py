@@ -306,12 +306,14 @@ def test_two_process_ddp_trains_each_view_of_a_pass_once(imagenet_shards, tmp_pa
 
 def test_the_per_view_path_gives_pillows_own_pixels():
     """The per-view path (PIL unpacks a channels-last crop where it lies; the view leaves as contiguous planes) gives
-    exactly the pixels of the plain Pillow route: copy the crop, ``Image.fromarray``, resize, flip, ``np.array``."""
+    exactly the pixels of the plain Pillow route: copy the crop, ``Image.fromarray``, resize, flip, ``np.array``;
+    imagenet v3's (torch reads the channels-last crop where it lies) those of resizing a contiguous copy."""
     rng = np.random.default_rng(3)
     for H, W in ((37, 53), (1, 9), (64, 20), (30, 1)):
         a = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
         for image in (torch.from_numpy(a).permute(2, 0, 1), torch.from_numpy(a.transpose(2, 0, 1).copy())):
-            for recipe in (get_recipe("imagenet", 24), get_recipe("imagenet", 24, 1), get_recipe("small", 16)):
+            for recipe in (get_recipe("imagenet", 24, 2), get_recipe("imagenet", 24, 1), get_recipe("small", 16),
+                           get_recipe("imagenet", 24)):
                 for _ in range(8):
                     p = sample_view(rng, H, W, recipe)
                     if recipe.name == "small":
@@ -320,8 +322,14 @@ def test_the_per_view_path_gives_pillows_own_pixels():
                     else:
                         t, lft, h, w = crop_box(p, recipe, H, W)
                         crop = a[t:t + h, lft:lft + w]
-                    im = Image.fromarray(np.ascontiguousarray(crop)).resize((recipe.image_size,) * 2, recipe.resample)
-                    want = np.array(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else im)
+                    if recipe.torch_mode:
+                        x = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))[None]
+                        y = torch.nn.functional.interpolate(x, size=(24, 24), mode="bilinear", antialias=True)[0]
+                        want = (y.flip(-1) if p.flip else y).permute(1, 2, 0).numpy()
+                    else:
+                        im = Image.fromarray(np.ascontiguousarray(crop)).resize((recipe.image_size,) * 2,
+                                                                                recipe.resample)
+                        want = np.array(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p.flip else im)
                     got = apply_view(image, p, recipe)
                     assert np.array_equal(got.permute(1, 2, 0).numpy(), want), (H, W, recipe.name, p)
     assert collate([(got,), (got,)])[0].is_contiguous()

@@ -9,17 +9,21 @@ pixels; "the same view" means the same uint8 pixels after crop/resize/flip and b
 normalises its own way, see `normalize`). Mixing recipes (``deit``, ``tv-v2``) mix each such view with a
 partner view of the same (epoch, shard) unit afterwards: `logitcache.views.mixing.UnitMixer`.
 
-Why Pillow does the resizing: Pillow's bilinear/bicubic (antialiased) resampling is fixed-point integer C code
-with no CPU-specific variants, so the same params give the same bytes on any machine. torch's uint8 antialiased
-resize was measured to give different bytes with ``ATEN_CPU_CAPABILITY=default`` (the path ARM CPUs such as Grace
-take) than with AVX2/AVX512, so a cache dumped on one machine would not replay exactly on another. Cropping
-happens on the tensor first (as torchvision's ``resized_crop`` does), so our ``imagenet`` views equal
-torchvision's ``RandomResizedCrop`` + ``RandomHorizontalFlip`` on PIL images, given the same box and flip.
+Which code resizes, and why the bytes are the same on any machine: ``imagenet`` v3 (the newest) resizes the
+uint8 crop with torch (`resize_tensor`, torchvision v2's resize of uint8 tensors), so its views equal
+torchvision's v2 ``RandomResizedCrop(antialias=True)`` + ``RandomHorizontalFlip`` on uint8 tensors, given the
+same box and flip; torch's uint8 antialiased kernels are fixed-point integer code whose generic path
+(``ATEN_CPU_CAPABILITY=default``, what ARM CPUs take) gives the AVX2/AVX512 bytes (checked by a test on every
+run; the replay's view digests would also catch a torch that changed them). It costs a third of Pillow's
+resize, the largest per-view cost of replaying (README, issue 17). The other recipes and versions resize with
+Pillow's antialiased bilinear/bicubic, fixed-point integer C code with no CPU-specific variants, after cropping
+the tensor (as torchvision's ``resized_crop`` does): their views equal torchvision's transforms on PIL images,
+which RandAugment / TrivialAugment need anyway (they are Pillow operations).
 
 Recipes are named and versioned; a recipe's settings are serialised into every cache (``Recipe.to_json``) and a
 cache made by a different version of a recipe is refused rather than replayed approximately.
 
-    imagenet v2  RandomResizedCrop 0.08-1 bilinear, flip                      eval: resize 256, center 224
+    imagenet v3  RandomResizedCrop 0.08-1 bilinear (torch, uint8), flip       eval: resize 256, center 224
     small v1     pad 4 + crop, flip                                            eval: resize
     deit v2      RRC 0.08-1 bicubic, flip, RandAugment rand-m9-mstd0.5-inc1, RandomErasing 0.25 (pixel noise),
                  Mixup 0.8 / CutMix 1.0 switch 0.5                            eval: bicubic resize 256, center 224
@@ -27,11 +31,12 @@ cache made by a different version of a recipe is refused rather than replayed ap
                  Mixup 0.2 / CutMix 1.0 switch 0.5                            eval: resize 232, center 224
 
 imagenet / deit / tv-v2 v1 (still replayed) store source-pixel boxes (deit / tv-v2 also an erasing seed and the
-partner offset); v2 (what `get_recipe` makes; ``name@1`` the older one) stores grid codes instead
+partner offset); v2 (what `get_recipe` makes for deit / tv-v2; ``name@1`` the older one) stores grid codes instead
 (`Recipe.coded`): the crop box is a pure function of the codes and the image size (`crop_box`), the erasing
 noise is keyed by the view's (seed, epoch, index) and the partner comes from the unit (see the ops' modules and
 README "Augmentation recipes"). imagenet v1 views equal torchvision's RandomResizedCrop exactly given its box;
-v2 draws the same distribution on the crop grid.
+v2 draws the same distribution on the crop grid; v3 (what `get_recipe` makes for imagenet) is v2's codes and
+views resized by torch instead of Pillow (pixels within ±1 of v2's).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from logitcache.views.ops.geometry import (
     crop_box_from_codes,
     draw_crop_codes,
     resize,
+    resize_tensor,
 )
 from logitcache.views.params import ArrayParams, ViewParams
 
@@ -67,7 +73,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _BILINEAR = "bilinear-antialias-pillow"
 _BICUBIC = "bicubic-antialias-pillow"
+_BILINEAR_TORCH = "bilinear-antialias-torch"  # torch.nn.functional.interpolate on the uint8 tensor
 _RESAMPLE = {_BILINEAR: Image.Resampling.BILINEAR, _BICUBIC: Image.Resampling.BICUBIC}
+_TORCH_MODE = {_BILINEAR_TORCH: "bilinear"}
 _TV_INTERP = {_BILINEAR: InterpolationMode.BILINEAR, _BICUBIC: InterpolationMode.BICUBIC}
 _CROP = ("scale", "ratio", "flip_p", "interpolation", "eval_crop_fraction")
 _AUG = ("erasing_p", "erasing_mode", "mixup_alpha", "cutmix_alpha", "mix_switch", "mix_prob", "mix_block",
@@ -92,6 +100,7 @@ class _Spec:
     settings: tuple[str, ...]
     defaults: dict[str, Any]
     fields: tuple[str, ...]
+    filters: tuple[str, ...] = (_BILINEAR,)  # the ``interpolation`` settings this version implements
 
 
 # DeiT (Touvron et al. 2021; facebookresearch/deit main.py defaults), i.e. timm's create_transform(
@@ -106,19 +115,22 @@ _DEIT = dict(interpolation=_BICUBIC, randaugment="rand-m9-mstd0.5-inc1", erasing
 _TV2 = dict(interpolation=_BILINEAR, trivialaugment=31, erasing_p=0.1, erasing_mode="mean", mixup_alpha=0.2,
             cutmix_alpha=1.0, mix_switch=0.5, mix_prob=1.0, cutmix_box="torchvision", eval_crop_fraction=224 / 232)
 
+_PILLOW_FILTERS = (_BILINEAR, _BICUBIC)
 #: every (name, version) this logitcache can replay; `get_recipe` makes the newest of each name
 _RECIPES: dict[tuple[str, int], _Spec] = {
     ("imagenet", 1): _Spec(1, 224, _CROP, {}, (*_BOX_FIELDS, "flip")),
     ("imagenet", 2): _Spec(2, 224, _CROP, {}, (*_CROP_CODES, "flip")),
+    ("imagenet", 3): _Spec(3, 224, _CROP, {"interpolation": _BILINEAR_TORCH}, (*_CROP_CODES, "flip"),
+                           (_BILINEAR_TORCH,)),
     ("small", 1): _Spec(1, 28, ("pad", "flip_p", "interpolation"), {}, (*_BOX_FIELDS, "flip")),
     ("deit", 1): _Spec(1, 224, (*_CROP, "randaugment", *_AUG), _DEIT,
-                       (*_BOX_FIELDS, "flags", *_RA_FIELDS, *_ERASE_FIELDS, *_MIX_FIELDS)),
+                       (*_BOX_FIELDS, "flags", *_RA_FIELDS, *_ERASE_FIELDS, *_MIX_FIELDS), _PILLOW_FILTERS),
     ("deit", 2): _Spec(2, 224, (*_CROP, "randaugment", *_AUG), _DEIT,
-                       (*_CROP_CODES, "flags", *_RA_FIELDS, *_ERASE_CODES, *_MIX_CODES)),
+                       (*_CROP_CODES, "flags", *_RA_FIELDS, *_ERASE_CODES, *_MIX_CODES), _PILLOW_FILTERS),
     ("tv-v2", 1): _Spec(1, 224, (*_CROP, "trivialaugment", *_AUG), _TV2,
-                        (*_BOX_FIELDS, "flags", *_TA_FIELDS, *_ERASE_FIELDS, *_MIX_FIELDS)),
+                        (*_BOX_FIELDS, "flags", *_TA_FIELDS, *_ERASE_FIELDS, *_MIX_FIELDS), _PILLOW_FILTERS),
     ("tv-v2", 2): _Spec(2, 224, (*_CROP, "trivialaugment", *_AUG), _TV2,
-                        (*_CROP_CODES, "flags", *_TA_FIELDS, *_ERASE_CODES, *_MIX_CODES)),
+                        (*_CROP_CODES, "flags", *_TA_FIELDS, *_ERASE_CODES, *_MIX_CODES), _PILLOW_FILTERS),
 }
 _NAMES = sorted({n for n, _ in _RECIPES})
 _NEWEST = {n: max(v for m, v in _RECIPES if m == n) for n in _NAMES}
@@ -150,7 +162,8 @@ class Recipe:
     """A named, versioned view recipe and its settings.
 
     ``imagenet``: RandomResizedCrop (``scale``, ``ratio``; torchvision's 10-attempt algorithm and its
-    center-crop fallback; version 2 on the crop-code grid) to ``image_size`` + horizontal flip with probability
+    center-crop fallback; versions 2 and 3 on the crop-code grid; version 3 resized by torch on the uint8
+    tensor, ``interpolation`` = bilinear-antialias-torch) to ``image_size`` + horizontal flip with probability
     ``flip_p``; eval = resize the shorter side to ``floor(image_size / eval_crop_fraction)`` + center crop.
     ``small`` (Fashion-MNIST/CIFAR style): zero-pad ``pad`` px, random crop of the source size, flip; resized to
     ``image_size`` only when the source differs; eval = resize only.
@@ -189,9 +202,9 @@ class Recipe:
         _spec(self.name, self.version)
         if not isinstance(self.image_size, int) or self.image_size < 1:
             raise RecipeError(f"image_size must be a positive int, got {self.image_size!r}")
-        if self.interpolation not in _RESAMPLE or (self.name in ("imagenet", "small") and
-                                                    self.interpolation != _BILINEAR):
-            raise RecipeError(f"interpolation {self.interpolation!r} is not implemented for {self.name!r}")
+        if self.interpolation not in _spec(self.name, self.version).filters:
+            raise RecipeError(f"interpolation {self.interpolation!r} is not implemented for {self.name!r} version "
+                              f"{self.version} (it implements {list(_spec(self.name, self.version).filters)})")
         if not 0.0 <= self.flip_p <= 1.0:
             raise RecipeError(f"flip_p must be in [0, 1], got {self.flip_p}")
         if not (0 < self.scale[0] <= self.scale[1] <= 1.0) or not (0 < self.ratio[0] <= self.ratio[1]):
@@ -246,7 +259,16 @@ class Recipe:
 
     @property
     def resample(self) -> int:
+        """Pillow's filter (the recipes that resize with Pillow)."""
+        if self.interpolation not in _RESAMPLE:
+            raise RecipeError(f"recipe {self.name!r} v{self.version} resizes with torch ({self.interpolation})")
         return _RESAMPLE[self.interpolation]
+
+    @property
+    def torch_mode(self) -> str | None:
+        """torch's interpolate mode when this recipe resizes the uint8 tensor with torch (`resize_tensor`), else
+        None (Pillow resizes)."""
+        return _TORCH_MODE.get(self.interpolation)
 
     @property
     def fill(self) -> tuple[int, ...]:
@@ -401,8 +423,8 @@ def view_source(image: torch.Tensor, recipe: Recipe, views: int) -> Image.Image 
     """``image`` as one PIL image for `apply_view(..., source=)` when ``views`` views of it are about to be made
     and that saves time (crop recipes, at least `SHARED_SOURCE_MIN_VIEWS` views); else None. The views are the
     same bytes either way."""
-    if views < SHARED_SOURCE_MIN_VIEWS or recipe.name == "small":
-        return None
+    if views < SHARED_SOURCE_MIN_VIEWS or recipe.name == "small" or recipe.torch_mode:
+        return None  # torch-resized recipes never go through PIL
     _check_image(image)
     return _to_pil(image)
 
@@ -411,7 +433,8 @@ def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Re
                key: tuple[int, int, int] | None = None, *, source: Image.Image | None = None) -> torch.Tensor:
     """The view ``params`` of ``image`` (uint8 (3, H, W)) as a new uint8 (3, S, S) tensor, S = image_size.
 
-    imagenet: crop the box, resize to S x S (bilinear, antialiased), flip. small: take the source-sized window
+    imagenet: crop the box, resize to S x S (bilinear, antialiased: v3 by torch on the uint8 tensor, older
+    versions by Pillow), flip. small: take the source-sized window
     at (top, left) of the zero-padded image, resize to S x S only if the source is not S x S, flip.
     deit / tv-v2: the imagenet steps with the recipe's filter, then RandAugment / TrivialAugment and erasing;
     NOT the mix, which needs the partner view (`logitcache.views.mixing.UnitMixer` does it). Version 2 (coded)
@@ -435,6 +458,9 @@ def apply_view(image: torch.Tensor, params: ViewParams | ArrayParams, recipe: Re
     S = recipe.image_size
     if not recipe.augments and tuple(x.shape[1:]) == (S, S):
         return torch.flip(x, dims=(-1,)) if params.flip else x.clone()
+    if recipe.torch_mode:  # imagenet v3: no PIL at all
+        x = resize_tensor(x, S, S, recipe.torch_mode)
+        return torch.flip(x, dims=(-1,)) if params.flip else x
     im = _to_pil(x) if source is None or recipe.name == "small" else source.crop((l, t, l + w, t + h))
     if im.size != (S, S):
         im = im.resize((S, S), recipe.resample)
@@ -483,6 +509,8 @@ def eval_view(image: torch.Tensor, recipe: Recipe) -> torch.Tensor:
         new_h, new_w = short_target, int(short_target * W / H)
     else:
         new_h, new_w = int(short_target * H / W), short_target
-    im = _to_pil(image).resize((new_w, new_h), recipe.resample)
     top, left = int(round((new_h - S) / 2.0)), int(round((new_w - S) / 2.0))
+    if recipe.torch_mode:
+        return resize_tensor(image, new_h, new_w, recipe.torch_mode)[:, top : top + S, left : left + S].contiguous()
+    im = _to_pil(image).resize((new_w, new_h), recipe.resample)
     return _from_pil(im.crop((left, top, left + S, top + S)))

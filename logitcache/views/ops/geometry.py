@@ -1,5 +1,6 @@
 """Geometric operations on uint8 (3, H, W) images: the RandomResizedCrop box (drawn from the view's Generator),
-the pad-crop window, Pillow's antialiased bilinear resize (bit-identical on every CPU), flips, normalisation."""
+the pad-crop window, the two antialiased resizes (Pillow's on PIL images; torch's on uint8 tensors, as
+torchvision v2 resizes tensors: both integer arithmetic, the same bytes on every CPU), flips, normalisation."""
 
 from __future__ import annotations
 
@@ -125,6 +126,18 @@ def _window(image: torch.Tensor, top: int, left: int) -> torch.Tensor:
 def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """uint8 (3, h, w) -> new uint8 (3, height, width) with Pillow's antialiased bilinear filter."""
     return _from_pil(_to_pil(image).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def resize_tensor(image: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
+    """uint8 (3, h, w) -> new uint8 (3, height, width), contiguous planes: torch's antialiased ``mode`` filter on
+    the uint8 tensor itself, which is what torchvision's v2 ``resize``/``resized_crop`` do with uint8 tensors.
+    Why it may replay a cache made elsewhere: torch's uint8 antialiased kernels compute in fixed-point integers
+    (int16 weights), and the generic kernel (``ATEN_CPU_CAPABILITY=default``, the one ARM CPUs run) gives the
+    same bytes as the AVX2/AVX512 ones (tests/test_views.py checks it in a subprocess on every run). A crop of a
+    channels-last image is read where it lies (no copy); 3-4x faster than Pillow's resize of the same crop."""
+    out = torch.nn.functional.interpolate(image[None], size=(height, width), mode=mode, antialias=True,
+                                          align_corners=False)[0]
+    return out.contiguous()  # channels-last input comes out as planes already; this copies only in other cases
 
 
 def _to_pil(x: torch.Tensor) -> Image.Image:
