@@ -15,16 +15,20 @@ from logitcache.cli import main as cli
 from logitcache.cli.options import resolve_workers
 from logitcache.data.convert.fashion_mnist import FASHION_MNIST_CLASSES
 from logitcache.data.manifest import load_manifest
+from logitcache.data.shards import ShardDataset
 from logitcache.data.split import split_shards
 from logitcache.data.write import write_shards
 from logitcache.dump import DumpConfig, dump
 from logitcache.errors import LogitcacheError
+from logitcache.eval.evaluate import EvalBatches, evaluate
 from logitcache.models.weights import load_checkpoint
+from logitcache.models.zoo import build_model
 from logitcache.replay import DEFAULT_STREAMS, CachedViews, FreshViews, collate, round_robin, stream_batches
 from logitcache.runtime import dist
 from logitcache.train.checkpoint import config_diff
 from logitcache.train.config import TrainConfig
 from logitcache.train.loop import train
+from logitcache.views.recipe import get_recipe
 
 SEED = 3
 
@@ -53,10 +57,13 @@ def cfg(data, out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def timeless(d: dict | None) -> dict | None:
+    return None if d is None else {k: v for k, v in d.items() if k not in ("seconds", "images_per_s")}
+
+
 def figures(run) -> list[dict]:
     lines = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in m["train"].items() if k not in ("seconds", "images_per_s")} | {"step": m["step"]}
-            for m in lines]
+    return [{"train": timeless(m["train"]), "val": timeless(m["val"]), "step": m["step"]} for m in lines]
 
 
 def weights(run) -> dict[str, torch.Tensor]:
@@ -71,8 +78,8 @@ def same_weights(a, b) -> bool:
 def test_the_training_curve_does_not_depend_on_the_worker_count(uneven_shards, uneven_cache, tmp_path,
                                                                  views_per_decode):
     """Teacher-free CE (fresh views) with N = 1, cached NKD with N = 2: --workers 0, 1, 2, 4 train the same steps
-    on the same batches, so the curves and the final weights are equal bit for bit."""
-    kw = dict(views_per_decode=views_per_decode)
+    on the same batches, so the curves (validation too) and the final weights are equal bit for bit."""
+    kw = dict(views_per_decode=views_per_decode, val=str(uneven_shards))
     if views_per_decode > 1:
         kw.update(loss="nkd", cache=str(uneven_cache), recipe=None, batch_size=4)  # every stream holds a batch
     runs = {}
@@ -80,7 +87,8 @@ def test_the_training_curve_does_not_depend_on_the_worker_count(uneven_shards, u
         train(cfg(uneven_shards, tmp_path / f"w{workers}", workers=workers, **kw))
         runs[workers] = (figures(tmp_path / f"w{workers}"), weights(tmp_path / f"w{workers}"))
     curve, final = runs[0]
-    assert sum(f["samples"] for f in curve) == 44 * 2  # every view of both epochs trained
+    assert sum(f["train"]["samples"] for f in curve) == 44 * 2  # every view of both epochs trained
+    assert all(f["val"]["n"] == 44 for f in curve)
     for workers, (c, w) in runs.items():
         assert c == curve, f"--workers {workers} trained another curve than --workers 0"
         assert same_weights(w, final), f"--workers {workers} ended with other weights than --workers 0"
@@ -193,3 +201,17 @@ def test_the_readme_streams_loop_yields_public_batches_whatever_the_workers(unev
         assert torch.equal(a_t, b_t)
         assert a_img.dtype == torch.uint8 and len(a_row.logits) == len(a_t) == len(a_i) <= 16
     assert sorted(int(i) for b in runs[0] for i in b[3]) == list(range(44))
+
+
+def test_evaluation_batches_never_span_shards_and_its_figures_do_not_depend_on_the_workers(uneven_shards):
+    """Validation/eval: a batch is a function of (shard, batch size) and the per-sample figures are reduced in
+    sample order, so every worker count gives the same figures bit for bit."""
+    model = build_model("smallcnn", 10, image_size=28)
+    recipe = get_recipe("small", 28)
+    batches = list(EvalBatches(ShardDataset(load_manifest(uneven_shards)), recipe, 3))
+    assert [len(b[2]) for b in batches] == [3, 3, 2] * 5 + [3, 1]  # five shards of 8, one of 4
+    assert torch.cat([b[2] for b in batches]).tolist() == list(range(44))
+    runs = [evaluate(model, uneven_shards, recipe, batch_size=3, workers=w, model_name="smallcnn")
+            for w in (0, 2, 4)]
+    assert timeless(runs[0][0]) == timeless(runs[1][0]) == timeless(runs[2][0]) and runs[0][0]["n"] == 44
+    assert json.dumps(runs[0][1].to_dict()) == json.dumps(runs[2][1].to_dict())  # (NaN in empty bins)

@@ -9,7 +9,9 @@ output of the model is scored (a `WeakHeadModel` returns ``(logits, weak_logits)
 
 Under DDP (an initialised process group, e.g. ``torchrun``) each rank reads its share of the shards
 (`shards.split_shards`) and `ClassificationMetrics.gather` merges the per-sample state, so every sample counts
-exactly once and every rank returns the same figures. Results are fractions / nats (``metrics.py``); the paper's
+exactly once and every rank returns the same figures. Batches never span two shards (`EvalBatches`) and each
+rank's per-sample figures are reduced in sample order, so the figures do not depend on the worker count.
+Results are fractions / nats (``metrics.py``); the paper's
 tables print top-1/top-5/ECE x 100 and AURC x 1000 (`paper_units`).
 """
 
@@ -37,8 +39,8 @@ from logitcache.runtime.dist import PREFETCH_BATCHES, current_env, init_distribu
 from logitcache.views.ops.geometry import normalize
 from logitcache.views.recipe import Recipe, eval_view, get_recipe, resolve_recipe
 
-__all__ = ["EvalTransform", "checkpoint_config", "evaluate", "load_model_for_eval", "paper_units", "recorded_settings",
-           "resolve_eval_recipe"]
+__all__ = ["EvalBatches", "EvalTransform", "checkpoint_config", "evaluate", "load_model_for_eval", "paper_units",
+           "recorded_settings", "resolve_eval_recipe"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,33 @@ class EvalTransform:
 
     def __call__(self, sample) -> tuple[torch.Tensor, int]:
         return eval_view(sample.image, self.recipe), sample.label
+
+
+class EvalBatches(torch.utils.data.IterableDataset):
+    """``(images, labels, global indices)`` batches of the eval views of ``dataset``'s samples (a `ShardDataset`),
+    at most ``batch_size`` each and never spanning two shards: a batch's samples — and so the model's float results
+    on them — are a function of (shard, batch size), whatever the DataLoader's worker count (use it with
+    ``batch_size=None``)."""
+
+    def __init__(self, dataset: ShardDataset, recipe: Recipe, batch_size: int):
+        super().__init__()
+        self.dataset, self.transform, self.batch_size = dataset, EvalTransform(recipe), batch_size
+
+    def __iter__(self):
+        batch, shard = [], None
+        for sample in self.dataset:
+            if batch and (len(batch) == self.batch_size or sample.shard != shard):
+                yield self._collate(batch)
+                batch = []
+            shard = sample.shard
+            batch.append((*self.transform(sample), sample.index))
+        if batch:
+            yield self._collate(batch)
+
+    @staticmethod
+    def _collate(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels, indices = zip(*batch, strict=True)
+        return torch.stack(images), torch.tensor(labels), torch.tensor(indices)
 
 
 def _resolve_normalization(normalization, model_name: str | None):
@@ -102,10 +131,10 @@ def evaluate(
     device = torch.device(device)
     env = current_env(str(device))  # never creates a group: per-rank figures must be merged by one
     rank, world = env.rank, env.world
-    dataset = ShardDataset(manifest, shards, rank=rank, world_size=world, skip_bad=skip_bad,
-                           transform=EvalTransform(recipe))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=False,
+    dataset = ShardDataset(manifest, shards, rank=rank, world_size=world, skip_bad=skip_bad)
+    loader = torch.utils.data.DataLoader(EvalBatches(dataset, recipe, batch_size), batch_size=None,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=False,
                                          prefetch_factor=PREFETCH_BATCHES if workers else None)
     selected = dataset.shards
     total = sum(manifest.shards[s].num_samples for s in selected)
@@ -114,7 +143,7 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    metrics = ClassificationMetrics(n_bins=n_bins, topk=5)
+    metrics, indices = ClassificationMetrics(n_bins=n_bins, topk=5), []
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -123,7 +152,8 @@ def evaluate(
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            for images, labels in loader:
+            for images, labels, index in loader:
+                indices.append(index)
                 x = normalize(images.to(device, non_blocking=True), mean_t, std_t)
                 with precision.eval_autocast(device):  # float32 (no autocast, no TF32): metrics from fp32 logits
                     out = model(precision.prepare_input(x, device))
@@ -136,6 +166,10 @@ def evaluate(
         model.train(was_training)
         if bar is not None:
             bar.close()
+    # in sample order, so the float sums do not depend on which worker read which shard first
+    order = torch.argsort(torch.cat(indices)) if indices else torch.zeros(0, dtype=torch.int64)
+    metrics = ClassificationMetrics.from_state({k: v[order.to(v.device)] for k, v in metrics.state().items()},
+                                               n_bins=n_bins, topk=5)
     merged = metrics.gather()
     seconds = time.perf_counter() - start
     result: dict[str, Any] = dict(merged.compute())
