@@ -502,7 +502,6 @@ class CachedViews(_Views):
         check_pixels: bool = True,
         views_per_decode: int = 1,
         batch_size: int | None = None,
-
         streams: int | None = None,
     ):
         self.reader = cache if isinstance(cache, CacheReader) else CacheReader(
@@ -607,7 +606,6 @@ class FreshViews(_Views):
         return_items: bool = False,
         views_per_decode: int = 1,
         batch_size: int | None = None,
-
         streams: int | None = None,
     ):
         if isinstance(recipe, str):
