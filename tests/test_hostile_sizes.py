@@ -21,7 +21,7 @@ from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
 from logitcache.cache.store import ObjectStore, read_markers, write_unit_indexes
 from logitcache.cli import main
-from logitcache.data.convert.scan import read_class_names
+from logitcache.data.convert.scan import expand_sources, read_class_names
 from logitcache.data.decode import decode_sample
 from logitcache.data.manifest import load_manifest
 from logitcache.errors import (
@@ -162,6 +162,22 @@ def test_oversized_class_names_file_is_refused(tmp_path):
     with pytest.raises(DataError) as e:
         read_class_names(str(path))
     assert_names(e.value, path, f"{TIB:,} bytes", f"{schema.MAX_CLASS_NAMES_BYTES:,} bytes")
+
+
+def test_oversized_or_binary_url_list_is_refused(tmp_path):
+    path = grow(tmp_path / "shards.txt")
+    with pytest.raises(DataError) as e:
+        expand_sources(str(path))
+    assert_names(e.value, path, f"{TIB:,} bytes", f"{schema.MAX_URL_LIST_BYTES:,} bytes")
+    res = CliRunner().invoke(main, ["shards", "scan", str(path), "--out", str(tmp_path / "m")])
+    assert res.exit_code != 0 and "URL list file" in res.output and "Traceback" not in res.output
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"shard-0.tar\n\xff\xfe\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        expand_sources(str(binary))
+    ok = tmp_path / "ok.txt"
+    ok.write_text("# two shards\nshard-0.tar\n\ns3://bucket/shard-1.tar\n")
+    assert expand_sources(str(ok)) == [str(tmp_path / "shard-0.tar"), "s3://bucket/shard-1.tar"]
 
 
 # ------------------------------------------------------------------ run directories and checkpoints

@@ -147,6 +147,9 @@ MAX_MARKER_BYTES = (64 << 10) + 2 * MAX_SHARD_LEN * 16
 MAX_UNIT_INDEX_BYTES = MAX_SHARDS * (2 << 10) + MAX_MARKER_BYTES
 #: class names (a manifest's, and a class-names file `shards scan` reads): ImageNet-21k's 21,841 take ~0.5 MiB
 MAX_CLASS_NAMES_BYTES = 64 << 20
+#: a URL list file `shards scan` reads: one shard path/URL per line, up to MAX_SHARDS lines of ~1 KiB (paths, s3://
+#: URLs, ``pipe:`` commands): ~1 GiB (ImageNet's 1,281 shards: ~0.1 MiB)
+MAX_URL_LIST_BYTES = MAX_SHARDS * (1 << 10)
 #: a dataset manifest (``manifest.json`` next to the shards and the cache's copy of it): one entry of ~0.3 KiB
 #: per shard (two sha256 digests, sizes, its name; 1 KiB allowed, i.e. names up to ~700 characters) for up to
 #: MAX_SHARDS shards, plus its class names: ~1 GiB (ImageNet's: ~0.5 MiB)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import fsspec
 from webdataset.shardlists import expand_urls
 
-from logitcache.cache.schema import MAX_CLASS_NAMES_BYTES
+from logitcache.cache.schema import MAX_CLASS_NAMES_BYTES, MAX_URL_LIST_BYTES
 from logitcache.data.decode import sample_label
 from logitcache.data.manifest import KeysDigest, Manifest, ShardInfo, manifest_url
 from logitcache.data.tar import group_by_key, is_pipe, open_url, tar_members, tar_stream
@@ -109,11 +109,13 @@ def expand_sources(source: str) -> list[str]:
     if source.endswith(SHARD_SUFFIXES):
         return [source if "://" in source else os.path.abspath(source)]
     if source.endswith(".txt"):
-        try:
-            with fsspec.open(source, "rt", encoding="utf-8") as f:
-                lines = f.read().splitlines()
+        try:  # capped: a URL list is read whole (a hostile or mistaken multi-GB file is refused, not loaded)
+            lines = read_url_bounded(source, MAX_URL_LIST_BYTES, what="URL list file",
+                                     error=DataError).decode("utf-8").splitlines()
         except FileNotFoundError as e:
             raise DataError(f"{source}: no such URL list file") from e
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source}: the URL list is not UTF-8 text ({e})") from e
         here = source.rsplit("/", 1)[0] if "/" in source else "."
         urls = []
         for line in lines:
