@@ -433,8 +433,8 @@ class _Views(torch.utils.data.IterableDataset):
         rng = None if self.shuffle_seed is None else random.Random(
             f"logitcache-spread/{self.shuffle_seed}/{self.epoch}/{self.views_per_decode}/{self.rank}/{stream}")
         groups = (group for shard in shards for group in self._shard_groups(shard))
-        what = "stream" if self.streams is not None else "worker"
-        return spread_views(groups, plan, self.batch_size, rng, where=f"rank {self.rank} {what} {stream}")
+        return spread_views(groups, plan, self.batch_size, rng,
+                            where=f"rank {self.rank} {self._readers(0)[0]} {stream}")
 
     def _shard_items(self, shard: int) -> Iterator[ReplayItem]:
         """One item per sample: its view for ``self.epoch``."""

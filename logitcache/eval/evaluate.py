@@ -167,10 +167,7 @@ def evaluate(
         if bar is not None:
             bar.close()
     # in sample order, so the float sums do not depend on which worker read which shard first
-    order = torch.argsort(torch.cat(indices)) if indices else torch.zeros(0, dtype=torch.int64)
-    metrics = ClassificationMetrics.from_state({k: v[order.to(v.device)] for k, v in metrics.state().items()},
-                                               n_bins=n_bins, topk=5)
-    merged = metrics.gather()
+    merged = metrics.sorted_by(torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)).gather()
     seconds = time.perf_counter() - start
     result: dict[str, Any] = dict(merged.compute())
     result["skipped"] = total - int(result["n"])

@@ -272,6 +272,13 @@ class ClassificationMetrics:
         metrics._append(**{k: state[k] for k in cls.STATE_KEYS})
         return metrics
 
+    def sorted_by(self, keys: Tensor) -> ClassificationMetrics:
+        """A new accumulator holding these samples ordered by ``keys`` (one per sample, in update order), e.g. the
+        samples' global indices: the float sums then do not depend on the order the samples were scored in."""
+        order = torch.argsort(keys)
+        return ClassificationMetrics.from_state({k: v[order.to(v.device)] for k, v in self.state().items()},
+                                                n_bins=self.n_bins, topk=self.topk)
+
     def merge(self, others: ClassificationMetrics | Iterable[ClassificationMetrics]) -> ClassificationMetrics:
         """Append the samples of `others` (same settings) to this accumulator; returns self."""
         for other in [others] if isinstance(others, ClassificationMetrics) else others:
