@@ -1,6 +1,10 @@
 """Format 2's soft-label codec and tail rules (logitcache.labels): round trips, error bounds, unbiasedness."""
 
+import json
 import math
+import pathlib
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -309,11 +313,98 @@ def test_codec_names_round_trip_and_bad_names_are_refused():
     from logitcache.labels.codecs import DEFAULT_CODEC, codec_name, codec_settings
 
     for name in (DEFAULT_CODEC, "packed-q4-knee4", "packed-q4-knee4-r2", "packed-q14", "packed-q6-knee2.5",
-                 "packed-q3-r0"):
+                 "packed-q3-r0", "packed-q5-blosc", "packed-q4-knee4-r2-blosc"):
         settings = codec_settings(name)
         assert codec_name(**settings) == name
         assert PackedCodec(10, 1000, 1, 5, **settings).name == name  # what `info` prints is what --codec takes
-    assert codec_settings(DEFAULT_CODEC) == {"step_bits": 5, "knee": 0.0, "rest_bits": None}
-    for bad in ("packed", "packed-q", "packed-q21", "packed-q4-r5", "q5", "packed-q5-knee", "packed-q5;rm"):
+    assert codec_settings(DEFAULT_CODEC) == {"step_bits": 6, "knee": 0.0, "rest_bits": None, "compressor": "lzma"}
+    assert codec_settings("packed-q5-blosc")["compressor"] == "blosc"
+    for bad in ("packed", "packed-q", "packed-q21", "packed-q4-r5", "q5", "packed-q5-knee", "packed-q5;rm",
+                "packed-q5-lzma", "packed-q5-blosc-r2", "packed-q5-zstd"):
         with pytest.raises(ValueError, match="codec"):
             codec_settings(bad)
+
+
+FORMAT2_BLOSC = pathlib.Path(__file__).parent / "data" / "format2_blosc"
+
+
+def test_a_format_2_cache_from_before_the_lzma_compressor_still_reads_and_verifies(tmp_path):
+    """tests/data/format2_blosc was written by the code of commit c17b4d0 (its make_format2_blosc.py): blosc
+    chunks and a codec JSON without "compressor". It reads back to the very log-probabilities that code read,
+    names its codec packed-q5-blosc, and verifies."""
+    from logitcache.cache import fidelity
+    from logitcache.cache.verify import verify_cache
+
+    url = tmp_path / "cache.zarr"
+    shutil.copytree(FORMAT2_BLOSC / "cache.zarr", url)
+    expected = json.loads((FORMAT2_BLOSC / "expected.json").read_text())
+    group_codec = json.loads((url / "synthetic" / "zarr.json").read_text())["attributes"]["logitcache"]["codec"]
+    assert "compressor" not in group_codec and expected["codec"] == "packed-q5"  # what that code called it
+    target = torch.tensor(expected["target"])
+    rows, reader = fidelity.read_back(str(url), target, tuple(expected["lengths"]))
+    assert reader.codec_name == "packed-q5-blosc" and reader.meta.packed_codec().compressor == "blosc"
+    assert torch.equal(rows.log_probs(1.0), torch.tensor(expected["log_probs_T1"]))
+    assert torch.equal(rows.log_probs(4.0), torch.tensor(expected["log_probs_T4"]))
+    assert [reader.read_unit(0, s).view_params.tolist() for s in range(2)] == expected["params"]
+    report = verify_cache(str(url))
+    assert report.units_checked == 2 and report.problems == []
+
+
+def test_lzma_and_blosc_chunks_hold_the_same_codes(tmp_path):
+    """The compressor is lossless and recorded: the same rows written with packed-q5 (lzma) and packed-q5-blosc
+    read back identical; each array's zarr.json names its own codecs; on a 1000-class teacher's rows the lzma
+    chunks are the smaller (the reason it is the default)."""
+    from logitcache.cache import fidelity, schema
+    from logitcache.labels.codecs import codec_settings
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(600, 1000, generator=g) * 3
+    y = torch.randint(0, 1000, (600,), generator=g)
+    params, fields = _params(600), tuple(f"p{i}" for i in range(5))
+    back, sizes = {}, {}
+    for name in ("packed-q5", "packed-q5-blosc"):
+        url = tmp_path / f"{name}.zarr"
+        setting = fidelity.Setting(name, 2, codec=codec_settings(name))
+        with warnings.catch_warnings():  # zarr's "numcodecs codecs are not in the spec" is the cache's business
+            warnings.simplefilter("error")
+            lengths = fidelity.write_cache(str(url), z, y, params, fields, 10, (1.0,), setting, None, 300)
+            back[name], reader = fidelity.read_back(str(url), y, lengths)
+        assert reader.codec_name == name
+        codecs = json.loads((url / "synthetic" / "rows" / "zarr.json").read_text())["codecs"]
+        if name.endswith("blosc"):
+            assert [c["name"] for c in codecs] == ["bytes", "blosc", "crc32c"]
+        else:
+            assert codecs == schema.packed_codecs_json(reader.meta.packed_codec())
+        sizes[name] = sum(f.stat().st_size for f in (url / "synthetic" / "rows").glob("c.*"))
+    a, b = back.values()
+    for t in ("indices", "logits", "lse", "log_rest", "target_logprob"):
+        assert torch.equal(getattr(a, t), getattr(b, t)), t
+    assert sizes["packed-q5"] < sizes["packed-q5-blosc"]
+
+
+def test_an_lzma_chunk_is_never_decoded_past_the_formats_size():
+    """A forged chunk (right checksum) whose stream inflates far beyond the unit, one that stops short, and one
+    that is not lzma are each a DamagedUnitError saying what is wrong; none is decoded past size + 1 byte."""
+    import lzma
+
+    import crc32c
+
+    from logitcache.cache import schema
+    from logitcache.cache.reader import decode_chunk
+    from logitcache.errors import DamagedUnitError
+
+    def chunk(raw: bytes) -> bytes:
+        payload = lzma.compress(raw, format=schema.PACKED_LZMA_FORMAT, filters=list(schema.PACKED_LZMA_FILTERS))
+        return payload + np.uint32(crc32c.crc32c(payload)).tobytes()
+
+    shape = (7, 10)  # uint16: 140 bytes
+    words = np.arange(70, dtype="<u2").reshape(shape)
+    shuffled = words.view(np.uint8).reshape(-1, 2).T.tobytes()
+    assert np.array_equal(decode_chunk(chunk(shuffled), "uint16", shape, "c", "lzma"), words)
+    with pytest.raises(DamagedUnitError, match="c: the lzma stream inflates past the 140 bytes the format needs"):
+        decode_chunk(chunk(bytes(1 << 30)), "uint16", shape, "c", "lzma")  # 1 GiB of zeros in ~150 KB
+    with pytest.raises(DamagedUnitError, match="holds 139 bytes; the format needs 140"):
+        decode_chunk(chunk(shuffled[:-1]), "uint16", shape, "c", "lzma")
+    garbage = b"not an lzma stream at all"
+    with pytest.raises(DamagedUnitError, match="does not decompress"):
+        decode_chunk(garbage + np.uint32(crc32c.crc32c(garbage)).tobytes(), "uint16", shape, "c", "lzma")

@@ -639,6 +639,9 @@ def test_format2_array_declaring_1e12(cache2, small_shards, tmp_path, array, wha
     ({"codec": {"name": "evil", "step_bits": 5}}, "codec name"),
     ({"codec": {"name": "packed", "step_bits": 5, "knee": 0, "tail_samples": 10**12}}, "tail_samples"),
     ({"codec": {"name": "packed", "step_bits": 5, "knee": "wide", "tail_samples": 0}}, "knee"),
+    ({"codec": {"name": "packed", "step_bits": 6, "knee": 0, "tail_samples": 0, "compressor": "zip"}}, "compressor"),
+    # the rows array's zarr.json names lzma: a group that says blosc is refused, not decoded as blosc
+    ({"codec": {"name": "packed", "step_bits": 6, "knee": 0, "tail_samples": 0, "compressor": "blosc"}}, "lzma"),
     ({"tail": {"name": "oracle"}}, "tail name"),
     ({"tail": {"name": "sampled", "m": "many"}}, "'m'"),
     ({"tail": {"name": "prior", "prior_views": -1}}, "prior_views"),
@@ -680,6 +683,49 @@ def test_format2_train_refuses_a_damaged_prior(cache2, small_shards, tmp_path):
     prior[0] = np.roll(prior[0], 1)
     arr[...] = prior
     refused(cli(*train_args(small_shards, cache2, tmp_path / "run")), "prior")
+
+
+def _lzma_filter(d, key, value):
+    lz = next(c for c in d["codecs"] if c["name"] == "numcodecs.lzma")
+    lz["configuration"]["filters"][0][key] = value
+
+
+@pytest.mark.parametrize("edit, named", [
+    # a 2 GiB dictionary would be allocated by the decoder; a literal context changes how every byte decodes
+    (lambda d: _lzma_filter(d, "dict_size", 1 << 31), "lzma compressor"),
+    (lambda d: _lzma_filter(d, "lc", 4), "lzma compressor"),
+    (lambda d: d["codecs"][2]["configuration"].update(format=1), "lzma compressor"),  # an .xz container
+    (lambda d: d["codecs"].__setitem__(1, {"name": "numcodecs.pickle"}), "not all in the allowed set"),
+])
+@pytest.mark.parametrize("command", ["info", "verify", "train"])
+def test_format2_rows_codecs_other_than_the_formats_lzma(cache2, small_shards, tmp_path, edit, named, command):
+    """Format 2's rows array may name numcodecs' shuffle and lzma, and then only with the format's exact settings:
+    anything else in its zarr.json is refused before zarr builds a codec from it."""
+    edit_json(cache2 / GROUP / "rows" / "zarr.json", edit)
+    args = train_args(small_shards, cache2, tmp_path / "run") if command == "train" else [command, cache2]
+    refused(cli_limited(*args) if command == "train" else cli(*args), f"{GROUP}/rows", named)
+
+
+def test_format2_train_refuses_an_inflating_lzma_chunk(cache2, small_shards, tmp_path):
+    """A consistent forgery (checksums and the marker's sha256 updated): a unit's chunk is an lzma stream of 1 GiB
+    of zeros (~150 KB stored). Training under an address-space limit refuses it naming the unit, without
+    decoding past the unit's size."""
+    import lzma
+
+    import crc32c
+
+    from logitcache.cache import schema
+
+    payload = lzma.compress(bytes(1 << 30), format=schema.PACKED_LZMA_FORMAT,
+                            filters=list(schema.PACKED_LZMA_FILTERS))
+    _rows_chunk(cache2, 0, 1).write_bytes(payload + np.uint32(crc32c.crc32c(payload)).tobytes())
+    marker = _marker(cache2, 0, 1)
+    sha = hashlib.sha256(_rows_chunk(cache2, 0, 1).read_bytes()).hexdigest()
+    edit_json(marker, lambda d: d["chunks"].update({"rows": sha}))
+    out = refused(cli_limited(*train_args(small_shards, cache2, tmp_path / "run")), "epoch 0, shard 1",
+                  "inflates past", "verify")
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists(), out
+    refused(cli("verify", cache2), "epoch 0, shard 1", "inflates past")
 
 
 def test_format2_train_refuses_insane_codes(cache2, small_shards, tmp_path):

@@ -218,7 +218,7 @@ def test_codecs_are_measured_with_each_tail_and_recommended_with_their_dump_flag
     their rows carry the flags that write them."""
     with pytest.raises(ProbeError, match="codecs"):
         _cfg(small_shards, weights, codecs=("packed-q4-r9",))
-    cfg = _cfg(small_shards, weights, ks=(5,), tails=("uniform", "prior"), codecs=("packed-q5", "packed-q4-knee4"),
+    cfg = _cfg(small_shards, weights, ks=(5,), tails=("uniform", "prior"), codecs=("packed-q6", "packed-q4-knee4"),
                draws=0)
     out = probe(cfg)
     rows = {r["setting"]: r for r in out["rows"]}

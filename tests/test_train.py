@@ -181,7 +181,7 @@ def test_format_2_tails_dump_verify_and_train(small_shards, teacher_weights, tmp
         assert r.meta.tail["prior_views"] == 12 and r.meta.tail_prior_digest
     assert verify_cache(out).ok
     info = cache_info(out)["groups"]["smallcnn"]
-    assert info["format"] == "2.0" and info["codec"] == "packed-q5" and info["tail"] == tail.split(":")[0]
+    assert info["format"] == "2.0" and info["codec"] == "packed-q6" and info["tail"] == tail.split(":")[0]
     assert info["objects_per_unit"] == 1 + (1 / 2 if tail == "prior" else 0)  # the chunk, sealed (+ prior / 2 units)
     rows, _ = r.rows(0, list(range(24)), [0] * 24)
     assert torch.isfinite(rows.log_probs(1.0)).all() and torch.isfinite(rows.log_probs(4.0)).all()

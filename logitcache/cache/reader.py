@@ -15,7 +15,7 @@ before stays valid and a rerun completes the rest.
 
 Integrity: every unit read goes through ONE check (`CacheReader.unit_problems`, also `verify`'s): its stored
 objects against its marker (presence, sha256), decoded from those very bytes (`decode_chunk`: crc32c, the blosc
-header's sizes against the format's before decompressing), then the values' sanity (`unit_value_problems`).
+header's sizes against the format's before decompressing, an lzma stream decoded up to that size), then the values' sanity (`unit_value_problems`).
 A damaged unit raises `DamagedUnitError` naming it and the verify/--repair commands; a format-2 reader reuses
 the same steps with its own decoder.
 
@@ -39,6 +39,7 @@ from logitcache.cache.store import (
     ObjectStore,
     _check_group_name,
     _open_zarr_root,
+    numcodecs_quietly,
     check_array_metadata,
     format_shards,
     list_groups,
@@ -56,18 +57,24 @@ from logitcache.labels.tails import TailRule, tail_from_settings
 from logitcache.labels.topk import TopKLogits
 
 
-def decode_chunk(data: bytes, dtype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
-    """One stored chunk -> array, by FORMAT.md's codecs (bytes little endian, blosc, crc32c), from the very bytes
-    whose sha256 was checked. The blosc header's sizes are checked against ``shape`` before decompressing."""
+def decode_chunk(data: bytes, dtype: str, shape: tuple[int, ...], where: str, compressor: str = "blosc"
+                 ) -> np.ndarray:
+    """One stored chunk -> array, by FORMAT.md's codecs (bytes little endian, then blosc or format 2's lzma, then
+    crc32c), from the very bytes whose sha256 was checked. Never more than the format's size is decompressed:
+    the blosc header's sizes are checked against ``shape`` before decompressing; an lzma stream is decoded with
+    an output limit of that size plus one byte and must end exactly there (a forged stream cannot inflate)."""
     import crc32c
-    from numcodecs import blosc
 
     expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if len(data) < 4 + 16:
+    if len(data) < 4 + (16 if compressor == "blosc" else 1):
         raise DamagedUnitError(f"{where}: {len(data)} bytes is too short for a chunk")
     payload, crc = data[:-4], data[-4:]
     if np.uint32(crc32c.crc32c(payload)).tobytes() != crc:
         raise DamagedUnitError(f"{where}: crc32c checksum mismatch")
+    if compressor == "lzma":
+        return _decode_lzma(payload, dtype, shape, expected, where)
+    from numcodecs import blosc
+
     nbytes, cbytes = int.from_bytes(payload[4:8], "little"), int.from_bytes(payload[12:16], "little")
     if nbytes != expected or cbytes != len(payload):
         raise DamagedUnitError(f"{where}: the blosc header declares {nbytes} bytes ({cbytes} compressed); the "
@@ -78,6 +85,25 @@ def decode_chunk(data: bytes, dtype: str, shape: tuple[int, ...], where: str) ->
     except Exception as e:  # a codec error on bytes that passed their checksums: a writer bug or forgery
         raise DamagedUnitError(f"{where}: does not decompress ({type(e).__name__}: {e})") from None
     return out.astype(dtype, copy=False)
+
+
+def _decode_lzma(payload: bytes, dtype: str, shape: tuple[int, ...], expected: int, where: str) -> np.ndarray:
+    """Format 2's lzma compressor undone (raw LZMA2 with `schema.PACKED_LZMA_FILTERS`, then the byte shuffle)."""
+    import lzma
+
+    d = lzma.LZMADecompressor(format=schema.PACKED_LZMA_FORMAT, filters=[dict(f) for f in schema.PACKED_LZMA_FILTERS])
+    try:
+        raw = d.decompress(payload, max_length=expected + 1)
+    except lzma.LZMAError as e:  # bytes that passed their checksums: a writer bug or forgery
+        raise DamagedUnitError(f"{where}: does not decompress (LZMAError: {e})") from None
+    if len(raw) > expected:
+        raise DamagedUnitError(f"{where}: the lzma stream inflates past the {expected} bytes the format needs")
+    if len(raw) != expected or not d.eof or d.unused_data:
+        raise DamagedUnitError(f"{where}: the lzma stream holds {len(raw)} bytes"
+                               f"{'' if d.eof else ' and does not end'}; the format needs {expected}")
+    size = np.dtype(dtype).itemsize  # the byte shuffle: byte j of every word, for j = 0..size-1 (little endian)
+    words = np.frombuffer(raw, dtype=np.uint8).reshape(size, -1).T.copy()
+    return words.view(np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(dtype, copy=False)
 
 
 def repair_hint(url: str, group: str) -> str:
@@ -153,6 +179,7 @@ class CacheReader:
         }
 
     # -- lazily opened state
+    @numcodecs_quietly()
     def _open(self) -> dict[str, Any]:
         if self._state is not None and self._pid == os.getpid():
             return self._state
@@ -331,7 +358,8 @@ class CacheReader:
         if meta.packed:  # format 2: its codec decodes the very bytes checked above, then the same value checks
             codec, key = meta.packed_codec(), keys[schema.ROWS]
             try:
-                mat = decode_chunk(got[key], codec.dtype, (codec.n_fields, L), f"chunk {key}")[:, :marker.length]
+                mat = decode_chunk(got[key], codec.dtype, (codec.n_fields, L), f"chunk {key}",
+                                   codec.compressor)[:, :marker.length]
             except DamagedUnitError as e:
                 return None, [str(e)]
             unit = PackedUnit(decode_unit(codec, mat, meta.temperatures))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import lzma
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from logitcache.errors import CacheError, CacheMetadataError
-from logitcache.labels.codecs import MAX_STEP_BITS, PackedCodec
+from logitcache.labels.codecs import COMPRESSORS, LEGACY_COMPRESSOR, MAX_STEP_BITS, PackedCodec
 from logitcache.labels.tails import TAIL_NAMES, UNIFORM, TailRule
 from logitcache.labels.topk import TopKLogits
 
@@ -110,6 +111,14 @@ PRIOR = ArraySpec(TAIL_PRIOR, "float32", "CC", "shuffle",
 CHUNK_SEPARATOR_2 = "."
 BLOSC_CNAME = "zstd"
 BLOSC_CLEVEL = 9  # vs 5: -0.8 B/view on the fp16 values at k=10; chunks are small, speed is not an issue
+#: format 2's ``lzma`` compressor (`labels.codecs` docstring): raw LZMA2 after a byte shuffle. No literal context
+#: (lc = lp = pb = 0): measured smaller than the defaults (3, 0, 2) on packed units (21.96 vs 22.48 B/view at
+#: k = 10); a 1 MiB dictionary holds a whole unit of 1000 views many times (64 MiB, preset 9's, costs 8x the
+#: encoding time for the same bytes) and bounds what a decoder allocates. The decoder needs these exact filters
+#: (raw streams carry none), so the array's zarr.json must name exactly them (`_packed_problems`).
+PACKED_LZMA_FILTERS = ({"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 20, "lc": 0,
+                        "lp": 0, "pb": 0},)
+PACKED_LZMA_FORMAT = lzma.FORMAT_RAW
 VALUE_DTYPES = ("float16", "float32")
 INDEX_DTYPES = ("int16", "int32")
 
@@ -246,6 +255,8 @@ GROUP_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
 #: the only codecs a cache's arrays may name. None of them runs code from the store; a store naming any other
 #: codec (a third-party one registered in this environment, say) is refused before zarr parses the array.
 ALLOWED_CODECS = frozenset({"bytes", "blosc", "crc32c"})
+#: format 2's ``rows`` array may also name these, and then only with exactly `packed_codecs_json`'s settings
+PACKED_LZMA_CODECS = frozenset({"numcodecs.shuffle", "numcodecs.lzma"})
 
 
 def validate_group_name(name: str) -> str:
@@ -273,8 +284,9 @@ def array_metadata_problems(spec: ArraySpec, d: Any, meta: GroupMeta, root: Root
         out += _packed_problems(spec, d, meta, root)
     codecs = d.get("codecs")
     names = [c.get("name") if isinstance(c, dict) else c for c in codecs] if isinstance(codecs, list) else None
-    if names is None or any(n not in ALLOWED_CODECS for n in names):
-        out.append(f"codecs {names} are not all in the allowed set {sorted(ALLOWED_CODECS)}")
+    allowed = ALLOWED_CODECS | PACKED_LZMA_CODECS if spec.name == ROWS else ALLOWED_CODECS
+    if names is None or any(n not in allowed for n in names):
+        out.append(f"codecs {names} are not all in the allowed set {sorted(allowed)}")
     allowed_dtypes = {"index": INDEX_DTYPES, "value": VALUE_DTYPES}.get(spec.dtype, (spec.dtype,))
     if spec.name in (ROWS, TAIL_PRIOR):  # format 2: the codec's integer words, the prior's float32
         allowed_dtypes = ("uint8", "uint16", "uint32", "float32")
@@ -341,6 +353,14 @@ def _packed_problems(spec: ArraySpec, d: dict, meta: GroupMeta, root: RootMeta |
             out.append(f"chunks {_short(chunks)} are not one unit ([1, 1, {fields}, {shape[3]}])")
         elif fields * shape[3] * np.dtype(meta.packed_codec().dtype).itemsize > MAX_CHUNK_BYTES:
             out.append(f"one unit's chunk ({fields} fields x {shape[3]} rows) exceeds {MAX_CHUNK_BYTES} bytes")
+        codec, codecs = meta.packed_codec(), d.get("codecs")
+        if codec.compressor == "lzma" and codecs != packed_codecs_json(codec):
+            out.append(f"codecs {_short(codecs)} are not the lzma compressor's "
+                       f"{_short(packed_codecs_json(codec))} (the group's codec says 'compressor': 'lzma')")
+        elif codec.compressor != "lzma" and any(isinstance(c, dict) and c.get("name") in PACKED_LZMA_CODECS
+                                                 for c in (codecs if isinstance(codecs, list) else ())):
+            out.append(f"codecs {_short(codecs)} name lzma but the group's codec says 'compressor': "
+                       f"{codec.compressor!r}")
     else:
         c = meta.num_classes
         if c > MAX_PRIOR_CLASSES:
@@ -368,6 +388,9 @@ def _check_codec_and_tail(codec: dict | None, tail: dict | None, num_classes: in
     if "rest_bits" in codec:
         _int(codec, "rest_bits", f"{where} codec", 0, step_bits)
     m = _int(codec, "tail_samples", f"{where} codec", 0, MAX_K) if "tail_samples" in codec else 0
+    if "compressor" in codec and codec["compressor"] not in COMPRESSORS:
+        raise CacheMetadataError(f"{where}: codec 'compressor' {_short(codec['compressor'])} is not one of "
+                                 f"{', '.join(COMPRESSORS)}")
     knee = codec.get("knee", 0.0)
     if type(knee) not in (int, float) or not 0 <= knee <= 64:
         raise CacheMetadataError(f"{where}: codec 'knee' must be a number in [0, 64] nats, got {_short(knee)}")
@@ -575,7 +598,8 @@ class GroupMeta:
         return PackedCodec(self.k, self.num_classes, len(self.temperatures), len(self.param_fields),
                            step_bits=int(c["step_bits"]), tail_samples=int(c.get("tail_samples", 0)),
                            knee=float(c.get("knee", 0.0)),
-                           rest_bits=int(c["rest_bits"]) if c.get("rest_bits") is not None else None)
+                           rest_bits=int(c["rest_bits"]) if c.get("rest_bits") is not None else None,
+                           compressor=c.get("compressor", LEGACY_COMPRESSOR))
 
     @property
     def codec_name(self) -> str:
@@ -758,17 +782,35 @@ def zarr_array_kwargs(spec: ArraySpec, meta: GroupMeta, root: RootMeta) -> dict[
     }
 
 
+def packed_codecs_json(codec: PackedCodec) -> list[dict[str, Any]]:
+    """The ``codecs`` of a ``rows`` array with the ``lzma`` compressor, exactly as its zarr.json holds them."""
+    return [{"name": "bytes", "configuration": {"endian": "little"}},
+            {"name": "numcodecs.shuffle", "configuration": {"elementsize": np.dtype(codec.dtype).itemsize}},
+            {"name": "numcodecs.lzma", "configuration": {"format": PACKED_LZMA_FORMAT,
+                                                         "filters": [dict(f) for f in PACKED_LZMA_FILTERS]}},
+            {"name": "crc32c"}]
+
+
 def packed_array_kwargs(meta: GroupMeta, root: RootMeta) -> dict[str, Any]:
     """Arguments for ``zarr.create_array`` of format 2's ``rows`` array."""
-    from zarr.codecs import BloscCodec, Crc32cCodec
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 
-    fields, L = meta.packed_codec().n_fields, root.max_shard_len
+    codec = meta.packed_codec()
+    fields, L = codec.n_fields, root.max_shard_len
+    if codec.compressor == "lzma":
+        from zarr.codecs.numcodecs import LZMA, Shuffle
+
+        compressors = [Shuffle(elementsize=np.dtype(codec.dtype).itemsize),
+                       LZMA(format=PACKED_LZMA_FORMAT, filters=[dict(f) for f in PACKED_LZMA_FILTERS]), Crc32cCodec()]
+    else:
+        compressors = [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=PACKED.shuffle), Crc32cCodec()]
     return {
         "shape": (meta.epochs, root.num_shards, fields, L),
         "chunks": (1, 1, fields, L),
-        "dtype": meta.packed_codec().dtype,
+        "dtype": codec.dtype,
         "fill_value": 0,
-        "compressors": [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=PACKED.shuffle), Crc32cCodec()],
+        "serializer": BytesCodec(endian="little"),
+        "compressors": compressors,
         "chunk_key_encoding": {"name": "default", "separator": CHUNK_SEPARATOR_2},
         "dimension_names": ("epoch", "shard", "field", "row"),
         "attributes": {"doc": PACKED.doc},

@@ -30,6 +30,7 @@ from logitcache.cache.store import (
     _check_group_name,
     _GroupBeingCreated,
     _open_zarr_root,
+    numcodecs_quietly,
     _os_error,
     check_array_metadata,
     load_group_meta,
@@ -50,6 +51,7 @@ class CacheWriter:
     then `CacheWriter.open` in the other ranks once it exists. Each unit's chunks are written, read back and
     hashed, and its marker is written last."""
 
+    @numcodecs_quietly()
     def __init__(self, url: str, group: str, *, storage_options: dict[str, Any] | None = None):
         self.url, self.group = url, _check_group_name(group, url)
         self.objects = ObjectStore(url, storage_options)
@@ -117,6 +119,7 @@ class CacheWriter:
         return load_root_meta(objects).format_version  # checked before zarr parses it
 
     @classmethod
+    @numcodecs_quietly()
     def _create_or_open(cls, url, group, meta, root, manifest_json, storage_options) -> CacheWriter:
         objects = ObjectStore(url, storage_options)
         zroot = None
@@ -195,6 +198,7 @@ class CacheWriter:
         except OSError as e:
             raise CacheWriteError(f"{self.url}: cannot record this run in {key}: {_os_error(e)}") from e
 
+    @numcodecs_quietly()
     def put_prior(self, prior) -> str:
         """Write tail rule ``prior``'s (C, C) class prior once, before any unit, and record its digest."""
         arr = np.ascontiguousarray(np.asarray(prior, dtype=np.float32))
@@ -228,6 +232,7 @@ class CacheWriter:
     def finished_units(self) -> dict[tuple[int, int], UnitMarker]:
         return read_markers(self.objects, self.group)
 
+    @numcodecs_quietly()
     def write_unit(
         self,
         epoch: int,

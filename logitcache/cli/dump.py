@@ -50,11 +50,11 @@ from logitcache.cli.options import (
               help="how the mass outside the top-k is reconstructed: uniform | prior (class-conditional, 0 B/view) "
                    "| sampled[:M] (M classes with importance weights, unbiased; default M=8); format 2")
 @click.option("--codec", default=None,
-              help="format 2's value coding, as `info` names it (default packed-q5): packed-q<B>[-knee<N>][-r<R>] "
-                   "stores log-probabilities "
-                   "at 2^-B nats, those over N nats below the top-1 at 2^-(B-1), the rest field at 2^-R. "
-                   "packed-q4-knee4 is ~0.7 B/view smaller at k=10 (README 'Storage frontier'; `probe --codecs` "
-                   "measures it on your teacher)")
+              help="format 2's value coding, as `info` names it (default packed-q6): "
+                   "packed-q<B>[-knee<N>][-r<R>][-blosc] stores log-probabilities "
+                   "at 2^-B nats, those over N nats below the top-1 at 2^-(B-1), the rest field at 2^-R; -blosc "
+                   "compresses as caches before the lzma compressor did. packed-q5 is ~1.4 B/view smaller at "
+                   "k=10 (README 'Storage frontier'; `probe --codecs` measures codings on your teacher)")
 @click.option("--format", "cache_format", default=2, show_default=True, type=click.IntRange(1, 2),
               help="format of a NEW cache (an existing cache keeps its own)")
 @click.option("--prior-views", default=None, type=int,

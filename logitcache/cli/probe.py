@@ -33,7 +33,7 @@ from logitcache.cli.options import (
                    "(format 1 is always measured as the reference)")
 @click.option("--codecs", default=None,
               help="format 2's value codings to measure with each tail, comma-separated, named as for `dump --codec` "
-                   "(default packed-q5; e.g. packed-q5,packed-q4-knee4)")
+                   "(default packed-q6; e.g. packed-q6,packed-q5,packed-q4-knee4)")
 @click.option("--tail-samples", default=8, show_default=True, type=int, help="M of the sampled:M tail measured")
 @click.option("--draws", default=256, show_default=True, type=int,
               help="sampled tails: fresh tail draws whose mean gradient gives the error in expectation (0: off)")
