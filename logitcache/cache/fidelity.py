@@ -100,8 +100,8 @@ def format2(tail: Setting, codec: str = DEFAULT_CODEC) -> Setting:
 
 
 #: the benchmark's frontier, in order of the README table
-SETTINGS = (FORMAT_1, FORMAT_2_Q5_BLOSC, FORMAT_2_Q5, FORMAT_2, FORMAT_2_SMALL, FORMAT_2_PRIOR, FORMAT_2_COMPACT_PRIOR, sampled(2), sampled(4),
-            sampled(8))
+SETTINGS = (FORMAT_1, FORMAT_2_Q5_BLOSC, FORMAT_2_Q5, FORMAT_2, FORMAT_2_SMALL, FORMAT_2_PRIOR, FORMAT_2_COMPACT_PRIOR,
+            sampled(2), sampled(3), sampled(4), sampled(8))
 
 
 # ------------------------------------------------------------------ one cache per (setting, k, fold)
