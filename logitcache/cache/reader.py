@@ -15,9 +15,9 @@ before stays valid and a rerun completes the rest.
 
 Integrity: every unit read goes through ONE check (`CacheReader.unit_problems`, also `verify`'s): its stored
 objects against its marker (presence, sha256), decoded from those very bytes (`decode_chunk`: crc32c, the blosc
-header's sizes against the format's before decompressing, an lzma stream decoded up to that size), then the values' sanity (`unit_value_problems`).
-A damaged unit raises `DamagedUnitError` naming it and the verify/--repair commands; a format-2 reader reuses
-the same steps with its own decoder.
+header's sizes against the format's before decompressing, an lzma stream decoded up to that size), then the
+values' sanity (`unit_value_problems`). A damaged unit raises `DamagedUnitError` naming it and the
+verify/--repair commands; a format-2 reader reuses the same steps with its own decoder.
 
 Fork safety: zarr's sync API runs an asyncio loop on a background thread, and a DataLoader worker forked after
 the parent touched zarr can hang on it. `CacheReader` therefore opens its store lazily, on first use, in
@@ -39,12 +39,12 @@ from logitcache.cache.store import (
     ObjectStore,
     _check_group_name,
     _open_zarr_root,
-    numcodecs_quietly,
     check_array_metadata,
     format_shards,
     list_groups,
     load_group_meta,
     load_root_meta,
+    numcodecs_quietly,
     read_epoch_markers,
     read_json_object,
     read_marker,

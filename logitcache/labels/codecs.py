@@ -3,12 +3,12 @@
 A unit's rows are encoded into a ``(F, n)`` matrix (one row per *field*, one column per view) of uint16 (uint32
 when C > 65536 or the value step is finer than 2^-10), which the cache stores as ONE chunk per unit. The chunk's
 *compressor* (FORMAT.md "The rows array") is, since this codec's ``compressor`` setting exists, ``lzma``: a byte
-shuffle (each field's low bytes, then its high bytes: the shuffle runs over the whole field-major matrix) and raw
-LZMA2 with no literal context (lc = lp = pb = 0). LZMA2's coder is an *adaptive* binary arithmetic coder: walking
-the field-major bytes it learns each field's statistics as it goes, where zstd's Huffman literals share one table
-for every field of the chunk. Measured at k = 10 of 1000 classes (`pipelines/bench_storage.py`): 21.96 B/view
-against 23.08 for ``blosc`` (zstd level 9 with bit shuffle, the compressor of caches written before it, which
-stay readable and which ``-blosc`` in a codec name still writes); it decodes a 1000-view unit in ~1 ms.
+shuffle over the whole field-major matrix (the low bytes of every field, field after field, then the high bytes)
+and raw LZMA2 with no literal context (lc = lp = pb = 0). LZMA2's coder is an *adaptive* binary arithmetic
+coder: walking the field-major bytes it learns each field's statistics as it goes, where zstd's Huffman literals
+share one table for every field of the chunk. Measured at k = 10 of 1000 classes (`pipelines/bench_storage.py`):
+21.96 B/view against 23.08 for ``blosc`` (zstd level 9 with bit shuffle, the compressor of caches written before
+it, which stay readable and which ``-blosc`` in a codec name still writes); it decodes a 1000-view unit in ~1 ms.
 
 Fields, in order (k = top-k, R = temperatures, P = view params, m = sampled tail classes):
 
