@@ -91,7 +91,9 @@ def _decode_lzma(payload: bytes, dtype: str, shape: tuple[int, ...], expected: i
     """Format 2's lzma compressor undone (raw LZMA2 with `schema.PACKED_LZMA_FILTERS`, then the byte shuffle)."""
     import lzma
 
-    d = lzma.LZMADecompressor(format=schema.PACKED_LZMA_FORMAT, filters=[dict(f) for f in schema.PACKED_LZMA_FILTERS])
+    from numcodecs import Shuffle
+
+    d = lzma.LZMADecompressor(format=schema.PACKED_LZMA_FORMAT, filters=schema.packed_lzma_filters())
     try:
         raw = d.decompress(payload, max_length=expected + 1)
     except lzma.LZMAError as e:  # bytes that passed their checksums: a writer bug or forgery
@@ -101,9 +103,8 @@ def _decode_lzma(payload: bytes, dtype: str, shape: tuple[int, ...], expected: i
     if len(raw) != expected or not d.eof or d.unused_data:
         raise DamagedUnitError(f"{where}: the lzma stream holds {len(raw)} bytes"
                                f"{'' if d.eof else ' and does not end'}; the format needs {expected}")
-    size = np.dtype(dtype).itemsize  # the byte shuffle: byte j of every word, for j = 0..size-1 (little endian)
-    words = np.frombuffer(raw, dtype=np.uint8).reshape(size, -1).T.copy()
-    return words.view(np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(dtype, copy=False)
+    words = Shuffle(elementsize=np.dtype(dtype).itemsize).decode(raw)  # the writer's numcodecs shuffle, undone
+    return np.frombuffer(words, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(dtype)
 
 
 def repair_hint(url: str, group: str) -> str:

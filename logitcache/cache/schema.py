@@ -119,6 +119,11 @@ BLOSC_CLEVEL = 9  # vs 5: -0.8 B/view on the fp16 values at k=10; chunks are sma
 PACKED_LZMA_FILTERS = ({"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 20, "lc": 0,
                         "lp": 0, "pb": 0},)
 PACKED_LZMA_FORMAT = lzma.FORMAT_RAW
+
+
+def packed_lzma_filters() -> list[dict[str, int]]:
+    """`PACKED_LZMA_FILTERS` as the fresh list of dicts that lzma, numcodecs and zarr.json take."""
+    return [dict(f) for f in PACKED_LZMA_FILTERS]
 VALUE_DTYPES = ("float16", "float32")
 INDEX_DTYPES = ("int16", "int32")
 
@@ -787,7 +792,7 @@ def packed_codecs_json(codec: PackedCodec) -> list[dict[str, Any]]:
     return [{"name": "bytes", "configuration": {"endian": "little"}},
             {"name": "numcodecs.shuffle", "configuration": {"elementsize": np.dtype(codec.dtype).itemsize}},
             {"name": "numcodecs.lzma", "configuration": {"format": PACKED_LZMA_FORMAT,
-                                                         "filters": [dict(f) for f in PACKED_LZMA_FILTERS]}},
+                                                         "filters": packed_lzma_filters()}},
             {"name": "crc32c"}]
 
 
@@ -801,7 +806,7 @@ def packed_array_kwargs(meta: GroupMeta, root: RootMeta) -> dict[str, Any]:
         from zarr.codecs.numcodecs import LZMA, Shuffle
 
         compressors = [Shuffle(elementsize=np.dtype(codec.dtype).itemsize),
-                       LZMA(format=PACKED_LZMA_FORMAT, filters=[dict(f) for f in PACKED_LZMA_FILTERS]), Crc32cCodec()]
+                       LZMA(format=PACKED_LZMA_FORMAT, filters=packed_lzma_filters()), Crc32cCodec()]
     else:
         compressors = [BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=PACKED.shuffle), Crc32cCodec()]
     return {
