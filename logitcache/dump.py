@@ -28,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 from logitcache.cache import schema
+from logitcache.cache.packs import finish_units
 from logitcache.cache.reader import CacheReader
-from logitcache.cache.store import ZARR_JSON, ObjectStore, load_group_meta, unfinish_units, write_unit_indexes
+from logitcache.cache.store import ZARR_JSON, ObjectStore, load_group_meta, unfinish_units
 from logitcache.cache.verify import verify_cache
 from logitcache.cache.writer import CacheWriter
 from logitcache.data.manifest import ShardCheck, file_size, load_manifest
@@ -306,13 +307,20 @@ def dump(cfg: DumpConfig, *, argv: list[str] | None = None) -> DumpSummary:
     bar.close()
     env.barrier()
     if env.is_main:
-        # readers then read one object per epoch, not its markers; format 2 seals the units (one object each)
-        write_unit_indexes(writer.objects, writer.group, seal=writer.meta.packed)
+        # readers then read one object per epoch, not its markers; format 2 seals the units into packs
+        finish_indexes(writer)
         writer.finish_run(run_key, end_time=utc_now(), units_written=units.written,
                           samples_skipped=units.samples_skipped)
     env.barrier()
     return summarize(CacheReader(cfg.out, cfg.group_name), units.written, len(finished), units.samples_skipped,
                      time.perf_counter() - t0)
+
+
+def finish_indexes(writer: CacheWriter) -> None:
+    """The end of a dump (`cache.packs.finish_units`), saying which epochs could not be sealed now and why."""
+    for epoch, why in finish_units(writer.objects, writer.group, writer.meta).left.items():
+        print(f"dump: epoch {epoch}'s units were left unsealed ({why}); `logitcache verify {writer.url}` names "
+              "any damage and `dump ... --repair` redoes it", file=sys.stderr)
 
 
 def writer_shards(cfg: DumpConfig) -> tuple[int, ...] | None:

@@ -131,7 +131,7 @@ def rss_vs_epochs(args) -> dict:
 
 #: the dump's own stages (what bare inference does not do): labels, unit writes, cache open/close
 OWN_STAGES = ("soft_labels", "calibrate_prior", "open_writer", "start_run", "forget_damaged_units", "_write_unit",
-              "write_unit_indexes", "finish_run", "summarize")
+              "finish_indexes", "finish_run", "summarize")
 
 
 def profile_overhead(args) -> dict:

@@ -154,7 +154,10 @@ def main(argv=None) -> None:
         print(f"{name:32s} {100 * m['top1']:8.2f} {100 * m['top5']:8.2f} {m['nll']:7.4f} {100 * m['ece']:7.2f} "
               f"{1000 * m['aurc']:11.2f} {sec:8.1f}")
     print(f"\ncache {cache}: {info['views']} views ({args.epochs} per sample), k={info['k']}, {info['bytes']:,} bytes, "
-          f"{info['bytes_per_view']:.1f} B/view; teacher top-1 on the augmented views "
+          f"{info['bytes_per_view']:.1f} B/view"
+          + (f" ({info['allocated_bytes']:,} allocated on this disk: {info['allocated_bytes'] / info['bytes']:.2f}x, "
+             f"{info['objects']} objects)" if info.get("allocated_bytes") else "")
+          + "; teacher top-1 on the augmented views "
           f"{100 * info['teacher_top1']:.2f}%, mean top-{info['k']} mass {info['mean_topk_mass']:.4f}")
     print(f"plots: {out}/*/plots/*.png and {out}/compare/*.png")
     print("wall time per step (this run; skipped steps not shown): "

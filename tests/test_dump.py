@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cache_edit import flip_unit_byte
 from click.testing import CliRunner
 
-from logitcache.cache import schema
 from logitcache.cache.reader import CacheReader
 from logitcache.cli import main
 from logitcache.dump import KILL_AFTER_BATCHES_ENV, DumpConfig, dump
@@ -202,10 +202,7 @@ def test_info_and_verify_cli(reference_cache, imagenet_shards):
 def test_repair_redoes_exactly_the_damaged_unit(imagenet_shards, reference_cache, tmp_path):
     out = tmp_path / "c.zarr"
     shutil.copytree(reference_cache, out)
-    chunk = out / schema.unit_chunk_keys("resnet18", CacheReader(str(out)).meta, 1, 2)[schema.ROWS]
-    data = bytearray(chunk.read_bytes())
-    data[-7] ^= 0xFF
-    chunk.write_bytes(bytes(data))
+    flip_unit_byte(out, "resnet18", 1, 2, bit=0xFF)  # inside the unit's range of its epoch's pack
     res = CliRunner().invoke(main, ["verify", str(out)])
     assert res.exit_code == 1 and "unit (epoch 1, shard 2)" in res.output
     summary = dump(_cfg(imagenet_shards, out, repair=True))

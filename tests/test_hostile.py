@@ -21,7 +21,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from _cache_edit import unseal
+from _cache_edit import flip_unit_byte, unseal
 from click.testing import CliRunner
 
 from logitcache.cli import main
@@ -654,6 +654,9 @@ def test_format2_mistyped_codec_or_tail(cache2, small_shards, tmp_path, change, 
 
 
 def _rows_chunk(cache: pathlib.Path, e: int, s: int) -> pathlib.Path:
+    """Unit (e, s)'s chunk object, after unsealing the group (`_marker`): a unit finished but not sealed, whose
+    chunk object and marker these tests edit (damage inside a sealed pack: `flip_unit_byte`, tests/test_packs.py)."""
+    unseal(cache, GROUP)
     return cache / GROUP / "rows" / f"c.{e}.{s}.0.0"
 
 
@@ -666,10 +669,7 @@ def test_format2_train_refuses_a_deleted_chunk(cache2, small_shards, tmp_path):
 
 
 def test_format2_train_refuses_a_flipped_byte(cache2, small_shards, tmp_path):
-    victim = _rows_chunk(cache2, 1, 0)
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x40
-    victim.write_bytes(bytes(data))
+    flip_unit_byte(cache2, GROUP, 1, 0, bit=0x40)  # in the unit's range of its sealed epoch's pack
     refused(cli(*train_args(small_shards, cache2, tmp_path / "run", "--epochs", "2")), "epoch 1, shard 0",
             "verify", "--repair")
 
@@ -735,13 +735,13 @@ def test_format2_train_refuses_insane_codes(cache2, small_shards, tmp_path):
 
     from logitcache.cache.store import numcodecs_quietly
 
+    chunk = _rows_chunk(cache2, 0, 1)  # unsealed: zarr edits the unit's own chunk object
     with numcodecs_quietly():  # the rows array's lzma codecs, built by zarr here rather than by the library
         arr = zarr.open_array(str(cache2 / GROUP / "rows"), mode="r+").with_config({"write_empty_chunks": True})
         codes = np.asarray(arr[0, 1])
         codes[0, 0] = 500  # field 0 = the top-1 class (FORMAT.md, format 2.0)
         arr[0, 1] = codes
-    marker = _marker(cache2, 0, 1)
-    sha = hashlib.sha256(_rows_chunk(cache2, 0, 1).read_bytes()).hexdigest()
-    edit_json(marker, lambda d: d["chunks"].update({"rows": sha}))
+    sha = hashlib.sha256(chunk.read_bytes()).hexdigest()
+    edit_json(_marker(cache2, 0, 1), lambda d: d["chunks"].update({"rows": sha}))
     out = refused(cli(*train_args(small_shards, cache2, tmp_path / "run")), "epoch 0, shard 1", "[0, 10)", "verify")
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists(), out

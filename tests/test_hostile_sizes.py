@@ -114,7 +114,7 @@ def test_a_unit_index_over_its_cap_is_not_written_markers_stay(cache, monkeypatc
     shutil.rmtree(cache / GROUP / "unit_index")
     monkeypatch.setitem(store.UNIT_INDEX, "max_bytes", 64)
     objects = ObjectStore(str(cache))
-    assert write_unit_indexes(objects, GROUP, seal=True) == []
+    assert write_unit_indexes(objects, GROUP) == []
     assert not (cache / GROUP / "unit_index").exists() and len(read_markers(objects, GROUP)) == 4
 
 

@@ -256,8 +256,9 @@ def test_markers_are_read_once_by_the_reader_and_handed_to_its_workers(small_sha
     dump(DumpConfig(data=str(small_shards), out=str(cache), teacher="smallcnn", recipe="small", epochs=2, topk=3,
                     seed=SEED, batch_size=8, progress=False))
     group = CacheReader(str(cache)).group
-    assert sorted(os.listdir(cache / group / schema.UNIT_INDEX_DIR)) == ["e00000.json", "e00001.json"]
-    assert not (cache / group / schema.UNITS_DIR).exists()  # format 2: sealed, the indexes are the records
+    # format 2: sealed, one pack index per epoch is the record of its units
+    assert [n[:7] for n in sorted(os.listdir(cache / group / schema.UNIT_INDEX_DIR))] == ["e00000-", "e00001-"]
+    assert not (cache / group / schema.UNITS_DIR).exists()
     if not index:
         unseal(cache, group)  # a cache with markers and no index (format 1, or dumped before sealing)
     reads = _count_object_reads(monkeypatch, tmp_path / "reads.log")
@@ -273,8 +274,10 @@ def test_markers_are_read_once_by_the_reader_and_handed_to_its_workers(small_sha
     worker_reads = [k for pid, k in got if pid != parent]  # (the reader's integrity check reads chunks there)
     assert [k for k in worker_reads if k.endswith(".json") or k.startswith("LIST")] == []  # no marker, no metadata
     marker_reads = [k for _, k in got if f"/{schema.UNITS_DIR}/" in k]
-    index_reads = [k for _, k in got if f"/{schema.UNIT_INDEX_DIR}/" in k]
-    assert len(index_reads) == 2  # one per cached epoch (found or not)
+    index_reads = [k for _, k in got if f"/{schema.UNIT_INDEX_DIR}" in k]  # its listings too
+    # per cached epoch, once: a listing of the indexes and a GET of the epoch's one (none when unsealed)
+    assert len([k for k in index_reads if k.startswith("LIST")]) == 2
+    assert len([k for k in index_reads if not k.startswith("LIST")]) == (2 if index else 0)
     assert len(marker_reads) == (0 if index else 2 * 2)  # without an index: the epoch's 2 markers, once
 
 
@@ -314,12 +317,12 @@ def test_pskd_store_errors_reach_the_training_thread(imagenet_shards, tmp_path):
 
 
 def test_the_dump_writes_a_unit_index_that_verify_checks(small_shards, tmp_path):
-    """Format 2: the dump ends by writing each epoch's unit index and sealing its units (their marker objects
-    deleted: the index is their record, one object per unit remains); readers, verify and a rerun see the same
-    finished units. An index entry that disagrees with a marker, or a doctored sealed entry, is caught."""
+    """Format 2: the dump ends by sealing each epoch's units into a pack and its unit index (their marker objects
+    and chunk objects deleted: the index is their record); readers, verify and a rerun see the same finished
+    units. An index entry that disagrees with a marker, or a doctored sealed entry, is caught."""
     import os
 
-    from _cache_edit import unseal
+    from _cache_edit import unit_span, unseal
 
     from logitcache.cache import schema
     from logitcache.cache.reader import CacheReader
@@ -336,14 +339,14 @@ def test_the_dump_writes_a_unit_index_that_verify_checks(small_shards, tmp_path)
     assert sorted(markers) == [(e, s) for e in range(2) for s in range(2)]
     assert not os.path.exists(os.path.join(cache, group, schema.UNITS_DIR))  # sealed: no marker objects
     info = cache_info(cache)["groups"][group]
-    assert info["objects_per_unit"] == 1.0
+    assert info["objects_per_unit"] == 0.5  # one pack per epoch of 2 units
     for e in range(2):
         assert read_epoch_markers(reader.objects, group, e) == {s: m for (ue, s), m in markers.items() if ue == e}
         assert read_marker(reader.objects, group, e, 1) == markers[(e, 1)]  # a fresh read finds the sealed unit
     assert verify_cache(cache).ok
     assert dump(cfg).units_written == 0  # a rerun finds every unit finished
 
-    key = schema.unit_index_key(group, 1)
+    key = next(k for k in reader.objects.list(f"{group}/{schema.UNIT_INDEX_DIR}") if "/e00001-" in k)
     clean = reader.objects.get(key)
     reader.objects.put(key, clean.replace(b'"length":12', b'"length":11', 1))  # a sealed entry, doctored
     report = verify_cache(cache)
@@ -355,13 +358,20 @@ def test_the_dump_writes_a_unit_index_that_verify_checks(small_shards, tmp_path)
     assert not os.path.exists(os.path.join(cache, group, schema.UNITS_DIR)) and verify_cache(cache).ok
     unseal(cache, group)
     dump(cfg)
-    reader.objects.put(schema.unit_marker_key(group, 1, 0), markers[(1, 0)].to_bytes())  # a marker next to the index
+    # a seal stopped before its deletions left unit (1, 0)'s marker and chunk object next to its index entry,
+    # and the entry was doctored since
+    path, offset, length = unit_span(cache, group, 1, 0)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        reader.objects.put(schema.unit_chunk_keys(group, reader.meta, 1, 0)[schema.ROWS], f.read(length))
+    reader.objects.put(schema.unit_marker_key(group, 1, 0), markers[(1, 0)].unpacked().to_bytes())
     reader.objects.put(key, clean.replace(b'"length":12', b'"length":11', 1))
     report = verify_cache(cache)
     assert not report.ok and any("unit index" in p["where"] and "differs from its marker" in p["what"]
                                  for p in report.problems)
-    dump(cfg)  # the marker wins: the index is rewritten from it, and the unit sealed again
+    dump(cfg)  # the marker wins: the epoch is sealed again from it, its index rewritten
     assert verify_cache(cache).ok and not os.path.exists(os.path.join(cache, group, schema.UNITS_DIR))
+    assert reader.objects.get(key) == clean
 
 
 _COUNT_SYNCS_UNDER_TORCHRUN = """

@@ -114,17 +114,18 @@ def s3_cache(s3_data):
 
 
 def _unit_objects(url: str) -> dict[str, bytes]:
-    """Every chunk, marker and unit index object of a cache (the bytes that must not depend on where the cache
-    lives)."""
+    """Every chunk, pack, marker and unit index object of a cache (the bytes that must not depend on where the
+    cache lives)."""
     objects = ObjectStore(url)
     meta = CacheReader(url).meta
     out = {}
     for e in range(SMALL["epochs"]):
         for s in range(2):
             for key in schema.unit_chunk_keys("smallcnn", meta, e, s).values():
-                out[key] = objects.get(key)
-    for key in objects.list(f"smallcnn/{schema.UNITS_DIR}") + objects.list(f"smallcnn/{schema.UNIT_INDEX_DIR}"):
-        out[key] = objects.get(key)
+                out[key] = objects.get(key)  # None once sealed
+    for folder in (schema.UNITS_DIR, schema.UNIT_INDEX_DIR, schema.PACKS_DIR):
+        for key in objects.list(f"smallcnn/{folder}"):
+            out[key] = objects.get(key)
     return out
 
 
@@ -159,8 +160,9 @@ def test_shards_scan_writes_the_manifest_on_s3(s3_prefix, small_shards, tmp_path
 # ------------------------------------------------------------------ dump / info / verify
 def test_cli_dump_to_s3_equals_local_dump_byte_for_byte(s3_cache, local_cache):
     remote, local = _unit_objects(s3_cache), _unit_objects(local_cache)
-    # format 2, sealed: 1 chunk per unit and one unit index per epoch, no marker objects left
-    assert len(remote) == 4 + 2 and all(v is not None for v in remote.values())
+    # format 2, sealed: one pack and one pack index per epoch; no chunk object, no marker left
+    assert sorted(k.split("/")[1] for k, v in remote.items() if v is not None) == [schema.PACKS_DIR] * 2 + [
+        schema.UNIT_INDEX_DIR] * 2
     assert remote == local
 
 
@@ -193,24 +195,28 @@ def test_info_and_verify_on_s3(s3_cache, s3_data):
 
 
 def test_verify_names_a_damaged_chunk_on_s3(s3_data, s3_prefix, local_cache):
+    """On S3, a flipped byte inside a sealed pack damages the unit whose range holds it (read with one ranged
+    GET), and a deleted pack the units of its epoch."""
     out = f"{s3_prefix}/cache.zarr"
     fs = _s3fs()
     fs.put(local_cache, out[len("s3://"):], recursive=True)  # a copy of the local cache, damaged below
     assert verify_cache(out).ok
-    meta = CacheReader(local_cache).meta
-    flipped = schema.unit_chunk_keys("smallcnn", meta, 1, 0)[schema.ROWS]
-    deleted = schema.unit_chunk_keys("smallcnn", meta, 0, 1)[schema.ROWS]
+    reader = CacheReader(local_cache)
+    flipped, deleted = reader.unit_marker(1, 0).pack, reader.unit_marker(0, 1).pack
+    flipped_key = schema.pack_key("smallcnn", 1, flipped.pack_id)
+    deleted_key = schema.pack_key("smallcnn", 0, deleted.pack_id)
     bucket_path = out[len("s3://"):]
-    data = bytearray(fs.cat_file(f"{bucket_path}/{flipped}"))
-    data[len(data) // 2] ^= 0x01
-    fs.pipe_file(f"{bucket_path}/{flipped}", bytes(data))
-    fs.rm_file(f"{bucket_path}/{deleted}")
+    data = bytearray(fs.cat_file(f"{bucket_path}/{flipped_key}"))
+    data[flipped.offset + flipped.length // 2] ^= 0x01
+    fs.pipe_file(f"{bucket_path}/{flipped_key}", bytes(data))
+    fs.rm_file(f"{bucket_path}/{deleted_key}")
     report = verify_cache(out)
-    assert report.bad_units() == [(0, 1), (1, 0)]
+    assert report.bad_units() == [(0, 0), (0, 1), (1, 0)]
     whats = " ".join(p["what"] for p in report.problems)
-    assert f"{flipped} differs" in whats and f"{deleted} is missing" in whats
+    assert f"pack {flipped_key} bytes [{flipped.offset}, " in whats and "differs" in whats
+    assert f"pack {deleted_key} is missing" in whats
     r = CliRunner().invoke(main, ["verify", out])
-    assert r.exit_code != 0 and "FAILED" in r.output and flipped in r.output
+    assert r.exit_code != 0 and "FAILED" in r.output and flipped_key in r.output
 
 
 # ------------------------------------------------------------------ reading: workers, concurrent writer

@@ -182,7 +182,8 @@ def test_format_2_tails_dump_verify_and_train(small_shards, teacher_weights, tmp
     assert verify_cache(out).ok
     info = cache_info(out)["groups"]["smallcnn"]
     assert info["format"] == "2.0" and info["codec"] == "packed-q6" and info["tail"] == tail.split(":")[0]
-    assert info["objects_per_unit"] == 1 + (1 / 2 if tail == "prior" else 0)  # the chunk, sealed (+ prior / 2 units)
+    # sealed: the epoch's one pack (+ the prior's chunk) for its 2 units
+    assert info["objects_per_unit"] == (1 + (tail == "prior")) / 2
     rows, _ = r.rows(0, list(range(24)), [0] * 24)
     assert torch.isfinite(rows.log_probs(1.0)).all() and torch.isfinite(rows.log_probs(4.0)).all()
     train(cfg(small_shards, tmp_path / "run", loss="nkd", cache=out))

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from logitcache.cache import schema
+from logitcache.cache.packs import finish_units
 from logitcache.cache.reader import CacheReader
-from logitcache.cache.store import write_unit_indexes
 from logitcache.cache.writer import CacheWriter
 from logitcache.labels.codecs import DEFAULT_CODEC, PackedCodec, codec_name, codec_settings, decode_unit, encode_topk
 from logitcache.labels.tails import (
@@ -134,7 +134,7 @@ def write_cache(url: str, logits: torch.Tensor, target: torch.Tensor, views: np.
         tk = TopKLogits.from_logits(logits[sl], target[sl], k, temps, keep_rest=setting.format == 2,
                                     **({"tail": rule, "generator": g} if rule is not None else {}))
         w.write_unit(0, s, np.arange(length), w.encode_rows(tk, views[sl]), length, {"views": length})
-    write_unit_indexes(w.objects, w.group, seal=w.meta.packed)  # as `dump` ends
+    finish_units(w.objects, w.group, w.meta)  # as `dump` ends
     return lengths
 
 

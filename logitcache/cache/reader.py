@@ -318,6 +318,14 @@ class CacheReader:
         if marker is None:
             raise CacheError(self._unfinished_message(epoch, shard))
         rows, problems = self.unit_problems(epoch, shard, marker)
+        if problems and self.meta.packed:
+            # a dump sealing the epoch since this reader read the unit's record moves its bytes into a new pack
+            # (and deletes the old object): the unit's record read now says where they are
+            now = self.unit_marker(epoch, shard, fresh=True)
+            if now is not None and now != marker:
+                rows, problems = self.unit_problems(epoch, shard, now)
+                if not problems and shard in self._epoch_markers.get(epoch, {}):
+                    self._epoch_markers[epoch][shard] = now
         if problems:
             raise DamagedUnitError(f"{self.unit_where(epoch, shard)} is damaged: {'; '.join(problems)}. "
                                    + repair_hint(self.url, self.group))
@@ -341,25 +349,17 @@ class CacheReader:
         against its marker (presence, sha256), then decoded from those very bytes, then value sanity.
         Returns the rows (None when they cannot be decoded) and the problems found."""
         st = self._open()
-        meta, root, group = st["meta"], st["root"], st["group"]
+        meta, root = st["meta"], st["root"]
         if marker.length != root.shard_lengths[shard]:
             return None, [f"length {marker.length} != shard length {root.shard_lengths[shard]}"]
-        keys = schema.unit_chunk_keys(group, meta, epoch, shard)
-        got = st["objects"].get_many(list(keys.values()))  # one round trip on object stores
-        problems = []
-        for name, key in keys.items():
-            data = got.get(key)
-            if data is None:
-                problems.append(f"chunk {key} is missing")
-            elif sha256_hex(data) != marker.chunks.get(name):
-                problems.append(f"chunk {key} differs from its checksum in the marker")
+        where, got, problems = self._stored_bytes(epoch, shard, marker)
         if problems:
             return None, problems
         L = root.max_shard_len
         if meta.packed:  # format 2: its codec decodes the very bytes checked above, then the same value checks
-            codec, key = meta.packed_codec(), keys[schema.ROWS]
+            codec = meta.packed_codec()
             try:
-                mat = decode_chunk(got[key], codec.dtype, (codec.n_fields, L), f"chunk {key}",
+                mat = decode_chunk(got[schema.ROWS], codec.dtype, (codec.n_fields, L), where[schema.ROWS],
                                    codec.compressor)[:, :marker.length]
             except DamagedUnitError as e:
                 return None, [str(e)]
@@ -369,14 +369,43 @@ class CacheReader:
         for spec in schema.ARRAYS:
             shape = (L, *meta.trailing_size(spec.trailing))
             try:
-                arrays[spec.name] = decode_chunk(got[keys[spec.name]], meta.array_dtype(spec), shape,
-                                                 f"chunk {keys[spec.name]}")[: marker.length]
+                arrays[spec.name] = decode_chunk(got[spec.name], meta.array_dtype(spec), shape,
+                                                 where[spec.name])[: marker.length]
             except DamagedUnitError as e:
                 problems.append(str(e))
         if problems:
             return None, problems
         rows = UnitRows(**arrays)
         return rows, unit_value_problems(rows, marker, meta)
+
+    def _stored_bytes(self, epoch: int, shard: int, marker: UnitMarker
+                      ) -> tuple[dict[str, str], dict[str, bytes], list[str]]:
+        """The unit's stored bytes by array name, each checked against the sha256 its record holds: (array ->
+        where its bytes lie, for messages; array -> bytes; problems). A sealed format-2 unit's bytes are its range
+        of a pack (one ranged GET); any other unit's are its chunk objects (one round trip on object stores)."""
+        st = self._open()
+        meta, group, objects = st["meta"], st["group"], st["objects"]
+        p = marker.pack
+        if p is None:
+            keys = schema.unit_chunk_keys(group, meta, epoch, shard)
+            where = {name: f"chunk {key}" for name, key in keys.items()}
+            stored = objects.get_many(list(keys.values()))
+            got = {name: stored[key] for name, key in keys.items() if key in stored}
+            missing = [f"chunk {key} is missing" for name, key in keys.items() if name not in got]
+        else:
+            key = schema.pack_key(group, epoch, p.pack_id)
+            where = {schema.ROWS: f"pack {key} bytes [{p.offset}, {p.offset + p.length})"}
+            bound = schema.stored_chunk_bound(meta, st["root"])
+            if not meta.packed or p.length > bound:
+                return where, {}, [f"{where[schema.ROWS]}: a format-1 unit cannot lie in a pack" if not meta.packed
+                                   else f"{where[schema.ROWS]}: {p.length} bytes is more than a chunk of this "
+                                        f"group can take ({bound})"]
+            data = objects.get_range(key, p.offset, p.length)
+            got = {} if data is None else {schema.ROWS: data}
+            missing = [] if data is not None else [f"pack {key} is missing"]
+        record = "unit index" if p is not None else "marker"
+        return where, got, missing + [f"{where[name]} differs from its checksum in the {record}"
+                                      for name, data in got.items() if sha256_hex(data) != marker.chunks.get(name)]
 
     def topk_rows(self, rows: UnitRows | PackedUnit, offsets, targets) -> TopKLogits:
         """A `TopKLogits` for the given offsets of a unit (targets come from the data)."""

@@ -48,6 +48,7 @@ ATTRS_KEY = "logitcache"
 DATASET_MANIFEST_KEY = "dataset_manifest.json"
 UNITS_DIR = "units"
 UNIT_INDEX_DIR = "unit_index"
+PACKS_DIR = "packs"  # format 2: a sealed epoch's unit chunks, concatenated (FORMAT.md "Sealed units")
 RUNS_DIR = "runs"  # one object per dump run: the shards it covers, its provenance (format 1.1)
 
 # ------------------------------------------------------------------ arrays
@@ -139,6 +140,14 @@ MAX_TEMPERATURES = 64
 MAX_PARAMS = 64
 MAX_CLASSES = (1 << 31) - 1
 MAX_CHUNK_BYTES = 1 << 31  # raw bytes of one unit's chunk of one array
+#: stored (compressed) bytes of one unit's chunk: the raw limit plus what a compressor may add to incompressible
+#: bytes (LZMA2: ~0.1 %; blosc: its header and a block table), so a pack entry declaring more is refused unread
+MAX_STORED_CHUNK_BYTES = MAX_CHUNK_BYTES + (MAX_CHUNK_BYTES >> 6) + (1 << 16)
+#: a seal concatenates an epoch's unit chunks into packs of at most this many bytes (a bigger epoch gets several;
+#: ImageNet's 1,281 units of ~24 KiB make one pack of ~31 MB), bounding what a sealer holds in memory
+PACK_MAX_BYTES = 64 << 20
+#: a pack entry's offset (a pack holds PACK_MAX_BYTES plus at most one unit; this bounds a hostile number)
+MAX_PACK_OFFSET = 1 << 48
 MAX_PRIOR_CLASSES = 1 << 14  # tail rule 'prior' stores C x C float32: 1 GiB at this limit (ImageNet-1k: 4 MB)
 
 # Bytes of each JSON object a reader parses, checked before it is read (`runtime.bounded.read_bounded`): derived
@@ -252,6 +261,14 @@ def unit_chunk_keys(group: str, meta: GroupMeta, epoch: int, shard: int) -> dict
     if meta.packed:
         return {ROWS: f"{group}/{ROWS}/c.{epoch}.{shard}.0.0"}
     return {a.name: chunk_key(group, a.name, epoch, shard, 3 + (a.trailing != "")) for a in ARRAYS}
+
+
+def stored_chunk_bound(meta: GroupMeta, root: RootMeta) -> int:
+    """The most bytes a format-2 unit's stored chunk can take (its raw size plus what LZMA2 or blosc and the
+    crc32c add to incompressible bytes, with room): a pack entry declaring more is refused before it is read."""
+    codec = meta.packed_codec()
+    raw = codec.n_fields * root.max_shard_len * np.dtype(codec.dtype).itemsize
+    return raw + (raw >> 6) + (1 << 16)
 
 
 # ------------------------------------------------------------------ what a cache may name (safe opening)
@@ -638,6 +655,16 @@ def settings_diff(stored: dict[str, Any], requested: dict[str, Any]) -> list[str
 
 # ------------------------------------------------------------------ unit markers
 @dataclass(frozen=True)
+class PackRef:
+    """Where a sealed format-2 unit's chunk lies: ``length`` bytes from ``offset`` of the epoch's pack object
+    ``pack_id`` (`pack_key`), the very bytes its standalone chunk object held (FORMAT.md "Sealed units")."""
+
+    pack_id: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class UnitMarker:
     """Written last for a unit; its presence means the unit is finished.
 
@@ -648,6 +675,8 @@ class UnitMarker:
     {...}}``, the sha256 of the uint8 pixels of the unit's first finished views at those offsets and the library
     versions that made them (`logitcache.views.digest`); readers recompute it to prove their pixels are the
     teacher's.
+    ``pack`` (only in an entry of a pack's unit index, never in a marker object): where the sealed unit's chunk
+    lies in its epoch's pack; the unit's record is otherwise the marker it was (`unpacked`).
     """
 
     epoch: int
@@ -657,13 +686,21 @@ class UnitMarker:
     stats: dict[str, float]
     skipped: tuple[int, ...] = ()
     replay: dict[str, Any] | None = None
+    pack: PackRef | None = None
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(dataclasses.replace(self, pack=None))
+        del d["pack"]
         d["skipped"] = list(self.skipped)
         if self.replay is None:
             del d["replay"]
+        if self.pack is not None:  # its pack is the index's own (the index key names it)
+            d["pack"] = [self.pack.offset, self.pack.length]
         return d
+
+    def unpacked(self) -> UnitMarker:
+        """The record without its location: what a marker object and a pack's index entry of one unit share."""
+        return dataclasses.replace(self, pack=None)
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_json(), sort_keys=True, indent=1).encode()
@@ -679,9 +716,17 @@ class UnitMarker:
         return cls.from_json(d, where=where, arrays=arrays)
 
     @classmethod
-    def from_json(cls, d: Any, *, where: str = "", arrays: tuple[str, ...] | None = None) -> UnitMarker:
-        """A marker from its parsed JSON (a marker object, or an entry of a unit index), checked as `from_bytes`."""
+    def from_json(cls, d: Any, *, where: str = "", arrays: tuple[str, ...] | None = None,
+                  pack_id: str | None = None) -> UnitMarker:
+        """A marker from its parsed JSON (a marker object, or an entry of a unit index), checked as `from_bytes`.
+        ``pack_id``: the entry is one of that pack's unit index and must say where in the pack its unit lies
+        (``"pack": [offset, length]``); anything else must not."""
         try:
+            pack = d.get("pack")
+            if pack is not None:
+                if not isinstance(pack, list) or len(pack) != 2 or not all(type(x) is int for x in pack):
+                    raise TypeError(f"'pack' must be [offset, length] (integers), not {pack!r}")
+                pack = PackRef(pack_id or "", pack[0], pack[1])
             marker = cls(
                 epoch=int(d["epoch"]),
                 shard=int(d["shard"]),
@@ -690,10 +735,17 @@ class UnitMarker:
                 stats={str(k): float(v) for k, v in d["stats"].items()},
                 skipped=tuple(int(x) for x in d.get("skipped", ())),
                 replay=_replay_record(d.get("replay")),
+                pack=pack,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CacheMetadataError(f"unit marker {where} is malformed: {type(e).__name__}: {e}") from e
         problems = []
+        if (marker.pack is None) != (pack_id is None):
+            problems.append("a pack's unit index entry without its place in the pack" if pack_id is not None
+                            else "a place in a pack ('pack') outside a pack's unit index")
+        elif pack is not None and not (0 <= pack.offset <= MAX_PACK_OFFSET
+                                       and 0 < pack.length <= MAX_STORED_CHUNK_BYTES):
+            problems.append(f"pack range [{pack.offset}, +{pack.length}) beyond the limits")
         if not (0 <= marker.epoch < MAX_EPOCHS and 0 <= marker.shard < MAX_SHARDS
                 and 0 <= marker.length <= MAX_SHARD_LEN):
             problems.append(f"epoch/shard/length {marker.epoch}/{marker.shard}/{marker.length} beyond the limits")
@@ -722,20 +774,36 @@ def _replay_record(d: Any) -> dict[str, Any] | None:
             "versions": {str(k): str(v) for k, v in dict(d.get("versions", {})).items()}}
 
 
-# ------------------------------------------------------------------ unit index (one object per cached epoch)
-def unit_index_key(group: str, epoch: int) -> str:
-    """The epoch's unit index: all its finished units' markers in one object, written by the dump so a reader
-    needs one GET for an epoch instead of one per unit. Format 2 dumps then seal the units it lists (their
-    marker objects are deleted: the index is their only record); without an index, readers list the markers."""
-    return f"{group}/{UNIT_INDEX_DIR}/e{epoch:05d}.json"
+# ------------------------------------------------------------------ unit indexes and packs (per cached epoch)
+def unit_index_key(group: str, epoch: int, pack_id: str | None = None) -> str:
+    """An epoch's unit index: finished units' markers in one object, so a reader needs one GET for an epoch
+    instead of one per unit. Format 1 (and format 2 before packs): ``e<EEEEE>.json``, every unit of the epoch,
+    markers staying the truth. Format 2 seals its units into packs: ``e<EEEEE>-<pack id>.json`` lists the units
+    whose chunks pack ``pack_id`` holds, and is their only record once their marker objects are deleted."""
+    return f"{group}/{UNIT_INDEX_DIR}/e{epoch:05d}{'' if pack_id is None else '-' + pack_id}.json"
 
 
-def unit_index_epoch(key: str) -> int | None:
-    """The epoch of a unit index key (``…/unit_index/e<EEEEE>.json``), None for any other name."""
-    name = key.rsplit("/", 1)[-1]
-    if name.startswith("e") and name.endswith(".json") and name[1:-5].isdigit() and len(name) == 11:
-        return int(name[1:-5])
-    return None
+def pack_key(group: str, epoch: int, pack_id: str) -> str:
+    """A format-2 pack: sealed unit chunks of epoch ``epoch`` back to back; ``pack_id`` = the first 16 hex digits
+    of the sha256 of its bytes, so a seal of the same units writes the same object (and cache bytes stay a
+    function of the seed, whatever the rank count or the resumes)."""
+    return f"{group}/{PACKS_DIR}/e{epoch:05d}-{pack_id}.bin"
+
+
+def pack_id_of(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+_UNIT_INDEX_NAME = re.compile(r"e(\d{5})(?:-([0-9a-f]{16}))?\.json")
+
+
+def unit_index_name(key: str) -> tuple[int, str | None] | None:
+    """(epoch, pack id or None) of a unit index key (``…/unit_index/e<EEEEE>[-<pack id>].json``), None for any
+    other name (a temp file of an interrupted write, say)."""
+    m = _UNIT_INDEX_NAME.fullmatch(key.rsplit("/", 1)[-1])
+    return None if m is None else (int(m.group(1)), m.group(2))
 
 
 def unit_index_bytes(epoch: int, markers: list[UnitMarker]) -> bytes:
@@ -743,9 +811,11 @@ def unit_index_bytes(epoch: int, markers: list[UnitMarker]) -> bytes:
     return json.dumps({"epoch": epoch, "markers": entries}, sort_keys=True, separators=(",", ":")).encode()
 
 
-def parse_unit_index(data: bytes, epoch: int, *, where: str = "") -> dict[int, UnitMarker]:
-    """shard -> marker of a unit index; `CacheError` for a malformed one, or one that lists a unit of another
-    epoch or a unit twice."""
+def parse_unit_index(data: bytes, epoch: int, *, where: str = "", pack_id: str | None = None
+                     ) -> dict[int, UnitMarker]:
+    """shard -> marker of a unit index (``pack_id``: of that pack's index, whose every entry says where in the
+    pack its unit lies); `CacheError` for a malformed one, or one that lists a unit of another epoch or a unit
+    twice."""
     try:
         d = json.loads(data)
         entries, stated = d["markers"], int(d["epoch"])
@@ -755,7 +825,7 @@ def parse_unit_index(data: bytes, epoch: int, *, where: str = "") -> dict[int, U
         raise CacheError(f"unit index {where} is not the unit index of epoch {epoch}")
     out: dict[int, UnitMarker] = {}
     for entry in entries:
-        m = UnitMarker.from_json(entry, where=where)
+        m = UnitMarker.from_json(entry, where=where, pack_id=pack_id)
         if m.epoch != epoch or m.shard in out:
             raise CacheError(f"unit index {where} lists unit (epoch {m.epoch}, shard {m.shard}) wrongly or twice")
         out[m.shard] = m

@@ -68,6 +68,26 @@ class ObjectStore:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes | None:
+        """At most ``length`` bytes of the object from ``offset`` (fewer when it is shorter; one ranged GET on object
+        stores), None when it does not exist. Format 2's packs are read one unit at a time through this."""
+        path = self.path(key)
+        try:
+            if self.is_local:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    return f.read(length)
+            try:
+                return self.fs.cat_file(path, start=offset, end=offset + length)
+            except (FileNotFoundError, NotADirectoryError):
+                raise
+            except Exception:  # S3 answers a range starting past the end with an error (416), not empty bytes
+                if offset >= self.fs.size(path):
+                    return b""
+                raise
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def get_many(self, keys: list[str], *, max_bytes: int | None = None, what: str = "metadata object"
                  ) -> dict[str, bytes]:
         """The objects that exist among ``keys``, fetched concurrently on object stores (s3fs batches the GETs:
@@ -412,27 +432,58 @@ def read_marker_objects(objects: ObjectStore, group: str) -> dict[tuple[int, int
     return out
 
 
-def _index_objects(objects: ObjectStore, group: str):
-    """(key, epoch, bytes) of each unit index of the group (objects named otherwise in the folder are not
-    indexes; one deleted since the listing is skipped)."""
+@dataclasses.dataclass(frozen=True)
+class UnitIndex:
+    """One unit index object: its key, epoch, pack id (None: an unpacked index, `schema.unit_index_key`) and
+    entries (shard -> record)."""
+
+    key: str
+    epoch: int
+    pack_id: str | None
+    entries: dict[int, UnitMarker]
+
+
+def read_index_objects(objects: ObjectStore, group: str, epoch: int | None = None) -> list[UnitIndex]:
+    """The group's unit index objects (of ``epoch`` only, when given), parsed, in key order. Objects named
+    otherwise in the folder are not indexes; one deleted since the listing (a seal superseding it) is skipped."""
+    out = []
     for key in objects.list(f"{group}/{schema.UNIT_INDEX_DIR}"):
-        epoch = schema.unit_index_epoch(key)
-        data = None if epoch is None else objects.get(key, **UNIT_INDEX)
+        name = schema.unit_index_name(key)
+        if name is None or (epoch is not None and name[0] != epoch):
+            continue
+        data = objects.get(key, **UNIT_INDEX)
         if data is not None:
-            yield key, epoch, data
-
-
-def read_unit_indexes(objects: ObjectStore, group: str) -> dict[tuple[int, int], UnitMarker]:
-    """Every entry of the group's unit indexes."""
-    out = {}
-    for key, epoch, data in _index_objects(objects, group):
-        out.update({(epoch, s): m for s, m in _parse_index(data, epoch, key).items()})
+            out.append(UnitIndex(key, name[0], name[1], _parse_index(data, name[0], key, name[1])))
     return out
 
 
-def _parse_index(data: bytes, epoch: int, key: str) -> dict[int, UnitMarker]:
+def merge_indexes(indexes: list[UnitIndex], url: str) -> dict[tuple[int, int], UnitMarker]:
+    """(epoch, shard) -> record over several index objects. A unit two objects list (a seal that stopped before
+    it deleted what its packs superseded, or two seals at once) must have the same record in both, else the
+    cache is refused naming them; an entry in a pack is preferred, then the first object in key order."""
+    out: dict[tuple[int, int], UnitMarker] = {}
+    where: dict[tuple[int, int], str] = {}
+    for ix in indexes:
+        for shard, m in ix.entries.items():
+            unit = (ix.epoch, shard)
+            have = out.get(unit)
+            if have is not None and have.unpacked() != m.unpacked():
+                raise CacheMetadataError(
+                    f"{url}: unit (epoch {ix.epoch}, shard {shard}) is recorded differently by unit indexes "
+                    f"{where[unit]} and {ix.key}. Delete the wrong one (or both, to have `dump` redo the unit)")
+            if have is None or (have.pack is None and m.pack is not None):
+                out[unit], where[unit] = m, ix.key
+    return out
+
+
+def read_unit_indexes(objects: ObjectStore, group: str) -> dict[tuple[int, int], UnitMarker]:
+    """Every unit the group's unit indexes list (`merge_indexes`)."""
+    return merge_indexes(read_index_objects(objects, group), objects.url)
+
+
+def _parse_index(data: bytes, epoch: int, key: str, pack_id: str | None) -> dict[int, UnitMarker]:
     try:
-        return schema.parse_unit_index(data, epoch, where=key)
+        return schema.parse_unit_index(data, epoch, where=key, pack_id=pack_id)
     except CacheError as e:
         # a sealed index is the only record of its units: it is metadata, and a repair must not guess around it
         raise CacheMetadataError(f"{e}. Delete that object to have `dump` redo the units it listed "
@@ -441,7 +492,7 @@ def _parse_index(data: bytes, epoch: int, key: str) -> dict[int, UnitMarker]:
 
 def read_markers(objects: ObjectStore, group: str) -> dict[tuple[int, int], UnitMarker]:
     """The finished units: those with a marker object and those a unit index lists (a sealed unit's marker is
-    deleted once its index certifies it, FORMAT.md "Sealed units"). The markers are listed before the indexes
+    deleted once an index certifies it, FORMAT.md "Sealed units"). The markers are listed before the indexes
     are read: sealing writes an index before it deletes the markers it lists, so a marker gone since the
     listing is in an index read after it. Where both exist the marker wins (it is never older)."""
     return _finished(objects, group, read_marker_objects(objects, group))
@@ -453,14 +504,12 @@ def _finished(objects: ObjectStore, group: str, markers: dict[tuple[int, int], U
 
 
 def read_marker(objects: ObjectStore, group: str, epoch: int, shard: int) -> UnitMarker | None:
-    """One unit's marker (one GET; a second, of the epoch's index, when the unit has no marker object: sealed or
-    unfinished), None when the unit is unfinished."""
+    """One unit's record (one GET of its marker; when it has none, sealed or unfinished, the epoch's unit
+    indexes: a listing and one GET each), None when the unit is unfinished."""
     key = schema.unit_marker_key(group, epoch, shard)
     data = objects.get(key, fresh=True, **MARKER)
     if data is None:
-        index = schema.unit_index_key(group, epoch)
-        found = objects.get(index, fresh=True, **UNIT_INDEX)
-        return None if found is None else _parse_index(found, epoch, index).get(shard)
+        return merge_indexes(read_index_objects(objects, group, epoch), objects.url).get((epoch, shard))
     m = UnitMarker.from_bytes(data, where=key)
     if (m.epoch, m.shard) != (epoch, shard):
         raise CacheError(f"unit marker {key} says it is unit (epoch {m.epoch}, shard {m.shard}); refusing it")
@@ -468,13 +517,12 @@ def read_marker(objects: ObjectStore, group: str, epoch: int, shard: int) -> Uni
 
 
 def read_epoch_markers(objects: ObjectStore, group: str, epoch: int) -> dict[int, UnitMarker]:
-    """shard -> marker of the finished units of cached epoch ``epoch``: from the epoch's unit index when the dump
-    wrote one (one GET; units finished since are found by `read_marker`), else from the markers themselves (a
-    listing and one GET per unit of the epoch)."""
-    key = schema.unit_index_key(group, epoch)
-    data = objects.get(key, **UNIT_INDEX)
-    if data is not None:
-        return _parse_index(data, epoch, key)
+    """shard -> record of cached epoch ``epoch``'s finished units: from the epoch's unit indexes when the dump
+    wrote them (a listing and one GET per index, one per pack in format 2; units finished since are found by
+    `read_marker`), else from the markers themselves (a listing and one GET per unit of the epoch)."""
+    indexes = read_index_objects(objects, group, epoch)
+    if indexes:
+        return {s: m for (_, s), m in merge_indexes(indexes, objects.url).items()}
     prefix = f"e{epoch:05d}-"
     keys = [k for k in objects.list(f"{group}/{schema.UNITS_DIR}")
             if k.rsplit("/", 1)[-1].startswith(prefix) and k.endswith(".json")]
@@ -487,66 +535,77 @@ def read_epoch_markers(objects: ObjectStore, group: str, epoch: int) -> dict[int
     return out
 
 
-def write_unit_indexes(objects: ObjectStore, group: str, *, seal: bool = False) -> list[int]:
-    """Write (or rewrite when stale) every epoch's unit index from the finished units, reading each back to check
-    it; returns the epochs written. ``seal`` (format 2): then delete the marker objects the index now certifies,
-    so a unit is one stored object (its chunk) — FORMAT.md "Sealed units". One process calls this once all
-    units it waited for are finished (no other writer of the indexes runs then)."""
-    markers = read_marker_objects(objects, group)
+def write_unit_indexes(objects: ObjectStore, group: str) -> list[int]:
+    """Format 1: write (or rewrite when stale) every epoch's unpacked unit index from the finished units, reading
+    each back to check it; returns the epochs written. The markers stay the truth (format 2 seals its units
+    instead: `cache.packs.seal_units`). One process calls this once all units it waited for are finished."""
     by_epoch: dict[int, list[UnitMarker]] = {}
-    for (e, _), m in _finished(objects, group, markers).items():
+    for (e, _), m in read_markers(objects, group).items():
         by_epoch.setdefault(e, []).append(m)
     written = []
     for e, units in sorted(by_epoch.items()):
         key, data = schema.unit_index_key(group, e), schema.unit_index_bytes(e, units)
         if len(data) > UNIT_INDEX["max_bytes"]:
-            continue  # readers would refuse it: the epoch keeps its marker objects (read one by one), unsealed
+            continue  # readers would refuse it: the epoch's markers are read one by one
         if objects.get(key, **UNIT_INDEX) != data:
-            objects.put(key, data)
-            back = objects.get(key, **UNIT_INDEX)
-            if back is None or schema.parse_unit_index(back, e, where=key) != {m.shard: m for m in units}:
-                raise CacheError(f"{objects.url}: unit index {key} did not read back as written")
+            put_index(objects, key, e, None, data, units)
             written.append(e)
-        if seal:
-            objects.fsync([key])  # the index is durable before the markers it replaces go
-            objects.delete_many([schema.unit_marker_key(group, e, m.shard) for m in units
-                                 if (e, m.shard) in markers])
-    if seal and objects.is_local:  # an empty folder still takes a block; the next marker written makes it again
-        try:
-            os.rmdir(objects.path(f"{group}/{schema.UNITS_DIR}"))
-        except OSError:
-            pass  # not empty (units finished by another process since) or already gone
     return written
 
 
+def put_index(objects: ObjectStore, key: str, epoch: int, pack_id: str | None, data: bytes,
+              units: list[UnitMarker]) -> None:
+    """Write a unit index, read it back (it must parse to ``units``) and make it durable."""
+    objects.put(key, data)
+    back = objects.get(key, **UNIT_INDEX)
+    if back is None or schema.parse_unit_index(back, epoch, where=key, pack_id=pack_id) != {m.shard: m for m in units}:
+        raise CacheError(f"{objects.url}: unit index {key} did not read back as written")
+    objects.fsync([key])
+
+
 def unfinish_units(objects: ObjectStore, group: str, units: list[tuple[int, int]]) -> None:
-    """Make ``units`` unfinished, so a dump redoes them (`dump --repair`): first their entries leave their epochs'
-    unit indexes (rewritten without them), then their markers go. Run by one process, no dump running."""
+    """Make ``units`` unfinished, so a dump redoes them (`dump --repair`): first their entries leave every unit
+    index that lists them (rewritten without them; an index left empty is deleted, with its pack), then their
+    markers go. A packed unit's bytes stay in its pack until the dump seals the epoch again (it rewrites the
+    epoch's packs). Run by one process, no dump running."""
     for e in sorted({e for e, _ in units}):
-        key = schema.unit_index_key(group, e)
-        data = objects.get(key, fresh=True, **UNIT_INDEX)
-        if data is None:
-            continue
         gone = {s for ue, s in units if ue == e}
-        keep = [m for s, m in _parse_index(data, e, key).items() if s not in gone]
-        objects.put(key, schema.unit_index_bytes(e, keep))
-        objects.fsync([key])
+        for ix in read_index_objects(objects, group, e):
+            if not gone & set(ix.entries):
+                continue
+            keep = [m for s, m in ix.entries.items() if s not in gone]
+            if keep:
+                put_index(objects, ix.key, e, ix.pack_id, schema.unit_index_bytes(e, keep), keep)
+            else:
+                objects.delete(ix.key)
+                if ix.pack_id is not None:
+                    objects.delete(schema.pack_key(group, e, ix.pack_id))
     objects.delete_many([schema.unit_marker_key(group, e, s) for e, s in units])
 
 
 def unit_index_problems(objects: ObjectStore, group: str) -> list[str]:
-    """Where the unit indexes disagree with the marker objects (`verify`): an entry that differs from its unit's
-    marker, or an index that does not parse. An entry without a marker is a sealed unit; an index may lack units
-    finished after it was written."""
+    """Where the unit indexes disagree with the marker objects or with each other (`verify`): an entry whose
+    record differs from its unit's marker or from another index's entry, or an index that does not parse. An
+    entry without a marker is a sealed unit; an index may lack units finished after it was written."""
     problems = []
     markers = read_marker_objects(objects, group)
-    for key, epoch, data in _index_objects(objects, group):
+    seen: dict[tuple[int, int], tuple[str, UnitMarker]] = {}
+    for key in objects.list(f"{group}/{schema.UNIT_INDEX_DIR}"):
+        name = schema.unit_index_name(key)
+        data = None if name is None else objects.get(key, **UNIT_INDEX)
+        if data is None:
+            continue
         try:
-            entries = schema.parse_unit_index(data, epoch, where=key)
+            entries = schema.parse_unit_index(data, name[0], where=key, pack_id=name[1])
         except CacheError as e:
             problems.append(str(e))
             continue
         for shard, m in sorted(entries.items()):
-            if (epoch, shard) in markers and markers[(epoch, shard)] != m:
-                problems.append(f"unit index {key}: unit (epoch {epoch}, shard {shard}) differs from its marker")
+            unit = (name[0], shard)
+            if unit in markers and markers[unit] != m.unpacked():
+                problems.append(f"unit index {key}: unit (epoch {unit[0]}, shard {shard}) differs from its marker")
+            if unit in seen and seen[unit][1].unpacked() != m.unpacked():
+                problems.append(f"unit index {key}: unit (epoch {unit[0]}, shard {shard}) differs from its entry "
+                                f"in {seen[unit][0]}")
+            seen.setdefault(unit, (key, m))
     return problems
