@@ -3,8 +3,11 @@ parameters, one (epoch, shard) unit at a time.
 
     schema.py   THE format: arrays, dtypes, codecs, chunking, metadata, unit markers (FORMAT.md in prose)
     store.py    opening a store safely (JSON only, checked array metadata, safe keys), object access, markers
+                and unit indexes
     writer.py   CacheWriter: create/extend a group, write a unit, its marker last
+    packs.py    the end of a dump: format 2 seals each epoch's units into packs + pack indexes (format 1: indexes)
     reader.py   CacheReader: read-only, opened lazily per process; THE stored rows -> TopKLogits conversion
+    fidelity.py bytes/view, du and KL/gradient errors of a setting through the real writer/reader (bench, probe)
     verify.py   info, verify (checksums, completeness, sanity, data), recompute (views re-run by a teacher)
 """
 
