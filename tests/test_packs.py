@@ -5,6 +5,7 @@ they should not."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -314,3 +315,23 @@ def test_a_pack_index_over_its_cap_is_not_written_the_epoch_stays_unsealed(packe
     report = seal_units(ObjectStore(str(c)), GROUP, CacheReader(str(c)).meta)
     assert report.sealed == [] and sorted(report.left) == [0, 1] and "64 bytes" in report.left[0]
     assert unit_files(c) == before
+
+
+def test_units_two_indexes_list_are_sealed_again_into_one_record(packed, tmp_path):
+    """Two seals of different units at once (here: a second host packed unit (0, 0) alone) leave a unit in two
+    packs; the next dump's end seals that epoch again, even with no new unit, leaving the clean objects."""
+    c = copy(packed, tmp_path)
+    objects = ObjectStore(str(c))
+    path, offset, length = unit_span(c, GROUP, 0, 0)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        alone = f.read(length)
+    pack_id = schema.pack_id_of(alone)
+    record = CacheReader(str(c)).unit_marker(0, 0)
+    objects.put(schema.pack_key(GROUP, 0, pack_id), alone)
+    entry = dataclasses.replace(record, pack=dataclasses.replace(record.pack, pack_id=pack_id, offset=0))
+    objects.put(schema.unit_index_key(GROUP, 0, pack_id), schema.unit_index_bytes(0, [entry]))
+    assert len(unit_files(c)) == len(unit_files(packed)) + 2 and verify_cache(str(c)).ok  # a duplicate, readable
+    report = seal_units(objects, GROUP, CacheReader(str(c)).meta)
+    assert report.sealed == [0]  # no marker object anywhere: epoch 0 is resealed for its duplicate alone
+    assert unit_files(c) == unit_files(packed)

@@ -61,11 +61,12 @@ def finish_units(objects: ObjectStore, group: str, meta: GroupMeta) -> SealRepor
 
 
 def seal_units(objects: ObjectStore, group: str, meta: GroupMeta) -> SealReport:
-    """Seal every epoch of a format-2 group that has marker objects (module docstring). Run by the process that
-    ends a dump, once the units it waited for are finished."""
+    """Seal every epoch of a format-2 group that has marker objects or a unit that two indexes list (left by a
+    seal that stopped before its deletions, or by two seals of different units at once): module docstring. Run
+    by the process that ends a dump, once the units it waited for are finished."""
     markers = read_marker_objects(objects, group)  # listed before the indexes, as `store.read_markers` does
     report = SealReport([], {})
-    for epoch in sorted({e for e, _ in markers}):
+    for epoch in sorted({e for e, _ in markers} | _epochs_recorded_twice(objects, group)):
         indexes = read_index_objects(objects, group, epoch)
         own = {s: m for (e, s), m in markers.items() if e == epoch}
         records = {**{s: m for (_, s), m in merge_indexes(indexes, objects.url).items()}, **own}
@@ -87,6 +88,18 @@ def seal_units(objects: ObjectStore, group: str, meta: GroupMeta) -> SealReport:
         except OSError:
             pass  # not empty (units finished by another process since, or left unsealed) or already gone
     return report
+
+
+def _epochs_recorded_twice(objects: ObjectStore, group: str) -> set[int]:
+    """Epochs where some unit is listed by more than one unit index: sealing them again leaves one record each
+    and deletes the superseded packs (an epoch of several packs, each listing its own units, is not one)."""
+    seen, twice = set(), set()
+    for ix in read_index_objects(objects, group):
+        for shard in ix.entries:
+            if (ix.epoch, shard) in seen:
+                twice.add(ix.epoch)
+            seen.add((ix.epoch, shard))
+    return twice
 
 
 def _seal_epoch(objects: ObjectStore, group: str, meta: GroupMeta, epoch: int,
