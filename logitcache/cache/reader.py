@@ -254,9 +254,9 @@ class CacheReader:
         return st["markers"]
 
     def epoch_markers(self, epoch: int) -> dict[int, UnitMarker]:
-        """shard -> marker of cached epoch ``epoch``'s finished units, read once per reader (one GET of the
-        epoch's unit index when the dump wrote one, else the epoch's markers) and handed to DataLoader workers
-        with it."""
+        """shard -> record of cached epoch ``epoch``'s finished units, read once per reader (a listing of the unit
+        indexes and a GET of each of the epoch's, one per pack, when the dump wrote them, else the epoch's markers)
+        and handed to DataLoader workers with it."""
         if epoch not in self._epoch_markers:
             st = self._open()
             found = read_epoch_markers(st["objects"], st["group"], epoch)

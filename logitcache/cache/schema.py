@@ -166,7 +166,7 @@ MAX_METADATA_JSON_BYTES = _FIXED_JSON_BYTES + MAX_SHARDS * _SHARD_ENTRY_BYTES
 MAX_MARKER_BYTES = (64 << 10) + 2 * MAX_SHARD_LEN * 16
 #: an epoch's unit index: one compact marker entry per shard (~0.5 KiB in format 2, ~0.8 KiB in format 1; 2 KiB
 #: allowed) plus one unit's worth of skipped/replay offsets: ~1.9 GiB at MAX_SHARDS (ImageNet's 1,281: ~1 MiB).
-#: A dump never writes a bigger one (`store.write_unit_indexes` keeps the markers instead)
+#: A dump never writes a bigger one (`store.write_unit_indexes` and `packs.seal_units` keep the markers instead)
 MAX_UNIT_INDEX_BYTES = MAX_SHARDS * (2 << 10) + MAX_MARKER_BYTES
 #: class names (a manifest's, and a class-names file `shards scan` reads): ImageNet-21k's 21,841 take ~0.5 MiB
 MAX_CLASS_NAMES_BYTES = 64 << 20
