@@ -31,11 +31,8 @@ def unit_span(url, group: str, epoch: int, shard: int) -> tuple[str, int, int]:
     when it is sealed, else its whole chunk file."""
     reader = CacheReader(str(url), group)
     m = reader.unit_marker(epoch, shard, fresh=True)
-    if m.pack is not None:
-        return (os.path.join(str(url), schema.pack_key(group, epoch, m.pack.pack_id)), m.pack.offset,
-                m.pack.length)
-    path = os.path.join(str(url), schema.unit_chunk_keys(group, reader.meta, epoch, shard)[schema.ROWS])
-    return path, 0, os.path.getsize(path)
+    path = os.path.join(str(url), schema.rows_object_key(group, reader.meta, epoch, shard, m))
+    return (path, m.pack.offset, m.pack.length) if m.pack is not None else (path, 0, os.path.getsize(path))
 
 
 def flip_unit_byte(url, group: str, epoch: int, shard: int, *, at: float = 0.5, bit: int = 0x10) -> str:

@@ -31,6 +31,7 @@ from logitcache.cache.schema import GroupMeta, PackRef, UnitMarker
 from logitcache.cache.store import (
     UNIT_INDEX,
     ObjectStore,
+    UnitIndex,
     merge_indexes,
     put_index,
     read_index_objects,
@@ -65,9 +66,12 @@ def seal_units(objects: ObjectStore, group: str, meta: GroupMeta) -> SealReport:
     seal that stopped before its deletions, or by two seals of different units at once): module docstring. Run
     by the process that ends a dump, once the units it waited for are finished."""
     markers = read_marker_objects(objects, group)  # listed before the indexes, as `store.read_markers` does
+    indexes_of: dict[int, list[UnitIndex]] = {}
+    for ix in read_index_objects(objects, group):  # read once: a sealer deletes only what it read here
+        indexes_of.setdefault(ix.epoch, []).append(ix)
     report = SealReport([], {})
-    for epoch in sorted({e for e, _ in markers} | _epochs_recorded_twice(objects, group)):
-        indexes = read_index_objects(objects, group, epoch)
+    for epoch in sorted({e for e, _ in markers} | _epochs_recorded_twice(indexes_of)):
+        indexes = indexes_of.get(epoch, [])
         own = {s: m for (e, s), m in markers.items() if e == epoch}
         records = {**{s: m for (_, s), m in merge_indexes(indexes, objects.url).items()}, **own}
         try:
@@ -90,16 +94,11 @@ def seal_units(objects: ObjectStore, group: str, meta: GroupMeta) -> SealReport:
     return report
 
 
-def _epochs_recorded_twice(objects: ObjectStore, group: str) -> set[int]:
+def _epochs_recorded_twice(indexes_of: dict[int, list[UnitIndex]]) -> set[int]:
     """Epochs where some unit is listed by more than one unit index: sealing them again leaves one record each
     and deletes the superseded packs (an epoch of several packs, each listing its own units, is not one)."""
-    seen, twice = set(), set()
-    for ix in read_index_objects(objects, group):
-        for shard in ix.entries:
-            if (ix.epoch, shard) in seen:
-                twice.add(ix.epoch)
-            seen.add((ix.epoch, shard))
-    return twice
+    return {e for e, indexes in indexes_of.items()
+            if sum(len(ix.entries) for ix in indexes) > len({s for ix in indexes for s in ix.entries})}
 
 
 def _seal_epoch(objects: ObjectStore, group: str, meta: GroupMeta, epoch: int,
@@ -135,14 +134,13 @@ def _unit_bytes(objects: ObjectStore, group: str, meta: GroupMeta, epoch: int, r
     pack, pack_bytes = None, None
     for i, s in enumerate(shards):
         m = records[s]
+        key = schema.rows_object_key(group, meta, epoch, s, m)
         if m.pack is None:
-            key = schema.unit_chunk_keys(group, meta, epoch, s)[schema.ROWS]
             if key not in got:
-                got = objects.get_many([schema.unit_chunk_keys(group, meta, epoch, t)[schema.ROWS]
+                got = objects.get_many([schema.rows_object_key(group, meta, epoch, t, records[t])
                                         for t in shards[i:i + _FETCH_BATCH] if records[t].pack is None])
             where, data = key, got.get(key)
         else:
-            key = schema.pack_key(group, epoch, m.pack.pack_id)
             if pack != key:
                 pack, pack_bytes = key, objects.get_range(key, 0, ends[m.pack.pack_id])
             where = f"{key} at {m.pack.offset}"

@@ -393,7 +393,7 @@ class CacheReader:
             got = {name: stored[key] for name, key in keys.items() if key in stored}
             missing = [f"chunk {key} is missing" for name, key in keys.items() if name not in got]
         else:
-            key = schema.pack_key(group, epoch, p.pack_id)
+            key = schema.rows_object_key(group, meta, epoch, shard, marker)
             where = {schema.ROWS: f"pack {key} bytes [{p.offset}, {p.offset + p.length})"}
             bound = schema.stored_chunk_bound(meta, st["root"])
             if not meta.packed or p.length > bound:

@@ -263,6 +263,14 @@ def unit_chunk_keys(group: str, meta: GroupMeta, epoch: int, shard: int) -> dict
     return {a.name: chunk_key(group, a.name, epoch, shard, 3 + (a.trailing != "")) for a in ARRAYS}
 
 
+def rows_object_key(group: str, meta: GroupMeta, epoch: int, shard: int, record: UnitMarker) -> str:
+    """The object holding format-2 unit (epoch, shard)'s stored chunk, as its record says: its epoch's pack when the
+    record has a place in one (the unit's bytes are then that range of it), else its own chunk object."""
+    if record.pack is not None:
+        return pack_key(group, epoch, record.pack.pack_id)
+    return unit_chunk_keys(group, meta, epoch, shard)[ROWS]
+
+
 def stored_chunk_bound(meta: GroupMeta, root: RootMeta) -> int:
     """The most bytes a format-2 unit's stored chunk can take (its raw size plus what LZMA2 or blosc and the
     crc32c add to incompressible bytes, with room): a pack entry declaring more is refused before it is read."""

@@ -77,16 +77,13 @@ class ObjectStore:
                 with open(path, "rb") as f:
                     f.seek(offset)
                     return f.read(length)
-            try:
-                return self.fs.cat_file(path, start=offset, end=offset + length)
-            except (FileNotFoundError, NotADirectoryError):
-                raise
-            except Exception:  # S3 answers a range starting past the end with an error (416), not empty bytes
-                if offset >= self.fs.size(path):
-                    return b""
-                raise
+            return self.fs.cat_file(path, start=offset, end=offset + length)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except Exception:  # S3 answers a range starting past the end with an error (416), not empty bytes
+            if not self.is_local and offset >= self.fs.size(path):
+                return b""
+            raise
 
     def get_many(self, keys: list[str], *, max_bytes: int | None = None, what: str = "metadata object"
                  ) -> dict[str, bytes]:
